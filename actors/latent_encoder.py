@@ -15,9 +15,8 @@ from collections import defaultdict
 import pyarrow as pa
 import torch
 
-from videodpo_ray.models import ModelConfig
+from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.shards import LATENT_DTYPES, latents_to_bytes
-from videodpo_ray.training.checkpoint import build_seeded_model
 from videodpo_ray.video import decode_mp4
 
 
@@ -26,7 +25,7 @@ class LatentEncoderActor:
 
     def __init__(self, model: ModelConfig, dtype: str = "float32", init_seed: int = 0) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_seeded_model(model, init_seed).to(self.device).eval()
+        self.model = build_model(model, seed=init_seed).to(self.device).eval()
         self.family = model.family
         self.dtype = LATENT_DTYPES[dtype]
 

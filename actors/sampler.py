@@ -2,10 +2,10 @@
 
 Used as `ds.map_batches(SamplerActor, batch_format="pyarrow", fn_constructor_kwargs={"model": ..., "sampling": ...,
 "init_seed": ...}, compute=ray.data.ActorPoolStrategy(...), batch_size=b)` over the rows of
-`generation.sample_requests`; every input column is passed through and `video` (mp4 bytes), `fps` and `model` are
-added. Video i depends only on the row's (prompt, seed), so batching and actor placement never change a sample. The
-model is built under `init_seed` (like training's `run.seed`), so random-init weights are the same in every actor
-and in the trainer.
+`stages.generate.sample_requests`; every input column is passed through and `video` (mp4 bytes), `fps` and `model`
+are added. Video i depends only on the row's (prompt, seed), so batching and actor placement never change a sample.
+The model is built under `init_seed` (like training's `run.seed`), so random-init weights are the same in every
+actor and in the trainer.
 """
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ from __future__ import annotations
 import pyarrow as pa
 import torch
 
-from videodpo_ray.generation import SamplingConfig, model_label
-from videodpo_ray.models import ModelConfig
-from videodpo_ray.training.checkpoint import build_seeded_model
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.stages.generate import SamplingConfig, model_label
 from videodpo_ray.video import encode_mp4
 
 
@@ -24,7 +23,7 @@ class SamplerActor:
 
     def __init__(self, model: ModelConfig, sampling: SamplingConfig, init_seed: int = 0) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = build_seeded_model(model, init_seed).to(self.device).eval()
+        self.model = build_model(model, seed=init_seed).to(self.device).eval()
         self.label = model_label(model)
         self.sampling = sampling
 

@@ -1,15 +1,17 @@
-"""Ray actor that scores mp4 videos on the configured OmniScore / VBench dimensions.
+"""Scorer actor: scores mp4 videos on the configured OmniScore / VBench dimensions.
 
-Use as a Ray Data callable class:
+A Ray Data callable class:
 
-    samples.map_batches(OmniScorer, fn_constructor_kwargs={"config": scorer_config.model_dump()},
+    samples.map_batches(OmniScorer, fn_constructor_kwargs={"config": scorer_config},
                         compute=ray.data.ActorPoolStrategy(size=n), num_gpus=1, batch_size=16)
 
-Input columns: `sample_id`, `prompt_id`, `prompt`, `video` (mp4 bytes; the samples schema, extra columns ignored).
-Output columns: `sample_id`, `prompt_id`, every output of every configured dimension (raw values; dynamic_degree
-adds `dynamic_degree_vbench`), `omniscore` (when all OmniScore dimensions are configured) and `failed_reason`
-(None on success). A video whose decoding or any scorer fails gets NaN scores and the reason; the rest of the batch
-goes on. Scores are float64 columns, NaN meaning "no value" (write them as nulls).
+Input columns: `sample_id`, `prompt_id`, `prompt`, `video` (mp4 bytes); every input column is passed through.
+Added: every output of every configured dimension (raw values; dynamic_degree adds `dynamic_degree_vbench`),
+`omniscore` (when all OmniScore dimensions are configured) and `failed_reason` (None on success).
+
+Failures: a video that cannot be used (`VideoDataError`: undecodable, too short, too small) is recorded as a failed
+row (NaN scores and the reason) and the rest of the batch is scored. Anything else (CUDA, out of memory, a missing
+weight file, a bug) fails the whole batch loudly: an infrastructure fault never becomes NaN data.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from videodpo_ray.errors import VideoDataError
 from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS, omniscore
 from videodpo_ray.scoring import ScorerConfig, dimension_outputs, load_scorer_model, score_outputs
 from videodpo_ray.video import decode_mp4
 
 logger = logging.getLogger(__name__)
+Video = tuple[np.ndarray, float]  # frames (T, H, W, 3) uint8, fps
 
 
 class OmniScorer:
     """Loads the configured scorer models once, then scores batches of videos."""
 
-    def __init__(self, config: ScorerConfig | Mapping[str, Any]):
+    def __init__(self, config: ScorerConfig | Mapping[str, Any]) -> None:
         self.config = config if isinstance(config, ScorerConfig) else ScorerConfig.model_validate(config)
         self.device = self.config.resolved_device()
         self.models = {
@@ -42,13 +46,13 @@ class OmniScorer:
         sample_ids = [str(s) for s in batch["sample_id"]]
         prompts = [str(p) for p in batch["prompt"]]
         failures: dict[int, str] = {}
-        videos: dict[int, tuple[np.ndarray, float]] = {}
+        videos: dict[int, Video] = {}
         for i, data in enumerate(batch["video"]):
             try:
                 frames, fps = decode_mp4(bytes(data), name=sample_ids[i])
                 videos[i] = (frames.numpy(), float(fps))
-            except Exception as error:  # noqa: BLE001 - any decode failure marks this video only
-                failures[i] = f"decode: {type(error).__name__}: {error}"
+            except VideoDataError as error:
+                failures[i] = f"decode: {_describe(error)}"
 
         outputs: dict[int, dict[str, float]] = {i: {} for i in range(len(sample_ids))}
         for name, model in self.models.items():
@@ -56,40 +60,50 @@ class OmniScorer:
             for i, result in self._score_dimension(name, model, alive, videos, prompts, failures).items():
                 outputs[i].update(result)
 
-        rows = []
+        totals: dict[int, float] = {}
         for i, sample_id in enumerate(sample_ids):
-            raw = outputs[i] if i not in failures else {}
-            total = None
-            if i not in failures and self.computes_omniscore:
+            if i in failures:
+                outputs[i] = {}
+            elif self.computes_omniscore:
                 try:
-                    total = omniscore(raw, sample_id)
-                except ValueError as error:
-                    failures[i], raw = f"omniscore: {error}", {}
-            rows.append((raw, total))
+                    totals[i] = omniscore(outputs[i], sample_id)
+                except ValueError as error:  # a dimension gave no finite value for this video
+                    failures[i], outputs[i] = f"omniscore: {error}", {}
         if failures:
             logger.warning("scoring failed for %d of %d videos: %s", len(failures), len(sample_ids), failures)
-        return self._columns(batch, rows, failures)
+        return {**batch, **self._columns(batch, outputs, totals, failures)}
 
-    def _score_dimension(self, name, model, indices, videos, prompts, failures) -> dict[int, dict[str, float]]:
-        """All outputs of one dimension for `indices`; on an error, retry one by one so only failing videos fail."""
+    def _score_dimension(
+        self,
+        name: str,
+        model: Any,
+        indices: list[int],
+        videos: dict[int, Video],
+        prompts: list[str],
+        failures: dict[int, str],
+    ) -> dict[int, dict[str, float]]:
+        """All outputs of one dimension for `indices`. When the batch call hits a VideoDataError, videos are scored
+        one by one so that only the unusable ones fail; any other error propagates and fails the batch."""
         if not indices:
             return {}
         try:
             return dict(zip(indices, self._run(name, model, indices, videos, prompts)))
-        except Exception as error:  # noqa: BLE001 - isolate the failing video(s) below
+        except VideoDataError as error:
             if len(indices) == 1:
-                failures[indices[0]] = f"{name}: {type(error).__name__}: {error}"
+                failures[indices[0]] = f"{name}: {_describe(error)}"
                 return {}
         results = {}
         for i in indices:
             try:
                 results[i] = self._run(name, model, [i], videos, prompts)[0]
-            except Exception as error:  # noqa: BLE001 - the reason goes into the output row
-                failures[i] = f"{name}: {type(error).__name__}: {error}"
+            except VideoDataError as error:
+                failures[i] = f"{name}: {_describe(error)}"
         return results
 
     @staticmethod
-    def _run(name, model, indices, videos, prompts) -> list[dict[str, float]]:
+    def _run(
+        name: str, model: Any, indices: list[int], videos: dict[int, Video], prompts: list[str]
+    ) -> list[dict[str, float]]:
         return score_outputs(
             name,
             [videos[i][0] for i in indices],
@@ -98,13 +112,24 @@ class OmniScorer:
             fps=[videos[i][1] for i in indices],
         )
 
-    def _columns(self, batch, rows, failures) -> dict[str, np.ndarray]:
+    def _columns(
+        self,
+        batch: Mapping[str, np.ndarray],
+        outputs: dict[int, dict[str, float]],
+        totals: dict[int, float],
+        failures: dict[int, str],
+    ) -> dict[str, np.ndarray]:
+        count = len(outputs)
         columns: dict[str, np.ndarray] = {
             "sample_id": np.asarray(batch["sample_id"]).astype(str),
             "prompt_id": np.asarray(batch["prompt_id"]).astype(str),
         }
         for key in self.output_names:
-            columns[key] = np.array([raw.get(key, np.nan) for raw, _ in rows], dtype=np.float64)
-        columns["omniscore"] = np.array([np.nan if total is None else total for _, total in rows], dtype=np.float64)
-        columns["failed_reason"] = np.array([failures.get(i) for i in range(len(rows))], dtype=object)
+            columns[key] = np.array([outputs[i].get(key, np.nan) for i in range(count)], dtype=np.float64)
+        columns["omniscore"] = np.array([totals.get(i, np.nan) for i in range(count)], dtype=np.float64)
+        columns["failed_reason"] = np.array([failures.get(i) for i in range(count)], dtype=object)
         return columns
+
+
+def _describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"

@@ -96,7 +96,7 @@ def full_size_throughput(clips: list[np.ndarray]) -> None:
     for name in DIMENSIONS:
         model = place_model(name, full_size_model(name), "cuda")
         batched(name, clips[:2], model)  # warm-up
-        elapsed = seconds(lambda: batched(name, clips, model), repeats=2)
+        elapsed = seconds(lambda model=model: batched(name, clips, model), repeats=2)
         dtype = "-" if model is None else str(next(model.parameters()).dtype).removeprefix("torch.")
         print(f"{name:24s} {dtype:>9s} {len(clips) / elapsed:9.2f}")
         del model

@@ -27,7 +27,7 @@ import torch
 
 from videodpo_ray import shards
 from videodpo_ray.models import ModelConfig, VideoDiffusionModel
-from videodpo_ray.training.checkpoint import build_seeded_model
+from videodpo_ray.models import build_model
 from videodpo_ray.training.data import PairLoader, PairPlan, pair_latents
 from videodpo_ray.training.step import dpo_step, sft_step
 from videodpo_ray.training.synthetic import write_synthetic_pairs
@@ -38,7 +38,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build(finetune: str) -> VideoDiffusionModel:
-    return build_seeded_model(ModelConfig(family="vc2", variant="tiny", finetune=finetune, lora={"rank": 8}), 0).to(DEVICE)
+    return build_model(ModelConfig(family="vc2", variant="tiny", finetune=finetune, lora={"rank": 8}), seed=0).to(DEVICE)
 
 
 def batch(model: VideoDiffusionModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,27 +1,75 @@
-"""What every `python -m jobs.X CONFIG [key.sub=value ...]` entrypoint shares: joining Ray and exit codes."""
+"""What every job shares: logging, joining Ray, actor-pool options, committing streamed chunks, exit codes."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from typing import Any, Callable, Sequence
 
-import ray
-from ray.train import TrainingFailedError
+import pyarrow as pa
 
-from videodpo_ray import shards
-from videodpo_ray.config import ConfigError
-from videodpo_ray.generation import IncompleteStageError, PromptFileError
+from videodpo_ray.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompleteStageError,
+    PromptFileError,
+    ShardError,
+    VideoInputError,
+)
+from videodpo_ray.stages.common import ActorPoolConfig, ChunkCollector
+
+INPUT_ERRORS = (ConfigError, PromptFileError, ShardError, VideoInputError, CheckpointError)
+logger = logging.getLogger("videodpo_ray")
+
+
+def setup_logging(level: int = logging.INFO) -> None:
+    """The one logging setup: our loggers at `level` on stderr, Ray's and DeepSpeed's at WARNING."""
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name in ("videodpo_ray", "actors", "jobs"):
+        logging.getLogger(name).setLevel(level)
+    for name in ("ray", "DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
     """Join the running cluster (inside `ray job submit`, or with RAY_ADDRESS set), else start a local one."""
+    import ray
+
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
         ray.init(num_cpus=num_cpus)  # with its dashboard: Ray Train's state queries go through it
+
+
+def pool_options(pool: ActorPoolConfig) -> dict[str, Any]:
+    """map_batches arguments for an actor pool (GPUs per actor resolved against the cluster)."""
+    import ray
+
+    return {
+        "compute": ray.data.ActorPoolStrategy(min_size=pool.min_actors, max_size=pool.max_actors),
+        "batch_size": pool.batch_size,
+        "num_cpus": pool.num_cpus,
+        "num_gpus": pool.gpus(ray.cluster_resources().get("GPU", 0.0)),
+    }
+
+
+def commit_chunks(
+    dataset: Any, expected_rows: dict[int, int], commit: Callable[[int, pa.Table], None]
+) -> dict[int, tuple[int, int]]:
+    """Stream `dataset`'s rows back, call `commit(chunk, rows)` as each chunk completes; return the incomplete chunks.
+
+    A failing batch drops only its rows (`max_errored_blocks = -1`): its chunk stays uncommitted, every other chunk
+    is committed, and the caller reports the incomplete ones.
+    """
+    dataset.context.max_errored_blocks = -1
+    collector = ChunkCollector(expected_rows)
+    for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for chunk, rows in collector.add(batch):
+            commit(chunk, rows)
+    return collector.incomplete()
 
 
 def root_cause(error: BaseException) -> BaseException:
@@ -48,6 +96,9 @@ def job_main(
     Exit codes: 0 done; 1 some work failed (what was committed stays, a rerun completes the rest); 2 bad config or
     input (nothing was started).
     """
+    from ray.train import TrainingFailedError
+
+    setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
         print(doc)
@@ -57,7 +108,7 @@ def job_main(
         if connect:
             connect_ray(num_cpus)
         summary = run(config)
-    except (ConfigError, PromptFileError, shards.ShardError) as error:
+    except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except IncompleteStageError as error:

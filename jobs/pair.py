@@ -1,205 +1,40 @@
 """Pair job: `ray job submit -- python -m jobs.pair CONFIG.yaml [key.sub=value ...]`.
 
-scores shards -> `pairs.build_pairs` (strategy, filters and weights over the whole data set, on the driver: scores
-are small) -> for every chunk with pairs whose pair shard is not committed: Ray Data attaches the winner/loser
-mp4s from the chunk's samples shard, latent-encoder actors VAE-encode them, and the driver commits
-`{out}/pairs/shard-{chunk:05d}` (the pairs of the prompts of generation chunk `chunk`) once all its pairs are back.
-
-Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report.
-`{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the
-whole data set, so a rerun over other scores or settings is refused rather than mixing weightings.
+`stages.pair.plan_pair_shards` builds every pair from the committed scores (on the driver: scores are small); for
+every chunk whose pair shard is not committed, Ray Data attaches the winner/loser mp4s from the chunk's samples
+shard, latent-encoder actors VAE-encode them, and the driver commits `{out}/pairs/shard-{chunk:05d}` once all its
+pairs are back. A failing batch leaves its shard uncommitted, not the others; the job then exits 1 naming it.
 """
 
 from __future__ import annotations
 
-import math
-import statistics
 import sys
 import time
-from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import pyarrow as pa
 import ray
 
 from actors.latent_encoder import LatentEncoderActor
-from jobs.common import job_main
-from jobs.generate import pool_options
+from jobs.common import commit_chunks, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
-from videodpo_ray.generation import (
-    ChunkCollector,
-    IncompleteStageError,
-    PairConfig,
-    absolute_url,
-    incomplete_lines,
-    record_manifest,
-)
-from videodpo_ray.pairs import Pair, ScoredSample, build_pairs
-
-PAIRING_MANIFEST = "pairing.json"
-PAIR_REQUEST_SCHEMA = pa.schema(
-    [
-        pa.field("chunk", pa.int64()),
-        pa.field("position", pa.int64()),
-        pa.field("pair_id", pa.string()),
-        pa.field("prompt_id", pa.string()),
-        pa.field("win_sample_id", pa.string()),
-        pa.field("lose_sample_id", pa.string()),
-        pa.field("win_score", pa.float64()),
-        pa.field("lose_score", pa.float64()),
-        pa.field("weight", pa.float32()),
-    ]
-)
-
-
-@dataclass
-class PairReport:
-    """What one pair run did: pair statistics over the whole data set and the shards written or skipped."""
-
-    out: str
-    num_prompts: int = 0
-    num_samples: int = 0
-    unscored: list[str] = field(default_factory=list)  # sample ids whose scoring failed
-    num_pairs: int = 0
-    prompts_without_pair: int = 0  # every sample tied (or filtered out)
-    omniscore: dict[str, float] = field(default_factory=dict)  # mean / min / max over the scored samples
-    score_gap: dict[str, float] = field(default_factory=dict)  # mean / min / max of S_w - S_l
-    weight: dict[str, float] = field(default_factory=dict)  # mean / min / max pair weight
-    written: list[int] = field(default_factory=list)
-    skipped: list[int] = field(default_factory=list)
-    incomplete: dict[int, tuple[int, int]] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def summary(self) -> str:
-        gap = self.score_gap
-        lines = [
-            f"pair -> {self.out}: {self.num_pairs} pairs from {self.num_prompts} prompts ({self.num_samples} scored "
-            f"samples, {len(self.unscored)} unscored left out, {self.prompts_without_pair} prompts without a pair); "
-            f"{len(self.written)} shard(s) written, {len(self.skipped)} already committed; {self.seconds:.1f} s",
-        ]
-        if gap:
-            lines.append(
-                f"  score gap mean {gap['mean']:.4f} (min {gap['min']:.4f}, max {gap['max']:.4f}); weight mean "
-                f"{self.weight['mean']:.4f} (min {self.weight['min']:.4f}, max {self.weight['max']:.4f})"
-            )
-        return "\n".join(lines + incomplete_lines(self.incomplete, "pair shard", "pairs"))
-
-
-def scored_samples(data: str) -> tuple[dict[str, list[ScoredSample]], dict[str, int], list[str]]:
-    """(prompt id -> its scored samples, prompt id -> chunk, unscored sample ids) from the committed scores shards."""
-    by_prompt: dict[str, list[ScoredSample]] = {}
-    chunk_of: dict[str, int] = {}
-    unscored: list[str] = []
-    for info in shards.list_shards(data, "scores"):
-        table = shards.read_shard(info).select(["sample_id", "prompt_id", "omniscore"])
-        for row in table.to_pylist():
-            chunk_of.setdefault(row["prompt_id"], info.index)
-            if chunk_of[row["prompt_id"]] != info.index:
-                other = chunk_of[row["prompt_id"]]
-                raise shards.ShardError(f"{info.url}: prompt {row['prompt_id']!r} also has samples in shard {other}")
-            score = row["omniscore"]
-            if score is None or not math.isfinite(score):
-                unscored.append(row["sample_id"])
-                continue
-            by_prompt.setdefault(row["prompt_id"], []).append(ScoredSample(row["sample_id"], score))
-    return by_prompt, chunk_of, unscored
-
-
-def pair_requests(pairs: Sequence[Pair], chunk_of: dict[str, int]) -> dict[int, pa.Table]:
-    """Chunk -> its pairs as rows of PAIR_REQUEST_SCHEMA (in build_pairs order, which is by prompt id)."""
-    rows: dict[int, list[dict[str, Any]]] = {}
-    for pair in pairs:
-        chunk = chunk_of[pair.prompt_id]
-        items = rows.setdefault(chunk, [])
-        items.append(
-            {
-                "chunk": chunk,
-                "position": len(items),
-                "pair_id": pair.pair_id,
-                "prompt_id": pair.prompt_id,
-                "win_sample_id": pair.win_sample_id,
-                "lose_sample_id": pair.lose_sample_id,
-                "win_score": pair.win_score,
-                "lose_score": pair.lose_score,
-                "weight": pair.weight,
-            }
-        )
-    return {chunk: pa.Table.from_pylist(items, schema=PAIR_REQUEST_SCHEMA) for chunk, items in sorted(rows.items())}
-
-
-def attach_videos(batch: pa.Table, samples: dict[int, shards.ShardInfo]) -> pa.Table:
-    """Add prompt, fps, win_video and lose_video to pair requests from their chunks' samples shards."""
-    lookup: dict[str, dict[str, Any]] = {}
-    for chunk in sorted(set(batch.column("chunk").to_pylist())):
-        for row in shards.read_shard(samples[chunk]).select(["sample_id", "prompt", "video", "fps"]).to_pylist():
-            lookup[row["sample_id"]] = row
-    requests = batch.to_pylist()
-    missing = [s for r in requests for s in (r["win_sample_id"], r["lose_sample_id"]) if s not in lookup]
-    if missing:
-        raise shards.ShardError(f"samples {missing} are scored but missing from their samples shards")
-    columns = {
-        "prompt": pa.array([lookup[r["win_sample_id"]]["prompt"] for r in requests], pa.string()),
-        "fps": pa.array([lookup[r["win_sample_id"]]["fps"] for r in requests], pa.int32()),
-        "win_video": pa.array([lookup[r["win_sample_id"]]["video"] for r in requests], pa.binary()),
-        "lose_video": pa.array([lookup[r["lose_sample_id"]]["video"] for r in requests], pa.binary()),
-    }
-    for name, column in columns.items():
-        batch = batch.append_column(name, column)
-    return batch
-
-
-def _stats(values: Sequence[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
-
-
-def plan_pairs(config: PairConfig) -> tuple[PairReport, list[Pair], dict[str, int]]:
-    """The pairs of the committed scores (no Ray, no writes): (report without shard counts, pairs, prompt -> chunk)."""
-    by_prompt, chunk_of, unscored = scored_samples(config.data)
-    if not chunk_of:
-        raise shards.ShardError(f"{storage.join(config.data, 'scores')}: no committed scores shards to pair")
-    pairs = build_pairs(by_prompt, config.pairing)
-    report = PairReport(
-        out=config.pairs_root,
-        num_prompts=len(chunk_of),
-        num_samples=sum(len(samples) for samples in by_prompt.values()),
-        unscored=unscored,
-        num_pairs=len(pairs),
-        prompts_without_pair=len(chunk_of) - len({pair.prompt_id for pair in pairs}),
-    )
-    scores = [sample.score for samples in by_prompt.values() for sample in samples]
-    if scores:
-        report.omniscore = _stats(scores)
-    if pairs:
-        report.score_gap = _stats([pair.score_gap for pair in pairs])
-        report.weight = _stats([pair.weight for pair in pairs])
-    return report, pairs, chunk_of
+from videodpo_ray.errors import IncompleteStageError
+from videodpo_ray.stages.pair import PairConfig, PairReport, attach_videos, pair_shard, plan_pair_shards
 
 
 def make_pairs(config: PairConfig) -> PairReport:
     """Build, encode and commit the pair shards of every chunk not committed yet (IncompleteStageError if some fail)."""
     started = time.monotonic()
-    config = config.model_copy(update={"data": absolute_url(config.data), "out": absolute_url(config.pairs_root)})
-    out = config.pairs_root
-    report, pairs, chunk_of = plan_pairs(config)
-    record_manifest(storage.join(out, PAIRING_MANIFEST), _pairing_manifest(config))
-    requests = pair_requests(pairs, chunk_of)
-    pending = {}
-    for chunk, table in requests.items():
-        if shards.shard_exists(out, "pairs", chunk):
-            report.skipped.append(chunk)
-        else:
-            pending[chunk] = table
-    if pending:
-        samples = {info.index: info for info in shards.list_shards(config.data, "samples")}
-        missing = sorted(set(pending) - set(samples))
-        if missing:
-            raise shards.ShardError(
-                f"{storage.join(config.data, 'samples')}: chunk(s) {missing} have scores but no committed samples shard"
-            )
+    config = config.model_copy(
+        update={"data": storage.absolute_url(config.data), "out": storage.absolute_url(config.pairs_root)}
+    )
+    plan = plan_pair_shards(config)
+    report = plan.report
+    if plan.pending:
         encoded = (
-            ray.data.from_arrow(list(pending.values()))
-            .map_batches(attach_videos, batch_format="pyarrow", batch_size=None, fn_kwargs={"samples": samples})
+            ray.data.from_arrow(list(plan.pending.values()))
+            .map_batches(attach_videos, batch_format="pyarrow", batch_size=None, fn_kwargs={"samples": plan.samples})
             .map_batches(
                 LatentEncoderActor,
                 batch_format="pyarrow",
@@ -209,38 +44,18 @@ def make_pairs(config: PairConfig) -> PairReport:
                 **pool_options(config.encoder_pool),
             )
         )
-        encoded.context.max_errored_blocks = -1  # a failing batch leaves its shard uncommitted, not the others
-        collector = ChunkCollector({chunk: table.num_rows for chunk, table in pending.items()})
-        for batch in encoded.iter_batches(batch_size=None, batch_format="pyarrow"):
-            for chunk, rows in collector.add(batch):
-                shards.write_shard(_pair_shard(rows, config.keep_videos), out, "pairs", chunk)
-                report.written.append(chunk)
-        report.incomplete = collector.incomplete()
+
+        def commit(chunk: int, rows: pa.Table) -> None:
+            shards.write_shard(pair_shard(rows, config.keep_videos), config.pairs_root, "pairs", chunk)
+            report.written.append(chunk)
+
+        expected = {chunk: table.num_rows for chunk, table in plan.pending.items()}
+        report.incomplete = commit_chunks(encoded, expected, commit)
     report.written.sort()
     report.seconds = time.monotonic() - started
     if report.incomplete:
         raise IncompleteStageError(report)
     return report
-
-
-def _pair_shard(rows: pa.Table, keep_videos: bool) -> pa.Table:
-    if not keep_videos:
-        for name in ("win_video", "lose_video"):
-            rows = rows.set_column(rows.schema.get_field_index(name), name, pa.nulls(rows.num_rows, pa.binary()))
-    return rows.select(shards.PAIRS_SCHEMA.names)
-
-
-def _pairing_manifest(config: PairConfig) -> dict[str, Any]:
-    """What fixes the pair shards: the scores shards (by hash) and every setting that changes a pair row."""
-    return {
-        "data": config.data,
-        "scores_shards": {str(info.index): info.sha256 for info in shards.list_shards(config.data, "scores")},
-        "pairing": config.pairing.model_dump(mode="json"),
-        "model": config.model.model_dump(mode="json"),
-        "model_init_seed": config.model_init_seed,
-        "latent_dtype": config.latent_dtype,
-        "keep_videos": config.keep_videos,
-    }
 
 
 def main(argv: Sequence[str] | None = None) -> int:

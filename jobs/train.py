@@ -8,89 +8,16 @@ storage_path) resumes from the run's last committed checkpoint, also after the d
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import pyarrow.parquet as pq
 from ray.train import UserCallback
 
+from actors.train_worker import train_loop_per_worker
 from jobs.common import connect_ray, job_main
-from videodpo_ray import shards, storage
-from videodpo_ray.config import ConfigError, load_config
-from videodpo_ray.shards import ShardError, ShardInfo
+from videodpo_ray.config import load_config
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.data import PairPlan
-from videodpo_ray.training.loop import train_loop_per_worker
-
-
-def validate_inputs(config: TrainConfig) -> PairPlan:
-    """Check everything a run needs that can be checked without workers; raise ConfigError / ShardError.
-
-    - model.path, model.turbo_lora_path and model.text_encoder_path exist;
-    - the pair shards: at least one committed shard, each with rows and exactly the pairs schema (read from the
-      parquet footers, not the data); with ZeRO-3 every pair must carry latents made by this model family
-      (the VAE would be partitioned across ranks), checked from the footers' column statistics;
-    - enough pairs for one optimizer step;
-    - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout.
-    """
-    for key in ("path", "turbo_lora_path", "text_encoder_path"):
-        url = getattr(config.model, key)
-        if url is not None and not storage.exists(url):
-            raise ConfigError(f"model.{key}: checkpoint path {url} does not exist")
-    shard_list = shards.list_shards(config.data.pairs_url, "pairs")
-    if not shard_list:
-        raise ShardError(
-            f"data.pairs_url: no committed pair shards under {storage.join(config.data.pairs_url, 'pairs')} "
-            "(a shard counts once its manifest shard-NNNNN.json is written)"
-        )
-    for info in shard_list:
-        _check_shard_footer(info, config)
-    plan = PairPlan(
-        shard_list,
-        seed=config.shuffle_seed,
-        num_workers=config.scaling.num_workers,
-        pairs_per_worker=config.data.pairs_per_worker,
-        grad_accum=config.optim.grad_accum,
-    )
-    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
-    if latest is not None:
-        url, state = latest
-        ckpt.check_resumable(state, config, url)
-    return plan
-
-
-def _check_shard_footer(info: ShardInfo, config: TrainConfig) -> None:
-    fs, path = storage.filesystem_for(info.url)
-    try:
-        with fs.open(path, "rb") as handle:
-            metadata = pq.ParquetFile(handle).metadata
-            schema = pq.ParquetFile(handle).schema_arrow
-    except FileNotFoundError:
-        raise ShardError(f"{info.url}: committed but the parquet file is missing") from None
-    except Exception as error:  # pyarrow raises several types for a file that is not parquet
-        raise ShardError(f"{info.url}: not a readable parquet file ({error})") from None
-    if metadata.num_rows == 0:
-        raise ShardError(f"{info.url}: empty shard (0 pairs)")
-    shards.check_schema(schema, "pairs", info.url)
-    if config.deepspeed.zero_stage == 3:
-        for column in ("win_latents", "lose_latents"):
-            nulls = _null_count(metadata, schema.get_field_index(column))
-            if nulls:
-                raise ShardError(
-                    f"{info.url}: {nulls} pair(s) without {column}; ZeRO-3 training needs stored latents "
-                    "(encode the pairs first, or use zero_stage 2)"
-                )
-
-
-def _null_count(metadata: pq.FileMetaData, column: int) -> int:
-    total = 0
-    for group in range(metadata.num_row_groups):
-        statistics = metadata.row_group(group).column(column).statistics
-        if statistics is None or not statistics.has_null_count:
-            return metadata.num_rows  # unknown: assume the worst
-        total += statistics.null_count
-    return total
+from videodpo_ray.training.inputs import validate_inputs, with_absolute_paths
 
 
 def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
@@ -136,21 +63,6 @@ class ProgressPrinter(UserCallback):
         )
         if head.get("done"):
             print(f"[train {self.name}] finished; exported trainable weights to {head['export_url']}", flush=True)
-
-
-def with_absolute_paths(config: TrainConfig) -> TrainConfig:
-    """Local relative paths resolved against the driver's directory (Ray workers run in other directories)."""
-    def absolute(url: str | None) -> str | None:
-        return url if url is None or "://" in url else str(Path(url).resolve())
-
-    updates = {
-        "data": config.data.model_copy(update={"pairs_url": absolute(config.data.pairs_url)}),
-        "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
-        "model": config.model.model_copy(
-            update={key: absolute(getattr(config.model, key)) for key in ("path", "turbo_lora_path", "text_encoder_path")}
-        ),
-    }
-    return config.model_copy(update=updates)
 
 
 def run_training(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):

@@ -6,7 +6,8 @@ from typing import Literal
 
 import pytest
 
-from videodpo_ray.config import ConfigError, StrictConfig, apply_overrides, dump_config, load_config
+from videodpo_ray.config import StrictConfig, apply_overrides, dump_config, load_config
+from videodpo_ray.errors import ConfigError
 
 
 class Optim(StrictConfig):

@@ -11,21 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from videodpo_ray import shards, storage
-from videodpo_ray.config import ConfigError
-from videodpo_ray.generation import (
-    ChunkCollector,
-    GenerateConfig,
-    IncompleteStageError,
-    PromptFileError,
-    PromptRow,
-    chunk_prompts,
-    check_manifest,
-    prompt_rows,
-    read_prompts,
-    record_manifest,
-    sample_requests,
-    sample_seed,
-)
+from videodpo_ray.errors import ConfigError, IncompleteStageError, PromptFileError
+from videodpo_ray.seeds import sample_seed
+from videodpo_ray.stages.common import ChunkCollector, check_manifest, record_manifest
+from videodpo_ray.stages.generate import GenerateConfig, chunk_prompts, sample_requests
+from videodpo_ray.stages.prompts import PromptRow, prompt_rows, read_prompts
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.video import decode_mp4
 

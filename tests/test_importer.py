@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from videodpo_ray import shards
 from videodpo_ray.cli import app
-from videodpo_ray.importer import DatasetImportError, import_videodpo
+from videodpo_ray.errors import DatasetImportError
+from videodpo_ray.stages.importer import import_videodpo
 from videodpo_ray.pairs import product_weight
 from videodpo_ray.video import decode_mp4, encode_mp4
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from videodpo_ray import shards, storage
-from videodpo_ray.config import ConfigError
-from videodpo_ray.generation import PairConfig
+from videodpo_ray.errors import ConfigError
+from videodpo_ray.stages.pair import PairConfig
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS
 from videodpo_ray.video import decode_mp4, encode_mp4
@@ -51,7 +51,7 @@ def _write_generation(root: str) -> dict[str, bytes]:
 
 
 def test_plan_pairs_weights_follow_the_config(tmp_path: Path):
-    from jobs.pair import plan_pairs
+    from videodpo_ray.stages.pair import plan_pairs
 
     root = str(tmp_path)
     _write_generation(root)
@@ -75,7 +75,7 @@ def test_plan_pairs_weights_follow_the_config(tmp_path: Path):
 
 def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, single_torch_thread, s3_bucket: str):
     from jobs.pair import make_pairs
-    from videodpo_ray.training.checkpoint import build_seeded_model
+    from videodpo_ray.models import build_model
 
     data, out = f"{s3_bucket}/gen", f"{s3_bucket}/pairs"  # moto S3 server: Ray workers read the samples from it
     videos = _write_generation(data)
@@ -92,7 +92,7 @@ def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, 
     # released-code weights (0.72 / (S_w S_l))^1, stored as float32
     assert [r["weight"] for r in rows] == [np.float32(0.72 / (0.8 * 0.3)), np.float32(0.72 / (0.7 * 0.5))]
     assert [(r["win_score"], r["lose_score"], r["fps"]) for r in rows] == [(0.8, 0.3, 8), (0.7, 0.5, 8)]
-    model = build_seeded_model(TINY_VC2, 0).eval()
+    model = build_model(TINY_VC2, seed=0).eval()
     for row in rows:
         assert row["win_video"] == videos[row["win_sample_id"]] and row["lose_video"] == videos[row["lose_sample_id"]]
         assert (row["latent_model"], row["latent_dtype"]) == ("vc2", "float32")

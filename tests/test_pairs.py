@@ -9,7 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from videodpo_ray.config import ConfigError, build_config, load_config
+from videodpo_ray.config import build_config, load_config
+from videodpo_ray.errors import ConfigError
 from videodpo_ray.pairs import (
     Pair,
     PairingConfig,

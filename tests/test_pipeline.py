@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 
 from videodpo_ray import shards
-from videodpo_ray.config import ConfigError
+from videodpo_ray.errors import ConfigError
 
 
 def test_demo_config_is_valid_and_on_policy():
-    from jobs.pipeline import DEMO_CONFIG, load_pipeline_config, train_config
+    from jobs.pipeline import DEMO_CONFIG
+    from videodpo_ray.stages.pipeline import load_pipeline_config, train_config
 
     config = load_pipeline_config(DEMO_CONFIG, ["out=/tmp/elsewhere"])
     assert len(config.prompts) == 6 and config.generate.samples_per_prompt == 4
@@ -30,7 +31,8 @@ def test_demo_config_is_valid_and_on_policy():
 
 
 def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
-    from jobs.pipeline import DEMO_CONFIG, load_pipeline_config, run_pipeline
+    from jobs.pipeline import DEMO_CONFIG, run_pipeline
+    from videodpo_ray.stages.pipeline import load_pipeline_config
 
     config = load_pipeline_config(
         DEMO_CONFIG,

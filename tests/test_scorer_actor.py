@@ -6,15 +6,17 @@ import json
 import math
 
 import numpy as np
+import torch
 import pytest
 from typer.testing import CliRunner
 
 from actors.scorer import OmniScorer
 from videodpo_ray import shards
 from videodpo_ray.cli import app
+from videodpo_ray.errors import VideoInputError
 from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS, omniscore
 from videodpo_ray.scoring import ScorerConfig, temporal_flickering
-from videodpo_ray.scoring.inputs import VideoInputError, prompt_id_for, read_prompt_map, video_inputs
+from videodpo_ray.stages.score import prompt_id_for, read_prompt_map, video_inputs
 from videodpo_ray.video import decode_mp4, encode_mp4
 
 
@@ -62,7 +64,7 @@ def test_failing_videos_are_marked_and_the_rest_continue(actor_rows):
     assert set(rows) == {"good", "corrupt", "two-frames"}
     assert rows["corrupt"]["failed_reason"].startswith("decode: VideoDecodeError: corrupt")
     # two frames pass flickering and subject consistency but not motion smoothness (needs 3)
-    assert rows["two-frames"]["failed_reason"].startswith("motion_smoothness: ValueError: need at least 3 frames")
+    assert rows["two-frames"]["failed_reason"].startswith("motion_smoothness: VideoTooShortError: need at least 3 frames")
     for name in ("corrupt", "two-frames"):
         assert all(math.isnan(rows[name][d]) for d in (*OMNISCORE_DIMENSIONS, "omniscore")), rows[name]
 
@@ -125,3 +127,103 @@ def test_prompt_files_map_videos_to_prompts(tmp_path):
     (tmp_path / "videos").mkdir()
     with pytest.raises(VideoInputError, match="no .mp4 files"):
         video_inputs(str(tmp_path / "videos"), str(tmp_path / "p.csv"))
+
+
+# --- failure semantics: data errors fail a row, infrastructure errors fail the batch ------------------------------
+def scorer_batch(videos: dict[str, bytes]) -> dict[str, np.ndarray]:
+    ids = list(videos)
+    return {
+        "sample_id": np.array(ids, dtype=object),
+        "prompt_id": np.array(["p"] * len(ids), dtype=object),
+        "prompt": np.array(["a panning texture"] * len(ids), dtype=object),
+        "video": np.array([videos[i] for i in ids], dtype=object),
+    }
+
+
+@pytest.fixture(scope="module")
+def local_scorer():
+    """An in-process OmniScorer on two cheap dimensions (tiny random models)."""
+    return OmniScorer(ScorerConfig(tiny=True, dimensions=["temporal_flickering", "subject_consistency"]))
+
+
+def test_an_undecodable_video_fails_its_row_and_the_rest_is_scored(local_scorer):
+    good = encode_mp4(moving_video(4, 32, 32), fps=8)
+    out = local_scorer(scorer_batch({"good": good, "corrupt": good[: len(good) // 3], "empty": b""}))
+    reasons = dict(zip(out["sample_id"], out["failed_reason"]))
+    assert reasons["good"] is None
+    assert reasons["corrupt"].startswith("decode: VideoDecodeError: corrupt")
+    assert reasons["empty"] == "decode: VideoDecodeError: empty: empty video data (0 bytes)"
+    flicker = dict(zip(out["sample_id"], out["temporal_flickering"]))
+    assert flicker["good"] == temporal_flickering.score(decode_mp4(good)[0].numpy())
+    assert math.isnan(flicker["corrupt"]) and math.isnan(flicker["empty"])
+    assert list(out["video"]) == [good, good[: len(good) // 3], b""]  # input columns pass through
+
+
+def test_a_too_short_video_fails_only_its_row(local_scorer):
+    batch = scorer_batch({"long": encode_mp4(moving_video(4, 32, 32), fps=8), "one": encode_mp4(moving_video(1, 32, 32), fps=8)})
+    out = local_scorer(batch)
+    reasons = dict(zip(out["sample_id"], out["failed_reason"]))
+    assert reasons["long"] is None
+    assert reasons["one"].startswith("temporal_flickering: VideoTooShortError: need at least 2 frames, got 1")
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        FileNotFoundError("weights/dino_vitb16.pth"),
+    ],
+    ids=["oom", "cuda", "missing-file"],
+)
+def test_an_infrastructure_error_fails_the_batch_instead_of_giving_nan(local_scorer, monkeypatch, error):
+    import actors.scorer
+
+    real = actors.scorer.score_outputs
+
+    def failing(name, *args, **kwargs):
+        if name == "subject_consistency":
+            raise error
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(actors.scorer, "score_outputs", failing)
+    batch = scorer_batch({"a": encode_mp4(moving_video(4, 32, 32), fps=8), "b": encode_mp4(moving_video(4, 32, 32, seed=1), fps=8)})
+    with pytest.raises(type(error), match=str(error).split(".")[0]):
+        local_scorer(batch)
+
+
+def test_score_job_commits_the_other_batches_and_exits_1_naming_the_failed_one(ray_cluster, tmp_path, monkeypatch):
+    import jobs.score
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for index in range(6):
+        (videos / f"clip{index}.mp4").write_bytes(encode_mp4(moving_video(4, 32, 32, seed=index), fps=8))
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps({f"clip{index}.mp4": f"prompt {index // 2}" for index in range(6)}))
+    out = tmp_path / "out"
+    arguments = ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(out), "--tiny",
+                 "videos_per_shard=2", "scorer_pool.batch_size=2", "scorer.dimensions=[temporal_flickering]"]
+    real_plan = jobs.score.plan_score
+    moved = tmp_path / "clip3.mp4.away"
+
+    def plan_then_lose_a_file(config):  # storage fault after planning: the worker's read of clip3 fails
+        plan = real_plan(config)
+        (videos / "clip3.mp4").rename(moved)
+        return plan
+
+    monkeypatch.setattr(jobs.score, "plan_score", plan_then_lose_a_file)
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 1, result.output
+    assert "2 shard(s) written, 0 already committed" in result.output
+    assert "shard 1 NOT committed: 0 of 2 videos came back" in result.output
+    assert [info.index for info in shards.list_shards(str(out), "scores")] == [0, 2]
+
+    monkeypatch.setattr(jobs.score, "plan_score", real_plan)
+    moved.rename(videos / "clip3.mp4")
+    rerun = CliRunner().invoke(app, arguments)
+    assert rerun.exit_code == 0, rerun.output
+    assert "1 shard(s) written, 2 already committed" in rerun.output
+    rows = [row for info in shards.list_shards(str(out), "scores") for row in shards.read_shard(info).to_pylist()]
+    assert [row["sample_id"] for row in rows] == [f"clip{index}" for index in range(6)]
+    assert all(row["failed_reason"] is None and math.isfinite(row["temporal_flickering"]) for row in rows)

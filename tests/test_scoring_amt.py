@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import motion_smoothness as ms
 from videodpo_ray.scoring.amt import AMTS, pad_to_multiple
-from videodpo_ray.scoring.weights import WeightsError
+from videodpo_ray.errors import WeightsError
 
 
 @pytest.fixture(scope="module")

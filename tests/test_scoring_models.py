@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from videodpo_ray.config import ConfigError, build_config
+from videodpo_ray.config import build_config
+from videodpo_ray.errors import ConfigError, WeightsError
 from videodpo_ray.scoring import (
     DIMENSIONS,
     ModelSpec,
@@ -37,7 +38,7 @@ from videodpo_ray.scoring.preprocessing import (
     frames_to_tensor,
     sample_middle,
 )
-from videodpo_ray.scoring.weights import WeightsError, load_state_dict, load_strict
+from videodpo_ray.scoring.weights import load_state_dict, load_strict
 
 RNG = np.random.default_rng(0)
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import imaging_quality as iq
 from videodpo_ray.scoring.musiq import MUSIQ, TINY_MUSIQ_CONFIG, load_musiq, multiscale_patches
-from videodpo_ray.scoring.weights import WeightsError
+from videodpo_ray.errors import WeightsError
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from videodpo_ray import shards, storage
+from videodpo_ray.errors import ShardError, ShardExistsError
 from videodpo_ray.video import encode_mp4
 
 
@@ -121,7 +122,7 @@ def test_rewrite_is_idempotent_and_different_content_needs_overwrite(root: str) 
     first = shards.write_shard(table, root, "pairs", 4)
     assert shards.write_shard(table, root, "pairs", 4) == first  # a retried task: no-op
     other = shards.make_table("pairs", pair_rows(2, weight=2.0))
-    with pytest.raises(shards.ShardExistsError, match="shard-00004.parquet: a different shard is already committed"):
+    with pytest.raises(ShardExistsError, match="shard-00004.parquet: a different shard is already committed"):
         shards.write_shard(other, root, "pairs", 4)
     assert shards.read_shard(shards.list_shards(root, "pairs")[0]).equals(table)
     replaced = shards.write_shard(other, root, "pairs", 4, overwrite=True)
@@ -190,15 +191,15 @@ def test_checksum_mismatch_is_detected(root: str) -> None:
     data[len(data) // 2] ^= 0xFF  # same size, different content
     _replace_object(info.url, bytes(data))
     assert shards.list_shards(root, "pairs") == [info]  # the cheap listing checks sizes only
-    with pytest.raises(shards.ShardError, match="shard-00007.parquet: checksum mismatch"):
+    with pytest.raises(ShardError, match="shard-00007.parquet: checksum mismatch"):
         shards.read_shard(info)
-    with pytest.raises(shards.ShardError, match="shard-00007.parquet: checksum mismatch"):
+    with pytest.raises(ShardError, match="shard-00007.parquet: checksum mismatch"):
         shards.list_shards(root, "pairs", verify=True)
     _replace_object(info.url, bytes(data[:-10]))  # another size: the listing itself refuses
-    with pytest.raises(shards.ShardError, match="shard-00007.parquet: checksum mismatch, size is"):
+    with pytest.raises(ShardError, match="shard-00007.parquet: checksum mismatch, size is"):
         shards.list_shards(root, "pairs")
     storage.remove(info.url)
-    with pytest.raises(shards.ShardError, match="shard-00007.parquet: committed .* parquet file is missing"):
+    with pytest.raises(ShardError, match="shard-00007.parquet: committed .* parquet file is missing"):
         shards.list_shards(root, "pairs")
 
 
@@ -208,7 +209,7 @@ def test_schema_mismatch_names_file_and_field(tmp_path, monkeypatch: pytest.Monk
     monkeypatch.setattr(shards, "conform_table", lambda table, kind, source: table)  # a writer without the check
     info = shards.write_shard(foreign, str(tmp_path), "pairs", 3)
     monkeypatch.undo()
-    with pytest.raises(shards.ShardError, match=r"shard-00003.parquet: schema mismatch in field 'weight': double not null, expected float not null"):
+    with pytest.raises(ShardError, match=r"shard-00003.parquet: schema mismatch in field 'weight': double not null, expected float not null"):
         shards.read_shard(info)
 
 
@@ -224,23 +225,23 @@ def test_schema_mismatch_names_file_and_field(tmp_path, monkeypatch: pytest.Monk
 def test_bad_rows_are_refused_on_write(tmp_path, change, message: str) -> None:
     row = pair_rows(1)[0]
     change(row)
-    with pytest.raises(shards.ShardError, match=message):
+    with pytest.raises(ShardError, match=message):
         shards.write_shard(shards.make_table("pairs", [row]), str(tmp_path), "pairs", 0)
     assert shards.list_shards(str(tmp_path), "pairs") == []
 
 
 def test_table_with_wrong_columns_is_refused(tmp_path) -> None:
     table = shards.make_table("prompts", [{"prompt_id": "p0", "prompt": "x"}]).append_column("extra", pa.array([1]))
-    with pytest.raises(shards.ShardError, match=r"shard-00000.parquet: unexpected field\(s\) \['extra'\]"):
+    with pytest.raises(ShardError, match=r"shard-00000.parquet: unexpected field\(s\) \['extra'\]"):
         shards.write_shard(table, str(tmp_path), "prompts", 0)
     cast = pa.table({"prompt": ["x"], "prompt_id": ["p0"]})  # other column order: conformed
     assert shards.read_shard(shards.write_shard(cast, str(tmp_path), "prompts", 1)).column_names == ["prompt_id", "prompt"]
 
 
 def test_empty_shard_and_unknown_kind_are_errors(tmp_path) -> None:
-    with pytest.raises(shards.ShardError, match="shard-00000.parquet: refusing to write an empty shard"):
+    with pytest.raises(ShardError, match="shard-00000.parquet: refusing to write an empty shard"):
         shards.write_shard(shards.make_table("pairs", []), str(tmp_path), "pairs", 0)
-    with pytest.raises(shards.ShardError, match="unknown shard kind 'pair'"):
+    with pytest.raises(ShardError, match="unknown shard kind 'pair'"):
         shards.list_shards(str(tmp_path), "pair")
 
 
@@ -273,5 +274,5 @@ def test_project_table_keeps_extra_scores_fills_absent_ones_and_drops_unknown_co
     row = projected.to_pylist()[0]
     assert row["clip_score"] == 0.31 and row["omniscore"] == 0.5
     assert row["background_consistency"] is None and row["failed_reason"] is None
-    with pytest.raises(shards.ShardError, match="sample_id"):
+    with pytest.raises(ShardError, match="sample_id"):
         shards.project_table(table.drop(["sample_id"]), "scores")

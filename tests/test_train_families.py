@@ -11,7 +11,7 @@ import torch
 from jobs.train import run_training
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
-from videodpo_ray.models import ModelConfig
+from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.synthetic import TINY_VIDEO_SIZES, synthetic_pair_rows
@@ -24,7 +24,7 @@ FAMILIES = [("vc2", "full", "stored"), ("t2v_turbo", "lora", "mixed"), ("cogvide
 @pytest.mark.parametrize("family,finetune,latents", FAMILIES, ids=[f"{f}-{t}-{s}" for f, t, s in FAMILIES])
 def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray_cluster):
     model_config = ModelConfig(family=family, variant="tiny", finetune=finetune, lora={"rank": 4})
-    initial = ckpt.build_seeded_model(model_config, seed=0)
+    initial = build_model(model_config, seed=0)
     frames, height, width = TINY_VIDEO_SIZES[family]
     data_url = f"{s3_bucket}/data"
     for index in range(2):

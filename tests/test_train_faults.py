@@ -20,14 +20,15 @@ import torch
 import yaml
 
 from jobs.common import root_cause
-from jobs.train import run_training, validate_inputs
+from jobs.train import run_training
+from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray import shards
 from videodpo_ray.config import dump_config, load_config
-from videodpo_ray.models import ModelConfig
+from videodpo_ray.errors import NonFiniteLossError
+from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.data import PairPlan
-from videodpo_ray.training.loop import NonFiniteLossError
 from videodpo_ray.training.synthetic import write_synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,7 +39,7 @@ NUM_PAIRS = 12  # 2 workers x 1 pair x accumulation 2 = 4 pairs per step: 3 step
 @pytest.fixture(scope="module")
 def pairs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fault-pairs")
-    model = ckpt.build_seeded_model(MODEL, seed=0)
+    model = build_model(MODEL, seed=0)
     write_synthetic_pairs(model, str(root), num_pairs=NUM_PAIRS, pairs_per_shard=5, num_frames=9, height=16, width=16,
                           with_videos=False)
     return root
@@ -101,7 +102,7 @@ def killing_train_fn(marker: Path, rank: int, step: int):
     """The real train function, but worker `rank` SIGKILLs itself before step `step`, once (marker file)."""
 
     def train_fn(config: dict) -> None:
-        from videodpo_ray.training import loop
+        from actors import train_worker as loop
 
         original = loop.DPOWorker._train_step
 
@@ -188,7 +189,7 @@ def test_driver_killed_then_resubmitted_resumes_bit_identical(baseline, pairs_ro
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster):
     pairs = tmp_path / "pairs"
-    model = ckpt.build_seeded_model(MODEL, seed=0)
+    model = build_model(MODEL, seed=0)
     # 13 pairs: each epoch leaves one pair out; poison the one epoch 0 leaves out, so epoch 0 trains cleanly
     write_synthetic_pairs(model, str(pairs), num_pairs=13, pairs_per_shard=7, num_frames=9, height=16, width=16,
                           with_videos=False)

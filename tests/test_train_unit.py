@@ -15,23 +15,18 @@ import torch
 from typer.testing import CliRunner
 
 from jobs.train import main as train_main
-from jobs.train import validate_inputs
+from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray import shards
 from videodpo_ray.cli import app
-from videodpo_ray.config import ConfigError, load_config
+from videodpo_ray.config import load_config
+from videodpo_ray.errors import ConfigError, ShardError
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.shards import ShardError, ShardInfo
+from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.data import (
-    DataPosition,
-    PairLoader,
-    PairPlan,
-    RowRef,
-    derive_seed,
-    drops_prompt,
-)
-from videodpo_ray.training.loop import deepspeed_config, lr_multiplier
+from videodpo_ray.seeds import derive_seed, drops_prompt
+from videodpo_ray.training.config import deepspeed_config, lr_multiplier
+from videodpo_ray.training.data import DataPosition, PairLoader, PairPlan, RowRef
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -226,7 +221,7 @@ def test_validate_zero3_needs_stored_latents(tmp_path, tiny_cogvideox):
     rows = synthetic_pair_rows(tiny_cogvideox, num_pairs=2, num_frames=9, height=16, width=16, with_latents=False)
     shards.write_shard(shards.make_table("pairs", rows), str(tmp_path), "pairs", 0)
     config = train_config(tmp_path, tmp_path, "deepspeed.zero_stage=3")
-    with pytest.raises(ShardError, match="2 pair.* without win_latents; ZeRO-3 training needs stored latents"):
+    with pytest.raises(ShardError, match="2 row.* without win_latents; ZeRO-3 training needs stored latents"):
         validate_inputs(config)
     validate_inputs(train_config(tmp_path, tmp_path, "deepspeed.zero_stage=2"))
 

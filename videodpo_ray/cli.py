@@ -75,7 +75,8 @@ def import_videodpo(
     strict: bool = typer.Option(False, help="stop at the first bad pair instead of reporting it"),
 ) -> None:
     """Import the released VideoDPO pair dataset into pair shards (bad pairs are reported by index)."""
-    from videodpo_ray.importer import DatasetImportError, import_videodpo as run_import
+    from videodpo_ray.errors import DatasetImportError
+    from videodpo_ray.stages.importer import import_videodpo as run_import
 
     try:
         report = run_import(src, out, rows_per_shard=rows_per_shard, strict=strict)

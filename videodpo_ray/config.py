@@ -7,12 +7,9 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+from videodpo_ray.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT", bound="StrictConfig")
-
-
-class ConfigError(ValueError):
-    """A config that cannot be used; the message names the file, the key and the reason."""
 
 
 class StrictConfig(BaseModel):

@@ -26,7 +26,8 @@ from typing import Literal, Mapping, Sequence
 
 from pydantic import Field, field_validator, model_validator
 
-from videodpo_ray.config import ConfigError, StrictConfig
+from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import ConfigError
 
 PairStrategy = Literal["best_worst", "rank_pairs", "all_pairs"]
 WeightScheme = Literal["none", "histogram", "product"]

@@ -22,7 +22,8 @@ import pyarrow.parquet as pq
 import torch
 
 from videodpo_ray import storage
-from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS
+from videodpo_ray.errors import ShardError, ShardExistsError
+from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 
 SCHEMA_VERSION = 1
 
@@ -87,14 +88,6 @@ SCHEMAS: dict[str, pa.Schema] = {
 LATENT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 _MANIFEST_NAME = re.compile(r"^shard-(\d+)\.json$")
-
-
-class ShardError(ValueError):
-    """A shard that cannot be written or trusted; the message names the shard file and the problem."""
-
-
-class ShardExistsError(ShardError):
-    """A different shard is already committed at this index (pass overwrite=True to replace it)."""
 
 
 @dataclass(frozen=True)
@@ -270,6 +263,39 @@ def check_schema(schema: pa.Schema, kind: str, source: str) -> None:
     unknown = [name for name in schema.names if name not in expected.names]
     if unknown:
         raise ShardError(f"{source}: schema mismatch, unexpected field(s) {unknown}")
+
+
+def check_footer(info: ShardInfo, non_null: Sequence[str] = (), why: str = "") -> None:
+    """Check a committed shard from its parquet footer alone (no data read): readable, not empty, the kind's schema,
+    and no nulls in the `non_null` columns (from the footer's column statistics; `why` is appended to that error).
+    Raises ShardError naming the file."""
+    fs, path = storage.filesystem_for(info.url)
+    try:
+        with fs.open(path, "rb") as handle:
+            parquet = pq.ParquetFile(handle)
+            metadata, schema = parquet.metadata, parquet.schema_arrow
+    except FileNotFoundError:
+        raise ShardError(f"{info.url}: committed but the parquet file is missing") from None
+    except Exception as error:  # pyarrow raises several types for a file that is not parquet
+        raise ShardError(f"{info.url}: not a readable parquet file ({error})") from error
+    if metadata.num_rows == 0:
+        raise ShardError(f"{info.url}: empty shard (0 rows)")
+    check_schema(schema, info.kind, info.url)
+    for column in non_null:
+        nulls = _null_count(metadata, schema.get_field_index(column))
+        if nulls:
+            raise ShardError(f"{info.url}: {nulls} row(s) without {column}{why}")
+
+
+def _null_count(metadata: pq.FileMetaData, column: int) -> int:
+    """Nulls in a column according to the footer statistics (all rows when a row group has none)."""
+    total = 0
+    for group in range(metadata.num_row_groups):
+        statistics = metadata.row_group(group).column(column).statistics
+        if statistics is None or not statistics.has_null_count:
+            return metadata.num_rows
+        total += statistics.null_count
+    return total
 
 
 def dataset_manifest(root: str, kind: str) -> dict[str, Any]:

@@ -6,13 +6,19 @@ the region from the environment, so the same URL works for s3fs, pyarrow, Ray Da
 
 from __future__ import annotations
 
+import hashlib
+import os
 import posixpath
+import shutil
 import uuid
+from pathlib import Path
 
 import fsspec
 import pyarrow.fs as pafs
 from fsspec.implementations.local import LocalFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+from videodpo_ray.errors import CheckpointError
 
 TEMP_PREFIX = "_tmp-"
 
@@ -25,6 +31,16 @@ def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
 def join(root: str, *parts: str) -> str:
     """Join URL or path segments with "/" (`join("s3://b/run", "pairs", "x")` -> "s3://b/run/pairs/x")."""
     return "/".join([root.rstrip("/"), *(part.strip("/") for part in parts)])
+
+
+def absolute_url(url: str) -> str:
+    """`url` with a relative local path made absolute (Ray workers may run in another working directory)."""
+    return url if "://" in url else os.path.abspath(url)
+
+
+def is_local(url: str) -> bool:
+    """Whether `url` is a path on this machine's filesystem."""
+    return isinstance(filesystem_for(url)[0], LocalFileSystem)
 
 
 def exists(url: str) -> bool:
@@ -127,6 +143,63 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     if url.startswith(("s3://", "s3a://")):
         return pafs.FileSystem.from_uri(url)
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def cache_directory() -> Path:
+    """Where remote weight directories are downloaded: $VIDEODPO_RAY_CACHE or ~/.cache/videodpo-ray."""
+    return Path(os.environ.get("VIDEODPO_RAY_CACHE", Path.home() / ".cache" / "videodpo-ray"))
+
+
+def local_directory(url: str) -> Path:
+    """A local directory holding what `url` (a local path or an fsspec URL: s3://, gs://, ...) holds.
+
+    The one way remote weights reach a model: a remote directory is downloaded once into `cache_directory()`, keyed
+    by URL (weights are immutable), into a temporary folder renamed into place only when complete, so an interrupted
+    download is never used. Raises CheckpointError when there is nothing at `url`.
+    """
+    fs, root = filesystem_for(url)
+    if isinstance(fs, LocalFileSystem):
+        directory = Path(root)
+        if not directory.is_dir():
+            raise CheckpointError(f"{url}: not a directory")
+        return directory
+    target = cache_directory() / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+    if target.is_dir():
+        return target
+    files = fs.find(root)
+    if not files:
+        raise CheckpointError(f"{url}: no files found")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    prefix = root.rstrip("/") + "/"
+    for remote in files:
+        local = partial / remote[len(prefix) :]
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(local))
+    try:
+        partial.rename(target)
+    except OSError:  # another process finished the same download first
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
+
+
+def local_file(url: str) -> Path:
+    """A local path of the file at `url`: itself when local, else a cached download (as `local_directory`)."""
+    fs, path = filesystem_for(url)
+    if isinstance(fs, LocalFileSystem):
+        if not Path(path).is_file():
+            raise CheckpointError(f"{url}: file not found")
+        return Path(path)
+    target = cache_directory() / hashlib.sha256(url.encode()).hexdigest()[:24] / posixpath.basename(path)
+    if target.is_file():
+        return target
+    if not fs.isfile(path):
+        raise CheckpointError(f"{url}: file not found")
+    partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
+    partial.parent.mkdir(parents=True, exist_ok=True)
+    fs.get_file(path, str(partial))
+    partial.replace(target)
+    return target
 
 
 def _discard(fs: fsspec.AbstractFileSystem, path: str) -> None:

@@ -8,13 +8,10 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
+from videodpo_ray.errors import VideoDecodeError
 
 DEFAULT_CRF = 17
 DEFAULT_PRESET = "medium"
-
-
-class VideoDecodeError(ValueError):
-    """mp4 bytes that cannot be turned into frames; the message names the video and what failed."""
 
 
 def encode_mp4(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from videodpo_ray.errors import VideoTooShortError
 
 
 def consistency(features: torch.Tensor) -> float:
@@ -15,7 +16,7 @@ def consistency(features: torch.Tensor) -> float:
     reference divides the sum by 16 frames instead, a quirk not reproduced). Computed in float64.
     """
     if features.ndim != 2 or features.shape[0] < 2:
-        raise ValueError(f"consistency needs features (T >= 2, D), got shape {tuple(features.shape)}")
+        raise VideoTooShortError(f"consistency needs features (T >= 2, D), got shape {tuple(features.shape)}")
     unit = F.normalize(features.double(), dim=-1)
     to_previous = (unit[1:] * unit[:-1]).sum(-1).clamp(min=0)
     to_first = (unit[1:] @ unit[0]).clamp(min=0)

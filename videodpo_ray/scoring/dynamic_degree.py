@@ -23,6 +23,7 @@ from torchvision.models.optical_flow.raft import MaskPredictor, ResidualBlock, _
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches, frames_to_tensor
 from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_state_dict, load_strict, seeded
+from videodpo_ray.errors import VideoTooShortError
 
 NAME = "dynamic_degree"
 VBENCH_NAME = "dynamic_degree_vbench"
@@ -56,14 +57,14 @@ def top_magnitude(flows: torch.Tensor) -> torch.Tensor:
     magnitudes = flows.double().square().sum(dim=1).sqrt().flatten(1)
     count = int(magnitudes.shape[1] * TOP_FRACTION)
     if count == 0:
-        raise ValueError(f"flow of {tuple(flows.shape[-2:])} pixels is too small for a top-5% mean")
+        raise VideoTooShortError(f"flow of {tuple(flows.shape[-2:])} pixels is too small for a top-5% mean")
     return magnitudes.topk(count, dim=1).values.mean(dim=1)
 
 
 def motion_outputs(magnitudes: Sequence[float], height: int, width: int) -> dict[str, float]:
     """Both dynamic-degree outputs from per-pair motions of a video with frames of (height, width)."""
     if len(magnitudes) == 0:
-        raise ValueError(f"{NAME} needs at least 2 frames after ~{TARGET_FPS:g} fps sampling")
+        raise VideoTooShortError(f"{NAME} needs at least 2 frames after ~{TARGET_FPS:g} fps sampling")
     threshold = motion_threshold(height, width)
     moving = sum(float(m) > threshold for m in magnitudes)
     sampled_frames = len(magnitudes) + 1

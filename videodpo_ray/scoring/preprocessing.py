@@ -15,6 +15,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from videodpo_ray.video import middle_indices
+from videodpo_ray.errors import VideoTooShortError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -24,12 +25,12 @@ SIZE = 224
 
 
 def check_frames(frames: np.ndarray, min_frames: int = 1) -> None:
-    """Raise ValueError unless `frames` is uint8 (T, H, W, 3) with at least `min_frames` frames."""
+    """Raise ValueError unless `frames` is uint8 (T, H, W, 3); VideoTooShortError below `min_frames` frames."""
     if not isinstance(frames, np.ndarray) or frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
         described = f"{frames.dtype} {frames.shape}" if isinstance(frames, np.ndarray) else type(frames).__name__
         raise ValueError(f"frames must be a uint8 array (T, H, W, 3), got {described}")
     if frames.shape[0] < min_frames:
-        raise ValueError(f"need at least {min_frames} frames, got {frames.shape[0]}")
+        raise VideoTooShortError(f"need at least {min_frames} frames, got {frames.shape[0]}")
 
 
 def frames_to_tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -17,17 +17,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import re
+import tempfile
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from videodpo_ray import storage
-from videodpo_ray.config import ConfigError, build_config
+from videodpo_ray.config import build_config
+from videodpo_ray.errors import CheckpointMismatchError, ConfigError
 from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
 from videodpo_ray.training.config import TrainConfig
 
@@ -38,10 +43,6 @@ PAIR_LOG = "pair_log.jsonl"
 EXPORT_DIR = "export"
 EXPORT_WEIGHTS = "trainable.safetensors"
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
-
-
-class CheckpointMismatchError(ConfigError):
-    """A run's checkpoint cannot be resumed with this config (world size, ZeRO stage or batch layout differ)."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -188,17 +189,10 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     return model_config, weights, info
 
 
-def build_seeded_model(model_config: ModelConfig, seed: int) -> VideoDiffusionModel:
-    """build_model under a fixed torch seed (random-init parts are then identical on every rank and every run)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_model(model_config)
-
-
 def load_exported_model(export_url: str) -> VideoDiffusionModel:
     """Build the exported run's model (base weights from its ModelConfig) and load the trained weights strictly."""
     model_config, weights, info = load_export(export_url)
-    model = build_seeded_model(model_config, info["init_seed"])
+    model = build_model(model_config, seed=info["init_seed"])
     model.load_trainable_state_dict(weights)
     return model
 
@@ -208,9 +202,6 @@ def read_tensorboard_scalars(run_url: str) -> dict[str, dict[int, float]]:
 
     Event files of restarted attempts are read in order; TensorBoard drops the steps a restart redid.
     """
-    import tempfile
-    from pathlib import Path
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tensorboard_url = storage.join(run_url, "tensorboard")
@@ -224,3 +215,18 @@ def read_tensorboard_scalars(run_url: str) -> dict[str, dict[int, float]]:
         for tag in events.Tags()["scalars"]:
             scalars[tag.removeprefix("train/")] = {event.step: event.value for event in events.Scalars(tag)}
     return scalars
+
+
+def rng_states() -> dict[str, Any]:
+    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        states["cuda"] = torch.cuda.get_rng_state_all()
+    return states
+
+
+def set_rng_states(states: dict[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    np.random.set_state(states["numpy"])
+    random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,7 +1,9 @@
-"""The DPO training job's config: model, data, loss, optimizer, DeepSpeed, scaling, run and export sections."""
+"""The DPO training config (model, data, loss, optimizer, DeepSpeed, scaling, run, export) and what derives from it:
+the DeepSpeed config dict and the learning-rate schedule."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -115,3 +117,57 @@ class TrainConfig(StrictConfig):
         if self.deepspeed.bf16 == "auto":
             return self.scaling.use_gpu
         return self.deepspeed.bf16
+
+
+def deepspeed_config(config: TrainConfig, num_trainable: int | None = None) -> dict[str, Any]:
+    """The DeepSpeed config dict of a TrainConfig (AdamW via torch, ZeRO stage, bf16 on GPU, clipping, accumulation).
+
+    `num_trainable` (parameter count) caps ZeRO's communication buckets: DeepSpeed's default 5e8 elements would
+    allocate and sweep GB-sized buffers every step for a model far smaller than that.
+    """
+    optim = config.optim
+    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
+    if num_trainable is not None and config.deepspeed.zero_stage > 0:
+        bucket = int(min(5e8, max(num_trainable, 1)))
+        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
+        if config.deepspeed.zero_stage == 3:
+            zero.update(stage3_prefetch_bucket_size=bucket)
+    if config.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu"}
+    generated = {
+        "train_micro_batch_size_per_gpu": config.data.pairs_per_worker,
+        "gradient_accumulation_steps": optim.grad_accum,
+        "train_batch_size": config.pairs_per_step,
+        "optimizer": {
+            "type": "AdamW",
+            # torch_adam: torch.optim.AdamW, nothing JIT-compiled (DeepSpeed's fused/CPU Adam would be built first).
+            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
+                       "weight_decay": optim.weight_decay, "torch_adam": True},
+        },
+        "zero_force_ds_cpu_optimizer": False,
+        "gradient_clipping": optim.grad_clip or 0.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": config.use_bf16},
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+    return _deep_merge(generated, config.deepspeed.overrides)
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    return merged
+
+
+def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """LR factor for optimizer step `step` (0-based): linear warmup, then constant, linear or cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))

@@ -20,7 +20,6 @@ Rows are read with `shards.read_shard` (checksummed, any fsspec URL); a backgrou
 
 from __future__ import annotations
 
-import hashlib
 import queue
 import threading
 from collections import OrderedDict
@@ -32,24 +31,12 @@ import pyarrow as pa
 import torch
 
 from videodpo_ray import shards
-from videodpo_ray.shards import ShardError, ShardInfo
+from videodpo_ray.errors import ShardError
+from videodpo_ray.shards import ShardInfo
 from videodpo_ray.video import decode_mp4
 
 LATENT_COLUMNS = ("win_latents", "lose_latents")
 VIDEO_COLUMNS = ("win_video", "lose_video")
-
-
-def derive_seed(*parts: object) -> int:
-    """A 63-bit seed from any printable parts (stable across processes and Python versions, unlike hash())."""
-    digest = hashlib.blake2b("/".join(str(part) for part in parts).encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def drops_prompt(seed: int, pair_id: str, epoch: int, probability: float) -> bool:
-    """Classifier-free prompt dropout: whether this pair trains with the empty prompt in this epoch."""
-    if probability <= 0.0:
-        return False
-    return derive_seed(seed, "cfg-dropout", pair_id, epoch) / 2.0**63 < probability
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from videodpo_ray.dpo import DPOReduction, diffusion_dpo_loss, per_sample_mse
 from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.training.config import DPOConfig
 
 
 @dataclass(frozen=True)
@@ -110,3 +112,33 @@ def sft_step(
         loss=loss,
         metrics={"mse": loss.detach(), "timestep": timesteps.to(torch.float32).mean()},
     )
+
+
+class DPOObjective(nn.Module):
+    """The module DeepSpeed wraps: the model, and a forward that is one Diffusion-DPO micro-batch."""
+
+    def __init__(self, model: VideoDiffusionModel, dpo: DPOConfig) -> None:
+        super().__init__()
+        self.model = model
+        self.dpo = dpo
+
+    def forward(
+        self,
+        win_latents: torch.Tensor,
+        lose_latents: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        weights: torch.Tensor,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        output = dpo_step(
+            self.model,
+            win_latents,
+            lose_latents,
+            text_embeddings,
+            weights,
+            beta_dpo=self.dpo.beta_dpo,
+            generator=generator,
+            shared_noise=self.dpo.shared_noise,
+            reduction=self.dpo.reduction,
+        )
+        return output.loss, output.metrics

@@ -18,14 +18,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from videodpo_ray import shards, storage
+from videodpo_ray.errors import DatasetImportError, VideoDecodeError
 from videodpo_ray.pairs import Pair
-from videodpo_ray.video import VideoDecodeError, decode_mp4
+from videodpo_ray.video import decode_mp4
 
 WeightFn = Callable[[Optional[float], Optional[float]], float]
-
-
-class DatasetImportError(ValueError):
-    """The source dataset cannot be imported (unreadable index files, or a bad pair with strict=True)."""
 
 
 class _Rejected(Exception):

@@ -1,10 +1,13 @@
-"""Existing mp4 files to score: the videos under a directory or URL, matched with prompts from a JSON or CSV file.
+"""The Score stage without Ray: score existing mp4 files. Its config, inputs, plan, run manifest and report.
 
-Prompt files map a video file name to its prompt:
+The videos under a directory or URL are matched with prompts from a JSON or CSV file:
 - JSON: an object {"clip.mp4": "a prompt", ...} or a list of {"video": "clip.mp4", "prompt": ..., "prompt_id": ...};
 - CSV: a header with `video` and `prompt` columns (optional `prompt_id`).
 A video is matched by its file name or its name without ".mp4". A missing prompt_id is derived from the prompt text
 (the first 16 hex digits of its sha256), so videos of the same prompt share an id and can be paired.
+
+The sorted videos are cut into chunks of `videos_per_shard`; chunk c becomes `{out}/scores/shard-{c:05d}`. A rerun
+skips committed shards; `{out}/scoring.json` records the video list and chunking so a rerun cannot mix two layouts.
 """
 
 from __future__ import annotations
@@ -14,14 +17,18 @@ import hashlib
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
-from videodpo_ray import storage
+from pydantic import Field
 
+from videodpo_ray import shards, storage
+from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import VideoInputError
+from videodpo_ray.scoring import ScorerConfig
+from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
 
-class VideoInputError(ValueError):
-    """Videos or prompts that cannot be scored; the message names the file, the row and the field."""
+SCORING_MANIFEST = "scoring.json"
 
 
 @dataclass(frozen=True)
@@ -106,3 +113,73 @@ def _text_field(url: str, where: str, record: dict[str, Any], field: str) -> str
     if not isinstance(value, str) or not value.strip():
         raise VideoInputError(f"{url} {where}: field {field!r} must be a non-empty string, got {value!r}")
     return value.strip()
+
+
+class ScoreFilesConfig(StrictConfig):
+    """Score the mp4 files under `videos` with prompts from `prompts`; score shards go to `out`."""
+
+    videos: str
+    prompts: str
+    out: str
+    videos_per_shard: int = Field(64, ge=1)
+    scorer: ScorerConfig
+    scorer_pool: ActorPoolConfig = ActorPoolConfig()
+
+
+@dataclass
+class ScoreReport:
+    """What one score run did, by shard index."""
+
+    out: str
+    num_videos: int
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    failed_videos: int = 0
+    incomplete: dict[int, tuple[int, int]] = field(default_factory=dict)  # shard -> (rows back, rows expected)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"score -> {self.out}: {self.num_videos} videos; {len(self.written)} shard(s) written, "
+            f"{len(self.skipped)} already committed; {self.failed_videos} video(s) failed to score "
+            f"(see failed_reason); {self.seconds:.1f} s"
+        ]
+        return "\n".join(lines + incomplete_lines(self.incomplete, "shard", "videos"))
+
+
+@dataclass
+class ScorePlan:
+    """What a score run has left: request rows (chunk, position, ids, prompt, url) of every uncommitted shard."""
+
+    report: ScoreReport
+    rows: list[dict[str, Any]]
+    expected: dict[int, int]  # rows per pending shard
+
+
+def plan_score(config: ScoreFilesConfig) -> ScorePlan:
+    """List and match the inputs, record (or check) the manifest, and list the shards still to score."""
+    inputs = video_inputs(config.videos, config.prompts)
+    record_manifest(storage.join(config.out, SCORING_MANIFEST), scoring_manifest(config, inputs))
+    plan = ScorePlan(ScoreReport(out=config.out, num_videos=len(inputs)), [], {})
+    for index, begin in enumerate(range(0, len(inputs), config.videos_per_shard)):
+        chunk = inputs[begin : begin + config.videos_per_shard]
+        if shards.shard_exists(config.out, "scores", index):
+            plan.report.skipped.append(index)
+            continue
+        plan.expected[index] = len(chunk)
+        plan.rows += [
+            {"chunk": index, "position": position, "sample_id": item.sample_id, "prompt_id": item.prompt_id,
+             "prompt": item.prompt, "url": item.url}
+            for position, item in enumerate(chunk)
+        ]
+    return plan
+
+
+def scoring_manifest(config: ScoreFilesConfig, inputs: list[VideoInput]) -> dict[str, Any]:
+    listing = "\n".join(f"{item.sample_id}\t{item.prompt_id}\t{item.prompt}" for item in inputs).encode()
+    return {
+        "num_videos": len(inputs),
+        "videos_sha256": hashlib.sha256(listing).hexdigest(),
+        "videos_per_shard": config.videos_per_shard,
+        "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
+    }

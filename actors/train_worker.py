@@ -9,35 +9,24 @@ A checkpoint restores weights, optimizer and LR scheduler (DeepSpeed), the data 
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import random
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from videodpo_ray import shards, storage
 from videodpo_ray.config import dump_config
-from videodpo_ray.models import VideoDiffusionModel
+from videodpo_ray.errors import NonFiniteLossError
+from videodpo_ray.models import build_model
+from videodpo_ray.seeds import drops_prompt, noise_seed
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.training.config import DPOConfig, TrainConfig
-from videodpo_ray.training.data import (
-    DataPosition,
-    MicroBatch,
-    PairLoader,
-    PairPlan,
-    PromptEmbeddings,
-    derive_seed,
-    drops_prompt,
-    pair_latents,
-)
-from videodpo_ray.training.step import dpo_step
+from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
+from videodpo_ray.training.data import DataPosition, MicroBatch, PairLoader, PairPlan, PromptEmbeddings, pair_latents
+from videodpo_ray.training.step import DPOObjective
 
 LOG_METRICS = (
     "loss",
@@ -52,94 +41,6 @@ LOG_METRICS = (
     "cfg_dropped",
     "data_wait_fraction",
 )
-
-
-class NonFiniteLossError(RuntimeError):
-    """The DPO loss became NaN or infinite; the run stops before the update, keeping the last good checkpoint."""
-
-
-def deepspeed_config(config: TrainConfig, num_trainable: int | None = None) -> dict[str, Any]:
-    """The DeepSpeed config dict of a TrainConfig (AdamW via torch, ZeRO stage, bf16 on GPU, clipping, accumulation).
-
-    `num_trainable` (parameter count) caps ZeRO's communication buckets: DeepSpeed's default 5e8 elements would
-    allocate and sweep GB-sized buffers every step for a model far smaller than that.
-    """
-    optim = config.optim
-    zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
-    if num_trainable is not None and config.deepspeed.zero_stage > 0:
-        bucket = int(min(5e8, max(num_trainable, 1)))
-        zero.update(reduce_bucket_size=bucket, allgather_bucket_size=bucket)
-        if config.deepspeed.zero_stage == 3:
-            zero.update(stage3_prefetch_bucket_size=bucket)
-    if config.deepspeed.offload_optimizer:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    generated = {
-        "train_micro_batch_size_per_gpu": config.data.pairs_per_worker,
-        "gradient_accumulation_steps": optim.grad_accum,
-        "train_batch_size": config.pairs_per_step,
-        "optimizer": {
-            "type": "AdamW",
-            # torch_adam: torch.optim.AdamW, nothing JIT-compiled (DeepSpeed's fused/CPU Adam would be built first).
-            "params": {"lr": optim.lr, "betas": list(optim.betas), "eps": optim.eps,
-                       "weight_decay": optim.weight_decay, "torch_adam": True},
-        },
-        "zero_force_ds_cpu_optimizer": False,
-        "gradient_clipping": optim.grad_clip or 0.0,
-        "zero_optimization": zero,
-        "bf16": {"enabled": config.use_bf16},
-        "steps_per_print": 2**31 - 1,
-        "wall_clock_breakdown": False,
-    }
-    return _deep_merge(generated, config.deepspeed.overrides)
-
-
-def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        merged[key] = _deep_merge(merged[key], value) if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
-    return merged
-
-
-def lr_multiplier(step: int, *, warmup_steps: int, total_steps: int, schedule: str) -> float:
-    """LR factor for optimizer step `step` (0-based): linear warmup, then constant, linear or cosine decay to 0."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-class DPOObjective(nn.Module):
-    """The module DeepSpeed wraps: the model, and a forward that is one Diffusion-DPO micro-batch."""
-
-    def __init__(self, model: VideoDiffusionModel, dpo: DPOConfig) -> None:
-        super().__init__()
-        self.model = model
-        self.dpo = dpo
-
-    def forward(
-        self,
-        win_latents: torch.Tensor,
-        lose_latents: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        weights: torch.Tensor,
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        output = dpo_step(
-            self.model,
-            win_latents,
-            lose_latents,
-            text_embeddings,
-            weights,
-            beta_dpo=self.dpo.beta_dpo,
-            generator=generator,
-            shared_noise=self.dpo.shared_noise,
-            reduction=self.dpo.reduction,
-        )
-        return output.loss, output.metrics
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -179,7 +80,7 @@ class DPOWorker:
         config = self.config
         if self.device.type == "cpu":  # bit-identical resumes; on GPU the deterministic kernels cost speed
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model = ckpt.build_seeded_model(config.model, config.run.seed)
+        model = build_model(config.model, seed=config.run.seed)
         objective = DPOObjective(model, config.dpo)
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
@@ -246,7 +147,7 @@ class DPOWorker:
                 "checkpointed with: model.path or the model code changed between submissions of the same run"
             )
         self.initial_fingerprint = per_rank["initial_fingerprint"]
-        _set_rng_states(per_rank["rng"])
+        ckpt.set_rng_states(per_rank["rng"])
         self.pair_log = ckpt.read_pair_log((directory / ckpt.PAIR_LOG).read_text()) if self.rank == 0 else []
         self.global_step, self.epoch, self.step_in_epoch = state.global_step, state.epoch, state.step_in_epoch
         self.last_checkpoint_step = state.global_step
@@ -276,7 +177,7 @@ class DPOWorker:
             finally:
                 batches.close()  # stops the prefetch thread (at max_steps)
 
-    def _train_step(self, batches) -> None:
+    def _train_step(self, batches: Iterator[MicroBatch]) -> None:
         config = self.config
         accum = config.optim.grad_accum
         start = time.perf_counter()
@@ -292,7 +193,7 @@ class DPOWorker:
                 raise RuntimeError(f"data plan out of step: got {(batch.step, batch.micro)}, "
                                    f"expected {(self.step_in_epoch, micro)}")
             win, lose, embeddings, weights, dropped = self._tensors(batch)
-            generator = torch.Generator().manual_seed(derive_seed(config.run.seed, "noise", self.global_step, self.rank, micro))
+            generator = torch.Generator().manual_seed(noise_seed(config.run.seed, self.global_step, self.rank, micro))
             loss, metrics = self.engine(win, lose, embeddings, weights, generator)
             self._check_finite(loss, batch, micro)
             self.engine.backward(loss)
@@ -405,7 +306,7 @@ class DPOWorker:
         with tempfile.TemporaryDirectory(prefix="videodpo-checkpoint-", ignore_cleanup_errors=True) as directory:
             self.engine.save_checkpoint(directory, tag=ckpt.DEEPSPEED_TAG, exclude_frozen_parameters=True)
             torch.save(
-                {"rng": _rng_states(), "frozen_fingerprint": self.frozen_fingerprint,
+                {"rng": ckpt.rng_states(), "frozen_fingerprint": self.frozen_fingerprint,
                  "initial_fingerprint": self.initial_fingerprint},
                 Path(directory, ckpt.rank_file(self.rank)),
             )
@@ -463,18 +364,3 @@ class DPOWorker:
 
 def _none_to_nan(value: float | None) -> float:
     return float("nan") if value is None else float(value)
-
-
-def _rng_states() -> dict[str, Any]:
-    states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    np.random.set_state(states["numpy"])
-    random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])

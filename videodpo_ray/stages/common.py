@@ -1,0 +1,114 @@
+"""What every chunked stage shares: actor-pool settings, collecting streamed rows into chunks, run manifests.
+
+A stage cuts its work into chunks; chunk c is committed as `shard-{c:05d}` as soon as all its rows are back, and a
+run manifest (`{out}/<stage>.json`) records every setting that changes the shards' content, so a rerun skips
+committed chunks and refuses to mix two layouts in one output.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from pydantic import Field, model_validator
+
+from videodpo_ray import storage
+from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import ConfigError
+
+
+class ActorPoolConfig(StrictConfig):
+    """One Ray Data actor pool: how many actors, their resources and their batch size."""
+
+    min_actors: int = Field(1, ge=1)
+    max_actors: int = Field(1, ge=1)
+    batch_size: int = Field(4, ge=1)  # rows per call of the actor
+    num_cpus: float = Field(1.0, gt=0.0)
+    num_gpus: float | Literal["auto"] = "auto"  # auto: 1 per actor when the cluster has GPUs, else 0 (CPU)
+
+    @model_validator(mode="after")
+    def _check_sizes(self) -> "ActorPoolConfig":
+        if self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors {self.min_actors} > max_actors {self.max_actors}")
+        return self
+
+    def gpus(self, cluster_gpus: float) -> float:
+        """GPUs per actor on a cluster with `cluster_gpus` GPUs in total."""
+        if self.num_gpus == "auto":
+            return 1.0 if cluster_gpus > 0 else 0.0
+        return float(self.num_gpus)
+
+
+def config_fields(config: StrictConfig) -> dict[str, Any]:
+    """The top-level fields of a config as objects (not dumped), for building a derived config."""
+    return {name: getattr(config, name) for name in type(config).model_fields}
+
+
+class ChunkCollector:
+    """Gathers rows streamed back in any order and hands out a chunk once all of its rows have arrived.
+
+    Each row carries `chunk` and `position` (0..expected-1 within the chunk); a complete chunk comes back as one
+    table sorted by position, so its shard does not depend on which actor finished first.
+    """
+
+    def __init__(self, expected_rows: dict[int, int]) -> None:
+        self.expected = dict(expected_rows)
+        self.parts: dict[int, list[pa.Table]] = {chunk: [] for chunk in expected_rows}
+        self.received: dict[int, int] = {chunk: 0 for chunk in expected_rows}
+
+    def add(self, table: pa.Table) -> list[tuple[int, pa.Table]]:
+        """Add streamed rows; return the (chunk, table) pairs this completed."""
+        complete = []
+        chunks = table.column("chunk").to_pylist()
+        for chunk in sorted(set(chunks)):
+            if chunk not in self.expected:
+                raise ValueError(f"row of chunk {chunk}, which is not being processed")
+            part = table.filter(pc.equal(table.column("chunk"), chunk))
+            self.parts[chunk].append(part)
+            self.received[chunk] += part.num_rows
+            if self.received[chunk] > self.expected[chunk]:
+                raise ValueError(f"chunk {chunk}: {self.received[chunk]} rows, expected {self.expected[chunk]}")
+            if self.received[chunk] == self.expected[chunk]:
+                rows = pa.concat_tables(self.parts.pop(chunk), promote_options="permissive")
+                positions = rows.column("position").to_pylist()
+                if sorted(positions) != list(range(self.expected[chunk])):
+                    last = self.expected[chunk] - 1
+                    raise ValueError(f"chunk {chunk}: positions {sorted(positions)} are not 0..{last}")
+                complete.append((chunk, rows.sort_by("position")))
+        return complete
+
+    def incomplete(self) -> dict[int, tuple[int, int]]:
+        """Chunks not handed out: {chunk: (rows received, rows expected)}."""
+        return {chunk: (self.received[chunk], self.expected[chunk]) for chunk in self.parts}
+
+
+def incomplete_lines(incomplete: dict[int, tuple[int, int]], shard: str, rows: str) -> list[str]:
+    """Report lines for the chunks a stage left uncommitted (`ChunkCollector.incomplete()`)."""
+    return [
+        f"  {shard} {chunk} NOT committed: {received} of {expected} {rows} came back (a batch failed: its traceback "
+        "is in the Ray Data log above); rerun to complete it"
+        for chunk, (received, expected) in sorted(incomplete.items())
+    ]
+
+
+def record_manifest(url: str, current: dict[str, Any]) -> None:
+    """Write the run manifest at `url` on the first run; on a rerun check that it is unchanged (ConfigError)."""
+    try:
+        recorded = json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        storage.write_bytes_atomic(url, json.dumps(current, indent=2, sort_keys=True).encode())
+        return
+    check_manifest(url, recorded, current)
+
+
+def check_manifest(url: str, recorded: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise ConfigError naming every field where a rerun's manifest differs from the one recorded at `url`."""
+    changed = sorted(key for key in set(recorded) | set(current) if recorded.get(key) != current.get(key))
+    if changed:
+        details = "; ".join(f"{key}: recorded {recorded.get(key)!r}, now {current.get(key)!r}" for key in changed)
+        raise ConfigError(
+            f"{url}: this output was generated with other settings ({details}). "
+            "Use a new output location, or the recorded settings to resume."
+        )

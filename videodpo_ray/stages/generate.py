@@ -1,0 +1,214 @@
+"""The Generate + Score stage without Ray: its config, sampler request rows, plan, run manifest and report.
+
+Determinism (what makes reruns skip finished work and never duplicate it):
+
+- chunk c holds prompts [c * K, (c + 1) * K) (K = `prompts_per_chunk`) and is committed as
+  `{out}/samples/shard-{c:05d}` and then `{out}/scores/shard-{c:05d}`; a chunk is done when its scores shard is;
+- sample k of a prompt has id `{prompt_id}-{k}` and seed `seeds.sample_seed(base_seed, prompt_id, k)`, which
+  depends on nothing else (not the chunk, the batch, the actor or the cluster size);
+- `{out}/generation.json` records what fixes the shards' content (prompt list hash, K, N, seed, model, sampling);
+  a rerun with a different value there is refused instead of mixing two layouts in one output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import pyarrow as pa
+from pydantic import Field
+
+from videodpo_ray import shards, storage
+from videodpo_ray.config import StrictConfig
+from videodpo_ray.models import ModelConfig
+from videodpo_ray.scoring import ScorerConfig
+from videodpo_ray.seeds import sample_seed
+from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
+from videodpo_ray.stages.prompts import PromptRow, prompts_jsonl
+
+DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
+GENERATION_MANIFEST = "generation.json"
+
+
+class SamplingConfig(StrictConfig):
+    """Sampler settings passed to `VideoDiffusionModel.sample`; None -> the model family's default."""
+
+    num_frames: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=2)
+    width: int | None = Field(None, ge=2)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    fps: int = Field(8, ge=1)  # mp4 container frame rate (VideoCrafter saves at 8; the scorers read it)
+
+
+class GenerationSettings(StrictConfig):
+    """The Generate + Score settings shared by the generate job and the pipeline (which sets prompts, out, model)."""
+
+    samples_per_prompt: int = Field(4, ge=2)  # N (method.md section 4)
+    prompts_per_chunk: int = Field(64, ge=1)  # K: prompts per committed shard
+    base_seed: int = Field(DATA_GENERATION_SEED, ge=0)
+    sampling: SamplingConfig = SamplingConfig()
+    scorer: ScorerConfig  # required: where every scorer's weights are (or tiny: true for tests and demos)
+    sampler_pool: ActorPoolConfig = ActorPoolConfig()
+    # CPU by default: with one GPU per sampler actor a GPU scorer could wait forever; to share GPUs set e.g.
+    # sampler_pool.num_gpus=0.5 and scorer_pool.num_gpus=0.5
+    scorer_pool: ActorPoolConfig = ActorPoolConfig(num_gpus=0.0)
+
+
+class GenerateConfig(GenerationSettings):
+    """The generate job (jobs/generate.py): prompts -> `{out}/samples` and `{out}/scores` shards."""
+
+    prompts: str  # .txt (one prompt a line), .jsonl or .parquet (fields prompt, optional prompt_id); path or URL
+    out: str  # output root URL
+    model: ModelConfig = ModelConfig()
+    model_init_seed: int = 0  # torch seed while building the model: random-init weights = training's (run.seed)
+
+
+@dataclass(frozen=True)
+class PromptChunk:
+    """Chunk `index` of the prompt list: its shards are `shard-{index:05d}` of samples and scores."""
+
+    index: int
+    prompts: tuple[PromptRow, ...]
+
+
+REQUEST_SCHEMA = pa.schema(
+    [
+        pa.field("chunk", pa.int64()),
+        pa.field("position", pa.int64()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("prompt", pa.string()),
+        pa.field("sample_id", pa.string()),
+        pa.field("seed", pa.int64()),
+    ]
+)
+SAMPLER_OUTPUT_COLUMNS = [*REQUEST_SCHEMA.names, "video", "fps", "model"]
+
+
+def chunk_prompts(prompts: Sequence[PromptRow], prompts_per_chunk: int) -> list[PromptChunk]:
+    """Consecutive chunks of `prompts_per_chunk` prompts in file order; chunk c is shard index c."""
+    if prompts_per_chunk < 1:
+        raise ValueError(f"prompts_per_chunk must be >= 1, got {prompts_per_chunk}")
+    return [
+        PromptChunk(index, tuple(prompts[begin : begin + prompts_per_chunk]))
+        for index, begin in enumerate(range(0, len(prompts), prompts_per_chunk))
+    ]
+
+
+def sample_id(prompt_id: str, sample_index: int) -> str:
+    """`{prompt_id}-{sample_index}`."""
+    return f"{prompt_id}-{sample_index}"
+
+
+def sample_requests(chunk: PromptChunk, samples_per_prompt: int, base_seed: int) -> pa.Table:
+    """The sampler's input rows for one chunk: chunk, position, prompt_id, prompt, sample_id, seed (prompt-major)."""
+    rows = [
+        {
+            "chunk": chunk.index,
+            "position": position * samples_per_prompt + k,
+            "prompt_id": row.prompt_id,
+            "prompt": row.prompt,
+            "sample_id": sample_id(row.prompt_id, k),
+            "seed": sample_seed(base_seed, row.prompt_id, k),
+        }
+        for position, row in enumerate(chunk.prompts)
+        for k in range(samples_per_prompt)
+    ]
+    return pa.Table.from_pylist(rows, schema=REQUEST_SCHEMA)
+
+
+def request_blocks(config: GenerateConfig, chunks: Sequence[PromptChunk]) -> list[pa.Table]:
+    """Sampler input blocks for `chunks`: one block per sampler batch, never spanning two chunks."""
+    batch_size = config.sampler_pool.batch_size
+    blocks = []
+    for chunk in chunks:
+        requests = sample_requests(chunk, config.samples_per_prompt, config.base_seed)
+        blocks += [requests.slice(begin, batch_size) for begin in range(0, requests.num_rows, batch_size)]
+    return blocks
+
+
+def committed_samples(config: GenerateConfig, chunks: Sequence[PromptChunk]) -> list[pa.Table]:
+    """Committed samples shards of `chunks` (to be scored again), with the columns the sampler would have made."""
+    committed = {info.index: info for info in shards.list_shards(config.out, "samples")}
+    tables = []
+    for chunk in chunks:
+        table = shards.read_shard(committed[chunk.index])
+        table = table.append_column("chunk", pa.array([chunk.index] * table.num_rows, pa.int64()))
+        table = table.append_column("position", pa.array(range(table.num_rows), pa.int64()))
+        tables.append(table.select(SAMPLER_OUTPUT_COLUMNS))
+    return tables
+
+
+def model_label(model: ModelConfig) -> str:
+    """The `model` column of sample shards: `family/variant` plus `@path` for loaded weights."""
+    label = f"{model.family}/{model.variant}"
+    return f"{label}@{model.path}" if model.path else label
+
+
+def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) -> dict[str, Any]:
+    """What fixes the content and keys of the samples/scores shards (resources and pool sizes may change)."""
+    prompt_hash = hashlib.sha256(prompts_jsonl(prompts)).hexdigest()
+    return {
+        "num_prompts": len(prompts),
+        "prompts_sha256": prompt_hash,
+        "prompts_per_chunk": config.prompts_per_chunk,
+        "samples_per_prompt": config.samples_per_prompt,
+        "base_seed": config.base_seed,
+        "model": config.model.model_dump(mode="json"),
+        "model_init_seed": config.model_init_seed,
+        "sampling": config.sampling.model_dump(mode="json"),
+        "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
+    }
+
+
+@dataclass
+class GenerateReport:
+    """What one generate run did, by chunk index."""
+
+    out: str
+    num_prompts: int
+    num_chunks: int
+    skipped: list[int] = field(default_factory=list)  # committed before this run
+    sampled: list[int] = field(default_factory=list)  # sampled, scored and committed by this run
+    rescored: list[int] = field(default_factory=list)  # samples committed earlier, scored and committed now
+    incomplete: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk -> (rows back, rows expected)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        lines = [
+            f"generate -> {self.out}: {self.num_prompts} prompts in {self.num_chunks} chunk(s); "
+            f"{len(self.sampled)} sampled and committed, {len(self.rescored)} re-scored and committed, "
+            f"{len(self.skipped)} already committed and skipped; {self.seconds:.1f} s"
+        ]
+        return "\n".join(lines + incomplete_lines(self.incomplete, "chunk", "samples"))
+
+
+@dataclass
+class GeneratePlan:
+    """What a generate run has left: chunks to sample (and score), chunks to score again, and the report so far."""
+
+    report: GenerateReport
+    samples_per_prompt: int
+    to_sample: list[PromptChunk] = field(default_factory=list)
+    to_score: list[PromptChunk] = field(default_factory=list)
+
+    def pending_rows(self) -> dict[int, int]:
+        """Sample rows expected back per chunk this run works on."""
+        return {chunk.index: len(chunk.prompts) * self.samples_per_prompt for chunk in self.to_sample + self.to_score}
+
+
+def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> GeneratePlan:
+    """Record (or check) the run manifest and split the chunks into committed, to score and to sample."""
+    record_manifest(storage.join(config.out, GENERATION_MANIFEST), generation_manifest(config, prompts))
+    chunks = chunk_prompts(prompts, config.prompts_per_chunk)
+    report = GenerateReport(out=config.out, num_prompts=len(prompts), num_chunks=len(chunks))
+    plan = GeneratePlan(report, config.samples_per_prompt)
+    for chunk in chunks:
+        if shards.shard_exists(config.out, "scores", chunk.index):
+            plan.report.skipped.append(chunk.index)
+        elif shards.shard_exists(config.out, "samples", chunk.index):
+            plan.to_score.append(chunk)
+        else:
+            plan.to_sample.append(chunk)
+    return plan

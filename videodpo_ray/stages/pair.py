@@ -1,0 +1,235 @@
+"""The Pair stage without Ray: config, pair request rows, the plan over all scores, manifest and report.
+
+scores shards -> `pairs.build_pairs` (strategy, filters and weights over the whole data set: scores are small) ->
+per generation chunk, the pairs of its prompts; chunk c becomes `{out}/pairs/shard-{c:05d}` once its pairs are
+VAE-encoded (the runtime does that on latent-encoder actors).
+
+Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report.
+`{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the
+whole data set, so a rerun over other scores or settings is refused rather than mixing weightings.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import dataclass, field
+from typing import Any, Literal, Sequence
+
+import pyarrow as pa
+
+from videodpo_ray import shards, storage
+from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import ShardError
+from videodpo_ray.models import ModelConfig
+from videodpo_ray.pairs import Pair, PairingConfig, ScoredSample, build_pairs
+from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
+
+PAIRING_MANIFEST = "pairing.json"
+LatentDType = Literal["float32", "float16", "bfloat16"]
+PAIR_REQUEST_SCHEMA = pa.schema(
+    [
+        pa.field("chunk", pa.int64()),
+        pa.field("position", pa.int64()),
+        pa.field("pair_id", pa.string()),
+        pa.field("prompt_id", pa.string()),
+        pa.field("win_sample_id", pa.string()),
+        pa.field("lose_sample_id", pa.string()),
+        pa.field("win_score", pa.float64()),
+        pa.field("lose_score", pa.float64()),
+        pa.field("weight", pa.float32()),
+    ]
+)
+
+
+class PairSettings(StrictConfig):
+    """The Pair settings shared by the pair job and the pipeline (which sets data, out and model)."""
+
+    pairing: PairingConfig = PairingConfig()
+    encoder_pool: ActorPoolConfig = ActorPoolConfig(batch_size=2)  # batch_size = pairs per VAE call
+    latent_dtype: LatentDType = "float32"
+    keep_videos: bool = True  # also store the winner/loser mp4s in the pair shards
+
+
+class PairConfig(PairSettings):
+    """The pair job (jobs/pair.py): `{data}/scores` + `{data}/samples` -> `{out}/pairs` shards with latents."""
+
+    data: str  # root of the generate job's output
+    out: str | None = None  # root of the pair shards; None -> `data`
+    model: ModelConfig = ModelConfig()  # the VAE that encodes the latents: the model that will be trained
+    model_init_seed: int = 0  # torch seed while building the model: random-init weights = training's (run.seed)
+
+    @property
+    def pairs_root(self) -> str:
+        return self.out or self.data
+
+
+@dataclass
+class PairReport:
+    """What one pair run did: pair statistics over the whole data set and the shards written or skipped."""
+
+    out: str
+    num_prompts: int = 0
+    num_samples: int = 0
+    unscored: list[str] = field(default_factory=list)  # sample ids whose scoring failed
+    num_pairs: int = 0
+    prompts_without_pair: int = 0  # every sample tied (or filtered out)
+    omniscore: dict[str, float] = field(default_factory=dict)  # mean / min / max over the scored samples
+    score_gap: dict[str, float] = field(default_factory=dict)  # mean / min / max of S_w - S_l
+    weight: dict[str, float] = field(default_factory=dict)  # mean / min / max pair weight
+    written: list[int] = field(default_factory=list)
+    skipped: list[int] = field(default_factory=list)
+    incomplete: dict[int, tuple[int, int]] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def summary(self) -> str:
+        gap = self.score_gap
+        lines = [
+            f"pair -> {self.out}: {self.num_pairs} pairs from {self.num_prompts} prompts ({self.num_samples} scored "
+            f"samples, {len(self.unscored)} unscored left out, {self.prompts_without_pair} prompts without a pair); "
+            f"{len(self.written)} shard(s) written, {len(self.skipped)} already committed; {self.seconds:.1f} s",
+        ]
+        if gap:
+            lines.append(
+                f"  score gap mean {gap['mean']:.4f} (min {gap['min']:.4f}, max {gap['max']:.4f}); weight mean "
+                f"{self.weight['mean']:.4f} (min {self.weight['min']:.4f}, max {self.weight['max']:.4f})"
+            )
+        return "\n".join(lines + incomplete_lines(self.incomplete, "pair shard", "pairs"))
+
+
+def scored_samples(data: str) -> tuple[dict[str, list[ScoredSample]], dict[str, int], list[str]]:
+    """(prompt id -> its scored samples, prompt id -> chunk, unscored sample ids) from the committed scores shards."""
+    by_prompt: dict[str, list[ScoredSample]] = {}
+    chunk_of: dict[str, int] = {}
+    unscored: list[str] = []
+    for info in shards.list_shards(data, "scores"):
+        table = shards.read_shard(info).select(["sample_id", "prompt_id", "omniscore"])
+        for row in table.to_pylist():
+            chunk_of.setdefault(row["prompt_id"], info.index)
+            if chunk_of[row["prompt_id"]] != info.index:
+                other = chunk_of[row["prompt_id"]]
+                raise ShardError(f"{info.url}: prompt {row['prompt_id']!r} also has samples in shard {other}")
+            score = row["omniscore"]
+            if score is None or not math.isfinite(score):
+                unscored.append(row["sample_id"])
+                continue
+            by_prompt.setdefault(row["prompt_id"], []).append(ScoredSample(row["sample_id"], score))
+    return by_prompt, chunk_of, unscored
+
+
+def pair_requests(pairs: Sequence[Pair], chunk_of: dict[str, int]) -> dict[int, pa.Table]:
+    """Chunk -> its pairs as rows of PAIR_REQUEST_SCHEMA (in build_pairs order, which is by prompt id)."""
+    rows: dict[int, list[dict[str, Any]]] = {}
+    for pair in pairs:
+        chunk = chunk_of[pair.prompt_id]
+        items = rows.setdefault(chunk, [])
+        items.append(
+            {
+                "chunk": chunk,
+                "position": len(items),
+                "pair_id": pair.pair_id,
+                "prompt_id": pair.prompt_id,
+                "win_sample_id": pair.win_sample_id,
+                "lose_sample_id": pair.lose_sample_id,
+                "win_score": pair.win_score,
+                "lose_score": pair.lose_score,
+                "weight": pair.weight,
+            }
+        )
+    return {chunk: pa.Table.from_pylist(items, schema=PAIR_REQUEST_SCHEMA) for chunk, items in sorted(rows.items())}
+
+
+def attach_videos(batch: pa.Table, samples: dict[int, shards.ShardInfo]) -> pa.Table:
+    """Add prompt, fps, win_video and lose_video to pair requests from their chunks' samples shards."""
+    lookup: dict[str, dict[str, Any]] = {}
+    for chunk in sorted(set(batch.column("chunk").to_pylist())):
+        for row in shards.read_shard(samples[chunk]).select(["sample_id", "prompt", "video", "fps"]).to_pylist():
+            lookup[row["sample_id"]] = row
+    requests = batch.to_pylist()
+    missing = [s for r in requests for s in (r["win_sample_id"], r["lose_sample_id"]) if s not in lookup]
+    if missing:
+        raise ShardError(f"samples {missing} are scored but missing from their samples shards")
+    columns = {
+        "prompt": pa.array([lookup[r["win_sample_id"]]["prompt"] for r in requests], pa.string()),
+        "fps": pa.array([lookup[r["win_sample_id"]]["fps"] for r in requests], pa.int32()),
+        "win_video": pa.array([lookup[r["win_sample_id"]]["video"] for r in requests], pa.binary()),
+        "lose_video": pa.array([lookup[r["lose_sample_id"]]["video"] for r in requests], pa.binary()),
+    }
+    for name, column in columns.items():
+        batch = batch.append_column(name, column)
+    return batch
+
+
+def _stats(values: Sequence[float]) -> dict[str, float]:
+    return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+
+
+def plan_pairs(config: PairConfig) -> tuple[PairReport, list[Pair], dict[str, int]]:
+    """The pairs of the committed scores (no Ray, no writes): (report without shard counts, pairs, prompt -> chunk)."""
+    by_prompt, chunk_of, unscored = scored_samples(config.data)
+    if not chunk_of:
+        raise ShardError(f"{storage.join(config.data, 'scores')}: no committed scores shards to pair")
+    pairs = build_pairs(by_prompt, config.pairing)
+    report = PairReport(
+        out=config.pairs_root,
+        num_prompts=len(chunk_of),
+        num_samples=sum(len(samples) for samples in by_prompt.values()),
+        unscored=unscored,
+        num_pairs=len(pairs),
+        prompts_without_pair=len(chunk_of) - len({pair.prompt_id for pair in pairs}),
+    )
+    scores = [sample.score for samples in by_prompt.values() for sample in samples]
+    if scores:
+        report.omniscore = _stats(scores)
+    if pairs:
+        report.score_gap = _stats([pair.score_gap for pair in pairs])
+        report.weight = _stats([pair.weight for pair in pairs])
+    return report, pairs, chunk_of
+
+
+@dataclass
+class PairShardPlan:
+    """What a pair run has left: the pair requests of every chunk whose pair shard is not committed yet."""
+
+    report: PairReport
+    pending: dict[int, pa.Table]
+    samples: dict[int, shards.ShardInfo]  # the committed samples shards, by chunk
+
+
+def plan_pair_shards(config: PairConfig) -> PairShardPlan:
+    """Build the pairs, record (or check) the manifest and list the chunks whose pair shards are still to write."""
+    report, pairs, chunk_of = plan_pairs(config)
+    record_manifest(storage.join(config.pairs_root, PAIRING_MANIFEST), pairing_manifest(config))
+    pending = {}
+    for chunk, table in pair_requests(pairs, chunk_of).items():
+        if shards.shard_exists(config.pairs_root, "pairs", chunk):
+            report.skipped.append(chunk)
+        else:
+            pending[chunk] = table
+    samples = {info.index: info for info in shards.list_shards(config.data, "samples")} if pending else {}
+    missing = sorted(set(pending) - set(samples))
+    if missing:
+        raise ShardError(
+            f"{storage.join(config.data, 'samples')}: chunk(s) {missing} have scores but no committed samples shard"
+        )
+    return PairShardPlan(report, pending, samples)
+
+
+def pair_shard(rows: pa.Table, keep_videos: bool) -> pa.Table:
+    if not keep_videos:
+        for name in ("win_video", "lose_video"):
+            rows = rows.set_column(rows.schema.get_field_index(name), name, pa.nulls(rows.num_rows, pa.binary()))
+    return rows.select(shards.PAIRS_SCHEMA.names)
+
+
+def pairing_manifest(config: PairConfig) -> dict[str, Any]:
+    """What fixes the pair shards: the scores shards (by hash) and every setting that changes a pair row."""
+    return {
+        "data": config.data,
+        "scores_shards": {str(info.index): info.sha256 for info in shards.list_shards(config.data, "scores")},
+        "pairing": config.pairing.model_dump(mode="json"),
+        "model": config.model.model_dump(mode="json"),
+        "model_init_seed": config.model_init_seed,
+        "latent_dtype": config.latent_dtype,
+        "keep_videos": config.keep_videos,
+    }

@@ -1,0 +1,208 @@
+"""The pipeline (generate -> pair -> train -> report on one output root) without Ray: config and report.
+
+The training stage takes a train YAML (`train.config`) and sets its data and run location: `data.pairs_url` = out,
+`run.storage_path` = {out}/train, `run.name` = train.run_name. Its model must be the pipeline's model (on-policy
+data, method.md section 4); a mismatch is a config error, not a silent override.
+
+The report is `{out}/report.json` and `{out}/report.md`: prompts, samples, OmniScores, pairs made, score gaps,
+weights and the training loss / implicit-accuracy curve.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+from pydantic import Field
+
+from videodpo_ray import shards, storage
+from videodpo_ray.config import StrictConfig, load_config
+from videodpo_ray.errors import ConfigError
+from videodpo_ray.models import ModelConfig
+from videodpo_ray.stages.common import config_fields
+from videodpo_ray.stages.generate import GenerateConfig, GenerateReport, GenerationSettings
+from videodpo_ray.stages.pair import PairConfig, PairReport, PairSettings
+from videodpo_ray.stages.prompts import PromptRow, prompt_rows, prompts_jsonl, read_prompts
+from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.training.config import TrainConfig
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+CURVE_METRICS = ("loss", "implicit_accuracy", "reward_margin", "mean_weight")
+MODEL_IDENTITY = ("family", "variant", "path", "turbo_lora_path", "turbo_lora_mode", "text_encoder_path")
+
+
+class PipelineTrainConfig(StrictConfig):
+    """The pipeline's training stage: a train YAML plus overrides (the pipeline sets the data and run location)."""
+
+    config: str  # path of a train YAML; relative paths are relative to the pipeline YAML's directory
+    overrides: list[str] = []
+    run_name: str = Field("dpo", pattern=r"^[A-Za-z0-9._-]+$")
+
+
+class PipelineConfig(StrictConfig):
+    """generate -> pair -> train -> report, all under one output root."""
+
+    out: str = "demo-output"
+    prompts: str | list[str]  # a prompts file/URL, or the prompts themselves
+    model: ModelConfig = ModelConfig()
+    generate: GenerationSettings
+    pair: PairSettings = PairSettings()
+    train: PipelineTrainConfig | None = None  # None: stop after the pair stage
+
+    def generate_config(self, prompts_url: str, model_init_seed: int = 0) -> GenerateConfig:
+        return GenerateConfig(
+            prompts=prompts_url,
+            out=self.out,
+            model=self.model,
+            model_init_seed=model_init_seed,
+            **config_fields(self.generate),
+        )
+
+    def pair_config(self, model_init_seed: int = 0) -> PairConfig:
+        return PairConfig(data=self.out, model=self.model, model_init_seed=model_init_seed, **config_fields(self.pair))
+
+
+def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
+    """Load a pipeline YAML; a relative `train.config` is resolved against the YAML's directory."""
+    config = load_config(PipelineConfig, path, overrides)
+    if config.train is not None and not Path(config.train.config).is_absolute():
+        resolved = (Path(path).resolve().parent / config.train.config).resolve()
+        config.train = config.train.model_copy(update={"config": str(resolved)})
+    return config
+
+
+def train_config(config: PipelineConfig) -> TrainConfig:
+    """The TrainConfig of the pipeline's training stage (data and run location set; model checked)."""
+    assert config.train is not None
+    placed = [
+        f"data.pairs_url={json.dumps(config.out)}",
+        f"run.storage_path={json.dumps(storage.join(config.out, 'train'))}",
+        f"run.name={config.train.run_name}",
+    ]
+    trained = load_config(TrainConfig, config.train.config, [*config.train.overrides, *placed])
+    differing = [key for key in MODEL_IDENTITY if getattr(trained.model, key) != getattr(config.model, key)]
+    if differing:
+        details = ", ".join(
+            f"{key}: {getattr(trained.model, key)!r} vs {getattr(config.model, key)!r}" for key in differing
+        )
+        raise ConfigError(
+            f"{config.train.config}: the train model differs from the pipeline model ({details}); pairs must come "
+            "from the model being trained: make the two model sections agree"
+        )
+    return trained
+
+
+def write_report(report: dict[str, Any], total_seconds: float) -> None:
+    """`{out}/report.json` and the human-readable `{out}/report.md`."""
+    report["seconds"]["total"] = total_seconds
+    storage.write_bytes_atomic(storage.join(report["out"], REPORT_JSON), json.dumps(report, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(report["out"], REPORT_MD), render_markdown(report).encode())
+
+
+def generate_section(generated: GenerateReport, config: PipelineConfig) -> dict[str, Any]:
+    return {
+        "prompts": generated.num_prompts,
+        "samples_per_prompt": config.generate.samples_per_prompt,
+        "chunks": generated.num_chunks,
+        "chunks_sampled": len(generated.sampled),
+        "chunks_rescored": len(generated.rescored),
+        "chunks_skipped": len(generated.skipped),
+    }
+
+
+def pairs_section(paired: PairReport) -> dict[str, Any]:
+    return {
+        "pairs": paired.num_pairs,
+        "scored_samples": paired.num_samples,
+        "unscored_samples": len(paired.unscored),
+        "prompts_without_pair": paired.prompts_without_pair,
+        "omniscore": paired.omniscore,
+        "score_gap": paired.score_gap,
+        "weight": paired.weight,
+        "shards": dict(shards.dataset_manifest(paired.out, "pairs")),
+    }
+
+
+def train_section(trained: TrainConfig, final_metrics: dict[str, Any]) -> dict[str, Any]:
+    """The report's training section: the run, its per-step curve and its final metrics."""
+    run_url = ckpt.run_dir(trained)
+    curve = training_curve(run_url)
+    section: dict[str, Any] = {
+        "status": "done",
+        "run": run_url,
+        "steps": len(curve),
+        "curve": curve,
+        "final_metrics": {k: v for k, v in final_metrics.items() if isinstance(v, (int, float, str, bool))},
+    }
+    if curve:
+        section["first"] = curve[0]
+        section["last"] = curve[-1]
+    return section
+
+
+def training_curve(run_url: str) -> list[dict[str, float]]:
+    """Per optimizer step: the CURVE_METRICS the run logged (`training.checkpoint.read_tensorboard_scalars`)."""
+    scalars = ckpt.read_tensorboard_scalars(run_url)
+    steps = sorted({step for key in CURVE_METRICS for step in scalars.get(key, {})})
+    return [
+        {"step": step, **{key: scalars[key][step] for key in CURVE_METRICS if step in scalars.get(key, {})}}
+        for step in steps
+    ]
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    """A human-readable summary of the report."""
+    generated, pairs, train = report["generate"], report["pairs"], report["train"]
+    lines = [
+        "# videodpo-ray pipeline report",
+        "",
+        f"- output: `{report['out']}`",
+        f"- model: {report['model']['family']}/{report['model']['variant']}"
+        + (f" from `{report['model']['path']}`" if report["model"].get("path") else " (random init)"),
+        f"- wall time: {report['seconds']['total']:.1f} s ("
+        + ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in report["seconds"].items() if stage != "total")
+        + ")",
+        "",
+        "## Generate + score",
+        "",
+        f"{generated['prompts']} prompts x {generated['samples_per_prompt']} samples in "
+        f"{generated['chunks']} chunk(s): "
+        f"{generated['chunks_sampled']} sampled, {generated['chunks_rescored']} re-scored, "
+        f"{generated['chunks_skipped']} already committed. {pairs['scored_samples']} samples scored, "
+        f"{pairs['unscored_samples']} failed scoring.",
+    ]
+    if pairs["omniscore"]:
+        score = pairs["omniscore"]
+        lines.append(f"OmniScore mean {score['mean']:.4f} (min {score['min']:.4f}, max {score['max']:.4f}).")
+    lines += ["", "## Pairs", "", f"{pairs['pairs']} pairs in {pairs['shards']['num_shards']} shard(s); "
+              f"{pairs['prompts_without_pair']} prompt(s) without a pair (tied or filtered out)."]
+    if pairs["score_gap"]:
+        gap, weight = pairs["score_gap"], pairs["weight"]
+        lines.append(
+            f"Score gap S_w - S_l: mean {gap['mean']:.4f}, min {gap['min']:.4f}, max {gap['max']:.4f}. "
+            f"Pair weight: mean {weight['mean']:.4f}, min {weight['min']:.4f}, max {weight['max']:.4f}."
+        )
+    lines += ["", "## Train", "", f"Status: {train['status']}."]
+    if train.get("curve"):
+        lines += [
+            f"Run: `{train['run']}`, {train['steps']} optimizer steps.",
+            "",
+            "| step | loss | implicit accuracy | reward margin | mean pair weight |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        for point in train["curve"]:
+            loss, accuracy, margin, weight = (point.get(key, float("nan")) for key in CURVE_METRICS)
+            lines.append(f"| {point['step']} | {loss:.5f} | {accuracy:.3f} | {margin:.4g} | {weight:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+def pipeline_prompts(config: PipelineConfig) -> tuple[list[PromptRow], str]:
+    """The pipeline's prompts and the URL the generate stage records: the prompts file, or (prompts given inline)
+    `{out}/prompts.jsonl`, written here."""
+    if isinstance(config.prompts, str):
+        return read_prompts(config.prompts), config.prompts
+    prompts, url = prompt_rows(config.prompts, "config prompts"), storage.join(config.out, "prompts.jsonl")
+    storage.write_bytes_atomic(url, prompts_jsonl(prompts))
+    return prompts, url

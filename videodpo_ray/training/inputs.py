@@ -1,0 +1,65 @@
+"""What a training run needs that the driver can check before any worker starts, and its paths made absolute."""
+
+from __future__ import annotations
+
+from videodpo_ray import shards, storage
+from videodpo_ray.errors import ConfigError, ShardError
+from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.training.config import TrainConfig
+from videodpo_ray.training.data import LATENT_COLUMNS, PairPlan
+
+MODEL_PATHS = ("path", "turbo_lora_path", "text_encoder_path")
+
+
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local relative paths resolved against the driver's directory (Ray workers run in other directories)."""
+    def absolute(url: str | None) -> str | None:
+        return None if url is None else storage.absolute_url(url)
+
+    updates = {
+        "data": config.data.model_copy(update={"pairs_url": absolute(config.data.pairs_url)}),
+        "run": config.run.model_copy(update={"storage_path": absolute(config.run.storage_path)}),
+        "model": config.model.model_copy(update={key: absolute(getattr(config.model, key)) for key in MODEL_PATHS}),
+    }
+    return config.model_copy(update=updates)
+
+
+def validate_inputs(config: TrainConfig) -> PairPlan:
+    """Check everything a run needs that can be checked without workers; raise ConfigError / ShardError.
+
+    - model.path, model.turbo_lora_path and model.text_encoder_path exist;
+    - the pair shards: at least one committed shard, each with rows and exactly the pairs schema (read from the
+      parquet footers, not the data); with ZeRO-3 every pair must carry latents made by this model family
+      (the VAE would be partitioned across ranks), checked from the footers' column statistics;
+    - enough pairs for one optimizer step;
+    - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout.
+    """
+    for key in MODEL_PATHS:
+        url = getattr(config.model, key)
+        if url is not None and not storage.exists(url):
+            raise ConfigError(f"model.{key}: checkpoint path {url} does not exist")
+    shard_list = shards.list_shards(config.data.pairs_url, "pairs")
+    if not shard_list:
+        raise ShardError(
+            f"data.pairs_url: no committed pair shards under {storage.join(config.data.pairs_url, 'pairs')} "
+            "(a shard counts once its manifest shard-NNNNN.json is written)"
+        )
+    zero3 = config.deepspeed.zero_stage == 3
+    for info in shard_list:
+        shards.check_footer(
+            info,
+            non_null=LATENT_COLUMNS if zero3 else (),
+            why="; ZeRO-3 training needs stored latents (encode the pairs first, or use zero_stage 2)",
+        )
+    plan = PairPlan(
+        shard_list,
+        seed=config.shuffle_seed,
+        num_workers=config.scaling.num_workers,
+        pairs_per_worker=config.data.pairs_per_worker,
+        grad_accum=config.optim.grad_accum,
+    )
+    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+    if latest is not None:
+        url, state = latest
+        ckpt.check_resumable(state, config, url)
+    return plan
