@@ -259,7 +259,8 @@ class DPOWorker:
         kept = (f"the last good checkpoint ({ckpt.checkpoint_dir_name(self.last_checkpoint_step)}) is kept"
                 if self.last_checkpoint_step is not None else "no checkpoint was written yet")
         raise NonFiniteLossError(
-            f"non-finite DPO loss at step {self.global_step} (0-based; epoch {self.epoch}, micro-batch {micro}): {where}. "
+            f"non-finite DPO loss at step {self.global_step} (0-based; epoch {self.epoch}, micro-batch {micro}): "
+            f"{where}. "
             f"Training stopped before this update; {kept}. Check these pairs (latents, weights) or lower optim.lr."
         )
 
@@ -268,7 +269,9 @@ class DPOWorker:
         if self.config.deepspeed.zero_stage != 0:
             return None
         grads = [p.grad.detach().float() for p in self.model.trainable_parameters() if p.grad is not None]
-        return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        return (
+            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
+        )
 
     def _mean_over_workers(self, values_by_key: dict[str, float]) -> dict[str, float]:
         values = torch.tensor([values_by_key[key] for key in LOG_METRICS], dtype=torch.float64, device=self.device)
@@ -306,8 +309,11 @@ class DPOWorker:
         with tempfile.TemporaryDirectory(prefix="videodpo-checkpoint-", ignore_cleanup_errors=True) as directory:
             self.engine.save_checkpoint(directory, tag=ckpt.DEEPSPEED_TAG, exclude_frozen_parameters=True)
             torch.save(
-                {"rng": ckpt.rng_states(), "frozen_fingerprint": self.frozen_fingerprint,
-                 "initial_fingerprint": self.initial_fingerprint},
+                {
+                    "rng": ckpt.rng_states(),
+                    "frozen_fingerprint": self.frozen_fingerprint,
+                    "initial_fingerprint": self.initial_fingerprint,
+                },
                 Path(directory, ckpt.rank_file(self.rank)),
             )
             if self.rank == 0:
@@ -346,7 +352,9 @@ class DPOWorker:
         import deepspeed
 
         parameters = self.model.trainable_parameters()
-        gathered = deepspeed.zero.GatheredParameters(parameters, modifier_rank=None, enabled=self.config.deepspeed.zero_stage == 3)
+        gathered = deepspeed.zero.GatheredParameters(
+            parameters, modifier_rank=None, enabled=self.config.deepspeed.zero_stage == 3
+        )
         export_url = storage.join(ckpt.run_dir(self.config), ckpt.EXPORT_DIR)
         with gathered:
             if self.rank == 0:

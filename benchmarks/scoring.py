@@ -67,7 +67,9 @@ def full_size_model(name: str):
         "temporal_flickering": lambda: None,
         "motion_smoothness": lambda: AMTS(AMT_S_CONFIG),
         "dynamic_degree": lambda: raft_large(),
-        "aesthetic_quality": lambda: aesthetic_quality.AestheticModel(clip.image_tower("ViT-L/14"), torch.nn.Linear(768, 1)),
+        "aesthetic_quality": lambda: aesthetic_quality.AestheticModel(
+            clip.image_tower("ViT-L/14"), torch.nn.Linear(768, 1)
+        ),
         "imaging_quality": lambda: MUSIQ(MUSIQ_SPAQ_CONFIG),
         "overall_consistency": lambda: ViCLIP(VICLIP_L14_CONFIG),
         "clip_score": lambda: clip.full_clip("ViT-B/32"),

@@ -26,8 +26,7 @@ import time
 import torch
 
 from videodpo_ray import shards
-from videodpo_ray.models import ModelConfig, VideoDiffusionModel
-from videodpo_ray.models import build_model
+from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
 from videodpo_ray.training.data import PairLoader, PairPlan, pair_latents
 from videodpo_ray.training.step import dpo_step, sft_step
 from videodpo_ray.training.synthetic import write_synthetic_pairs
@@ -38,7 +37,9 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def build(finetune: str) -> VideoDiffusionModel:
-    return build_model(ModelConfig(family="vc2", variant="tiny", finetune=finetune, lora={"rank": 8}), seed=0).to(DEVICE)
+    return build_model(ModelConfig(family="vc2", variant="tiny", finetune=finetune, lora={"rank": 8}), seed=0).to(
+        DEVICE
+    )
 
 
 def batch(model: VideoDiffusionModel) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -138,8 +139,9 @@ def peak_memory_run(mode: str, finetune: str) -> None:
 
 
 def peak_memory(mode: str, finetune: str) -> int:
-    output = subprocess.run([sys.executable, __file__, "--memory-run", mode, finetune], check=True,
-                            capture_output=True, text=True).stdout
+    output = subprocess.run(
+        [sys.executable, __file__, "--memory-run", mode, finetune], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(output.strip().splitlines()[-1])["extra_bytes"]
 
 
@@ -147,8 +149,17 @@ def loader_steps(model, plan: PairPlan, *, stored: bool, prefetch: int, steps: i
     """Time `steps` DPO training steps fed by PairLoader (after one warm-up step); returns step time and stall."""
     optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6)
     embeddings = model.encode_prompts(["a cat sleeps on a sofa"] * PAIRS)
-    loader = iter(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_family=model.family,
-                             use_stored_latents=stored, prefetch=prefetch))
+    loader = iter(
+        PairLoader(
+            plan,
+            epoch=0,
+            rank=0,
+            start_step=0,
+            latent_family=model.family,
+            use_stored_latents=stored,
+            prefetch=prefetch,
+        )
+    )
     waited = prepared = total = 0.0
     for index in range(steps + 1):
         start = time.perf_counter()
@@ -179,8 +190,13 @@ def moto_bucket() -> str:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1", AWS_REGION="us-east-1")
+    os.environ.update(
+        AWS_ENDPOINT_URL=f"http://{host}:{port}",
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_REGION="us-east-1",
+    )
     boto3.client("s3").create_bucket(Bucket="bench-train")
     return "s3://bench-train"
 
@@ -195,44 +211,72 @@ def main() -> None:
         peak_memory_run(*args.memory_run)
         return
 
-    print(f"tiny VideoCrafter2, {PAIRS} pairs per step, videos {VIDEO[0]}x{VIDEO[1]}x{VIDEO[2]}, device {DEVICE}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"tiny VideoCrafter2, {PAIRS} pairs per step, videos {VIDEO[0]}x{VIDEO[1]}x{VIDEO[2]}, device {DEVICE}, "
+        f"{torch.get_num_threads()} threads"
+    )
     print("\n1-2. DPO vs SFT on the same model and batch (median of interleaved steps; memory above baseline)")
-    print(f"{'finetune':<9} {'DPO step s':>10} {'SFT step s':>10} {'time DPO/SFT':>12} {'mem DPO MB':>10} "
-          f"{'mem SFT MB':>10} {'mem DPO/SFT':>11}")
+    print(
+        f"{'finetune':<9} {'DPO step s':>10} {'SFT step s':>10} {'time DPO/SFT':>12} {'mem DPO MB':>10} "
+        f"{'mem SFT MB':>10} {'mem DPO/SFT':>11}"
+    )
     for finetune in ("full", "lora"):
         times = step_times(finetune, args.repeats)
         memory = {mode: peak_memory(mode, finetune) for mode in ("dpo", "sft")}
-        print(f"{finetune:<9} {times['dpo']:>10.4f} {times['sft']:>10.4f} {times['dpo'] / times['sft']:>12.3f} "
-              f"{memory['dpo'] / 2**20:>10.1f} {memory['sft'] / 2**20:>10.1f} {memory['dpo'] / memory['sft']:>11.3f}")
-    print("   (time: floor 4/3 = 1.333 when backward = 2 forwards, target <= 1.45; memory: the baseline holds the\n"
-          "   weights, incl. the frozen reference copy of a full finetune; a LoRA reference costs no weights)")
+        print(
+            f"{finetune:<9} {times['dpo']:>10.4f} {times['sft']:>10.4f} {times['dpo'] / times['sft']:>12.3f} "
+            f"{memory['dpo'] / 2**20:>10.1f} {memory['sft'] / 2**20:>10.1f} {memory['dpo'] / memory['sft']:>11.3f}"
+        )
+    print(
+        "   (time: floor 4/3 = 1.333 when backward = 2 forwards, target <= 1.45; memory: the baseline holds the\n"
+        "   weights, incl. the frozen reference copy of a full finetune; a LoRA reference costs no weights)"
+    )
 
     model = build("full")
     with tempfile.TemporaryDirectory(prefix="bench-train-") as directory:
-        write_synthetic_pairs(model, directory, num_pairs=(args.loader_steps + 1) * PAIRS, pairs_per_shard=8,
-                              num_frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2])
-        plan = PairPlan(shards.list_shards(directory, "pairs"), seed=0, num_workers=1, pairs_per_worker=PAIRS,
-                        grad_accum=1)
+        write_synthetic_pairs(
+            model,
+            directory,
+            num_pairs=(args.loader_steps + 1) * PAIRS,
+            pairs_per_shard=8,
+            num_frames=VIDEO[0],
+            height=VIDEO[1],
+            width=VIDEO[2],
+        )
+        plan = PairPlan(
+            shards.list_shards(directory, "pairs"), seed=0, num_workers=1, pairs_per_worker=PAIRS, grad_accum=1
+        )
         stored = loader_steps(model, plan, stored=True, prefetch=0, steps=args.loader_steps)
         encoded = loader_steps(model, plan, stored=False, prefetch=0, steps=args.loader_steps)
     print("\n3. Training step with its data preparation (no prefetch), same shards")
     print(f"   {'':<22} {'step s':>8} {'data prep s':>12}")
     for name, timing in (("stored latents", stored), ("VAE encode per step", encoded)):
         print(f"   {name:<22} {timing['step_s']:>8.4f} {timing['prep_s']:>12.4f}")
-    print(f"   speedup of stored latents: step {encoded['step_s'] / stored['step_s']:.2f}x, "
-          f"data prep {encoded['prep_s'] / stored['prep_s']:.1f}x (the tiny VAE is cheap; at 16x320x512 it is not)")
+    print(
+        f"   speedup of stored latents: step {encoded['step_s'] / stored['step_s']:.2f}x, "
+        f"data prep {encoded['prep_s'] / stored['prep_s']:.1f}x (the tiny VAE is cheap; at 16x320x512 it is not)"
+    )
 
     bucket = moto_bucket()
-    write_synthetic_pairs(model, bucket, num_pairs=(args.loader_steps + 1) * PAIRS, pairs_per_shard=8,
-                          num_frames=VIDEO[0], height=VIDEO[1], width=VIDEO[2], with_videos=False)
+    write_synthetic_pairs(
+        model,
+        bucket,
+        num_pairs=(args.loader_steps + 1) * PAIRS,
+        pairs_per_shard=8,
+        num_frames=VIDEO[0],
+        height=VIDEO[1],
+        width=VIDEO[2],
+        with_videos=False,
+    )
     plan = PairPlan(shards.list_shards(bucket, "pairs"), seed=0, num_workers=1, pairs_per_worker=PAIRS, grad_accum=1)
     no_prefetch = loader_steps(model, plan, stored=True, prefetch=0, steps=args.loader_steps)
     prefetched = loader_steps(model, plan, stored=True, prefetch=2, steps=args.loader_steps)
     print("\n4. Data-loading stall on S3 (moto) shards, stored latents")
-    print(f"   no prefetch: stall {no_prefetch['stall']:.1%} of {no_prefetch['step_s']:.4f} s/step; "
-          f"prefetch 2 (train job default): stall {prefetched['stall']:.1%} of {prefetched['step_s']:.4f} s/step "
-          f"(target < 5%)")
+    print(
+        f"   no prefetch: stall {no_prefetch['stall']:.1%} of {no_prefetch['step_s']:.4f} s/step; "
+        f"prefetch 2 (train job default): stall {prefetched['stall']:.1%} of {prefetched['step_s']:.4f} s/step "
+        f"(target < 5%)"
+    )
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from videodpo_ray.errors import (
 from videodpo_ray.stages.common import ActorPoolConfig, ChunkCollector
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ShardError, VideoInputError, CheckpointError)
-logger = logging.getLogger("videodpo_ray")
 
 
 def setup_logging(level: int = logging.INFO) -> None:

@@ -31,7 +31,10 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
             use_gpu=config.scaling.use_gpu,
-            resources_per_worker={"CPU": config.scaling.cpus_per_worker, **({"GPU": 1} if config.scaling.use_gpu else {})},
+            resources_per_worker={
+                "CPU": config.scaling.cpus_per_worker,
+                **({"GPU": 1} if config.scaling.use_gpu else {}),
+            },
         ),
         run_config=RunConfig(
             name=config.run.name,

@@ -108,7 +108,9 @@ def check_dpo_step():
         probe = model.add_noise(win, torch.randn(win.shape, generator=torch.Generator().manual_seed(1)), probe_t)
         ref_before = model.predict(probe, probe_t, text_embeddings, reference=True)
 
-        out = dpo_step(model, win, lose, text_embeddings, None, beta_dpo=5000.0, generator=torch.Generator().manual_seed(0))
+        out = dpo_step(
+            model, win, lose, text_embeddings, None, beta_dpo=5000.0, generator=torch.Generator().manual_seed(0)
+        )
         ln2 = torch.log(torch.tensor(2.0)).item()  # float32 ln 2
         assert abs(out.loss.item() - ln2) <= ln2_atol, out.loss.item()
         out.loss.backward()

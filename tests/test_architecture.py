@@ -44,7 +44,11 @@ def test_layer_contracts_hold():
     ("module", "violation", "message"),
     [
         ("videodpo_ray/shards.py", "import jobs.common", "videodpo_ray.shards -> jobs.common"),
-        ("videodpo_ray/models/base.py", "import videodpo_ray.scoring", "videodpo_ray.models.base -> videodpo_ray.scoring"),
+        (
+            "videodpo_ray/models/base.py",
+            "import videodpo_ray.scoring",
+            "videodpo_ray.models.base -> videodpo_ray.scoring",
+        ),
         ("jobs/pair.py", "import jobs.generate", "jobs.pair -> jobs.generate"),
         ("videodpo_ray/stages/pair.py", "import actors.scorer", "videodpo_ray.stages.pair -> actors.scorer"),
     ],

@@ -12,11 +12,11 @@ import pytest
 
 from videodpo_ray import shards, storage
 from videodpo_ray.errors import ConfigError, IncompleteStageError, PromptFileError
+from videodpo_ray.models import ModelConfig
 from videodpo_ray.seeds import sample_seed
 from videodpo_ray.stages.common import ChunkCollector, check_manifest, record_manifest
 from videodpo_ray.stages.generate import GenerateConfig, chunk_prompts, sample_requests
 from videodpo_ray.stages.prompts import PromptRow, prompt_rows, read_prompts
-from videodpo_ray.models import ModelConfig
 from videodpo_ray.video import decode_mp4
 
 

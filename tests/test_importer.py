@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from videodpo_ray import shards
 from videodpo_ray.cli import app
 from videodpo_ray.errors import DatasetImportError
-from videodpo_ray.stages.importer import import_videodpo
 from videodpo_ray.pairs import product_weight
+from videodpo_ray.stages.importer import import_videodpo
 from videodpo_ray.video import decode_mp4, encode_mp4
 
 WIN_VALUE, LOSE_VALUE = 200, 40
@@ -33,7 +33,11 @@ def build_release(root: Path, num_pairs: int = 5, scores: list | None = None) ->
             (root / folder / f"{globalidx:06d}.mp4").write_bytes(encode_mp4(clip, fps=8))
             metadata.append(
                 {
-                    "basic": {"clip_duration": 1.6, "clip_path": f"{folder}/{globalidx:06d}.mp4", "globalidx": globalidx},
+                    "basic": {
+                        "clip_duration": 1.6,
+                        "clip_path": f"{folder}/{globalidx:06d}.mp4",
+                        "globalidx": globalidx,
+                    },
                     "misc": {"frame_caption": [prompt]},
                 }
             )
@@ -57,7 +61,9 @@ def test_import_gives_exact_rows(tmp_path: Path) -> None:
     assert (report.num_pairs, report.imported, report.rejected, report.skipped_shards) == (5, 5, [], [])
     assert [(info.index, info.num_rows) for info in shards.list_shards(out, "pairs")] == [(0, 2), (1, 2), (2, 1)]
     rows = read_pairs(out)
-    assert [row["pair_id"] for row in rows] == [f"videodpo-{k:06d}/videodpo-{2 * k:06d}/videodpo-{2 * k + 1:06d}" for k in range(5)]
+    assert [row["pair_id"] for row in rows] == [
+        f"videodpo-{k:06d}/videodpo-{2 * k:06d}/videodpo-{2 * k + 1:06d}" for k in range(5)
+    ]
     for k, row in enumerate(rows):
         assert row["prompt_id"] == f"videodpo-{k:06d}" and row["prompt"] == f"a corgi surfing, take {k}"
         assert (row["win_sample_id"], row["lose_sample_id"]) == (f"videodpo-{2 * k:06d}", f"videodpo-{2 * k + 1:06d}")
@@ -66,7 +72,10 @@ def test_import_gives_exact_rows(tmp_path: Path) -> None:
         assert row["lose_video"] == (src / "losevideos" / f"{k + 1:06d}.mp4").read_bytes()
         win_frames, _ = decode_mp4(row["win_video"])
         lose_frames, _ = decode_mp4(row["lose_video"])
-        assert abs(int(win_frames[0, 0, 0, 0]) - (WIN_VALUE + k)) <= 2 and abs(int(lose_frames[0, 0, 0, 0]) - (LOSE_VALUE + k)) <= 2
+        assert (
+            abs(int(win_frames[0, 0, 0, 0]) - (WIN_VALUE + k)) <= 2
+            and abs(int(lose_frames[0, 0, 0, 0]) - (LOSE_VALUE + k)) <= 2
+        )
         assert row["win_latents"] is None and row["latent_shape"] is None
 
     rerun = import_videodpo(str(src), out, rows_per_shard=2)  # resumable: committed shards are skipped
@@ -106,8 +115,14 @@ def test_bad_rows_are_reported_by_index(tmp_path: Path) -> None:
     ("edit", "reason"),
     [
         (lambda meta, pairs: pairs[0].update(label=1), "label is 1; the released layout always has 0 (video1 wins)"),
-        (lambda meta, pairs: meta[1]["misc"].update(frame_caption=["another prompt"]), "caption of metadata entry 1 ('another prompt') differs"),
-        (lambda meta, pairs: meta[0]["basic"].update(clip_path="losevideos/000001.mp4"), "metadata entry 0: clip_path 'losevideos/000001.mp4' is not in winvideos/"),
+        (
+            lambda meta, pairs: meta[1]["misc"].update(frame_caption=["another prompt"]),
+            "caption of metadata entry 1 ('another prompt') differs",
+        ),
+        (
+            lambda meta, pairs: meta[0]["basic"].update(clip_path="losevideos/000001.mp4"),
+            "metadata entry 0: clip_path 'losevideos/000001.mp4' is not in winvideos/",
+        ),
         (lambda meta, pairs: pairs[0].update(score=0.7), "score 0.7: expected [win_score, lose_score]"),
         (lambda meta, pairs: pairs.__setitem__(0, "video1"), "pair.json entry is a str, expected an object"),
     ],
@@ -156,7 +171,9 @@ def test_missing_index_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_cli_import_to_s3(tmp_path: Path, s3_bucket: str) -> None:
     src = build_release(tmp_path / "release", num_pairs=3)
     runner = CliRunner()
-    result = runner.invoke(app, ["import-videodpo", "--src", str(src), "--out", s3_bucket + "/imported", "--rows-per-shard", "2"])
+    result = runner.invoke(
+        app, ["import-videodpo", "--src", str(src), "--out", s3_bucket + "/imported", "--rows-per-shard", "2"]
+    )
     assert result.exit_code == 0, result.output
     assert "3 pairs, 3 imported, 0 rejected; 2 shard(s) written" in result.output
     assert shards.dataset_manifest(s3_bucket + "/imported", "pairs")["num_rows"] == 3

@@ -8,7 +8,6 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-
 from conftest import SHARED
 
 K8S = Path(__file__).resolve().parents[1] / "k8s"

@@ -6,8 +6,8 @@ import json
 import math
 
 import numpy as np
-import torch
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from actors.scorer import OmniScorer
@@ -33,7 +33,12 @@ def actor_rows(ray_cluster):
     items = [
         {"sample_id": "good", "prompt_id": "p0", "prompt": "a panning texture", "video": good},
         {"sample_id": "corrupt", "prompt_id": "p0", "prompt": "a panning texture", "video": good[: len(good) // 3]},
-        {"sample_id": "two-frames", "prompt_id": "p1", "prompt": "too short", "video": encode_mp4(moving_video(2, 64, 64), fps=8)},
+        {
+            "sample_id": "two-frames",
+            "prompt_id": "p1",
+            "prompt": "too short",
+            "video": encode_mp4(moving_video(2, 64, 64), fps=8),
+        },
     ]
     dataset = ray.data.from_items(items).map_batches(
         OmniScorer,
@@ -64,7 +69,9 @@ def test_failing_videos_are_marked_and_the_rest_continue(actor_rows):
     assert set(rows) == {"good", "corrupt", "two-frames"}
     assert rows["corrupt"]["failed_reason"].startswith("decode: VideoDecodeError: corrupt")
     # two frames pass flickering and subject consistency but not motion smoothness (needs 3)
-    assert rows["two-frames"]["failed_reason"].startswith("motion_smoothness: VideoTooShortError: need at least 3 frames")
+    assert rows["two-frames"]["failed_reason"].startswith(
+        "motion_smoothness: VideoTooShortError: need at least 3 frames"
+    )
     for name in ("corrupt", "two-frames"):
         assert all(math.isnan(rows[name][d]) for d in (*OMNISCORE_DIMENSIONS, "omniscore")), rows[name]
 
@@ -79,8 +86,18 @@ def test_score_command_writes_score_shards_and_skips_them_on_rerun(ray_cluster, 
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({"clip0.mp4": "a fox", "clip1": "a fox", "clip2.mp4": "a cat", "broken.mp4": "x"}))
     out = tmp_path / "out"
-    arguments = ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(out), "--tiny",
-                 "videos_per_shard=2", "scorer_pool.batch_size=2"]
+    arguments = [
+        "score",
+        "--videos",
+        str(videos),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--tiny",
+        "videos_per_shard=2",
+        "scorer_pool.batch_size=2",
+    ]
 
     result = CliRunner().invoke(app, arguments)
     assert result.exit_code == 0, result.output
@@ -105,18 +122,27 @@ def test_score_command_reports_bad_inputs_clearly(tmp_path):
     (videos / "b.mp4").write_bytes(b"x")
     prompts = tmp_path / "prompts.csv"
     prompts.write_text("video,prompt\na.mp4,a fox\n")
-    result = CliRunner().invoke(app, ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 2
     assert "no weights for subject_consistency" in result.output  # real weights are required unless --tiny
-    result = CliRunner().invoke(app, ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--tiny"])
+    result = CliRunner().invoke(
+        app, ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(tmp_path / "o"), "--tiny"]
+    )
     assert result.exit_code == 2
     assert f"{prompts}: no prompt for 1 video(s): b.mp4" in result.output
 
 
 def test_prompt_files_map_videos_to_prompts(tmp_path):
     (tmp_path / "p.csv").write_text("video,prompt,prompt_id\na.mp4,a fox,fox\nb,a cat,\n")
-    assert read_prompt_map(str(tmp_path / "p.csv")) == {"a.mp4": ("fox", "a fox"), "b": (prompt_id_for("a cat"), "a cat")}
-    (tmp_path / "p.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "a fox"}, {"video": "a.mp4", "prompt": "b"}]))
+    assert read_prompt_map(str(tmp_path / "p.csv")) == {
+        "a.mp4": ("fox", "a fox"),
+        "b": (prompt_id_for("a cat"), "a cat"),
+    }
+    (tmp_path / "p.json").write_text(
+        json.dumps([{"video": "a.mp4", "prompt": "a fox"}, {"video": "a.mp4", "prompt": "b"}])
+    )
     with pytest.raises(VideoInputError, match=r"p.json item 1: video 'a.mp4' is listed twice"):
         read_prompt_map(str(tmp_path / "p.json"))
     (tmp_path / "q.json").write_text(json.dumps({"a.mp4": ""}))
@@ -160,7 +186,9 @@ def test_an_undecodable_video_fails_its_row_and_the_rest_is_scored(local_scorer)
 
 
 def test_a_too_short_video_fails_only_its_row(local_scorer):
-    batch = scorer_batch({"long": encode_mp4(moving_video(4, 32, 32), fps=8), "one": encode_mp4(moving_video(1, 32, 32), fps=8)})
+    batch = scorer_batch(
+        {"long": encode_mp4(moving_video(4, 32, 32), fps=8), "one": encode_mp4(moving_video(1, 32, 32), fps=8)}
+    )
     out = local_scorer(batch)
     reasons = dict(zip(out["sample_id"], out["failed_reason"]))
     assert reasons["long"] is None
@@ -187,7 +215,9 @@ def test_an_infrastructure_error_fails_the_batch_instead_of_giving_nan(local_sco
         return real(name, *args, **kwargs)
 
     monkeypatch.setattr(actors.scorer, "score_outputs", failing)
-    batch = scorer_batch({"a": encode_mp4(moving_video(4, 32, 32), fps=8), "b": encode_mp4(moving_video(4, 32, 32, seed=1), fps=8)})
+    batch = scorer_batch(
+        {"a": encode_mp4(moving_video(4, 32, 32), fps=8), "b": encode_mp4(moving_video(4, 32, 32, seed=1), fps=8)}
+    )
     with pytest.raises(type(error), match=str(error).split(".")[0]):
         local_scorer(batch)
 
@@ -202,8 +232,19 @@ def test_score_job_commits_the_other_batches_and_exits_1_naming_the_failed_one(r
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps({f"clip{index}.mp4": f"prompt {index // 2}" for index in range(6)}))
     out = tmp_path / "out"
-    arguments = ["score", "--videos", str(videos), "--prompts", str(prompts), "--out", str(out), "--tiny",
-                 "videos_per_shard=2", "scorer_pool.batch_size=2", "scorer.dimensions=[temporal_flickering]"]
+    arguments = [
+        "score",
+        "--videos",
+        str(videos),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(out),
+        "--tiny",
+        "videos_per_shard=2",
+        "scorer_pool.batch_size=2",
+        "scorer.dimensions=[temporal_flickering]",
+    ]
     real_plan = jobs.score.plan_score
     moved = tmp_path / "clip3.mp4.away"
 

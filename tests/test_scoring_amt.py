@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from videodpo_ray.errors import WeightsError
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import motion_smoothness as ms
 from videodpo_ray.scoring.amt import AMTS, pad_to_multiple
-from videodpo_ray.errors import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -114,7 +114,9 @@ def test_motion_smoothness_equals_hand_computation_from_amt_outputs(tiny_amt: AM
     diffs = []
     with torch.no_grad():
         for k in range((num_frames - 1) // 2):
-            img0, img1 = (torch.from_numpy(frames[i]).permute(2, 0, 1)[None].float() / 255.0 for i in (2 * k, 2 * k + 2))
+            img0, img1 = (
+                torch.from_numpy(frames[i]).permute(2, 0, 1)[None].float() / 255.0 for i in (2 * k, 2 * k + 2)
+            )
             # 21 x 38 -> 32 x 48, padded (left 5, right 5, top 5, bottom 6), replicate
             img0, img1 = (F.pad(x, (5, 5, 5, 6), mode="replicate") for x in (img0, img1))
             middle = tiny_amt(img0, img1, torch.full((1, 1, 1, 1), 0.5))[0, :, 5:26, 5:43]

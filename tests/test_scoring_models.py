@@ -19,13 +19,17 @@ from videodpo_ray.scoring import (
     DIMENSIONS,
     ModelSpec,
     ScorerConfig,
+    aesthetic_quality,
+    background_consistency,
+    clip_score,
     dimension_module,
+    dynamic_degree,
     load_scorer_model,
     resolve_dtype,
     score_outputs,
+    subject_consistency,
+    temporal_flickering,
 )
-from videodpo_ray.scoring import aesthetic_quality, background_consistency, clip_score, dynamic_degree
-from videodpo_ray.scoring import subject_consistency, temporal_flickering
 from videodpo_ray.scoring.clip import full_clip, load_image_tower
 from videodpo_ray.scoring.preprocessing import (
     CLIP_MEAN,
@@ -239,7 +243,8 @@ def test_dynamic_degree_runs_raft_on_8fps_pairs_padded_like_vbench():
 
 def test_score_outputs_lists_every_output_of_a_dimension():
     video = random_video(4, 64, 64)
-    assert score_outputs("temporal_flickering", [video], None) == [{"temporal_flickering": temporal_flickering.score(video)}]
+    expected = [{"temporal_flickering": temporal_flickering.score(video)}]
+    assert score_outputs("temporal_flickering", [video], None) == expected
     [outputs] = score_outputs("dynamic_degree", [video], tiny("dynamic_degree"), fps=[8])
     assert set(outputs) == {"dynamic_degree", "dynamic_degree_vbench"}
 
@@ -257,12 +262,18 @@ def dino_checkpoint_layout(depth: int, dim: int, hidden: int, patches: int) -> d
     }
     for i in range(depth):
         layout |= {
-            f"blocks.{i}.norm1.weight": (dim,), f"blocks.{i}.norm1.bias": (dim,),
-            f"blocks.{i}.attn.qkv.weight": (3 * dim, dim), f"blocks.{i}.attn.qkv.bias": (3 * dim,),
-            f"blocks.{i}.attn.proj.weight": (dim, dim), f"blocks.{i}.attn.proj.bias": (dim,),
-            f"blocks.{i}.norm2.weight": (dim,), f"blocks.{i}.norm2.bias": (dim,),
-            f"blocks.{i}.mlp.fc1.weight": (hidden, dim), f"blocks.{i}.mlp.fc1.bias": (hidden,),
-            f"blocks.{i}.mlp.fc2.weight": (dim, hidden), f"blocks.{i}.mlp.fc2.bias": (dim,),
+            f"blocks.{i}.norm1.weight": (dim,),
+            f"blocks.{i}.norm1.bias": (dim,),
+            f"blocks.{i}.attn.qkv.weight": (3 * dim, dim),
+            f"blocks.{i}.attn.qkv.bias": (3 * dim,),
+            f"blocks.{i}.attn.proj.weight": (dim, dim),
+            f"blocks.{i}.attn.proj.bias": (dim,),
+            f"blocks.{i}.norm2.weight": (dim,),
+            f"blocks.{i}.norm2.bias": (dim,),
+            f"blocks.{i}.mlp.fc1.weight": (hidden, dim),
+            f"blocks.{i}.mlp.fc1.bias": (hidden,),
+            f"blocks.{i}.mlp.fc2.weight": (dim, hidden),
+            f"blocks.{i}.mlp.fc2.bias": (dim,),
         }
     return layout
 
@@ -305,7 +316,9 @@ def test_clip_image_tower_loads_from_a_full_hf_clip_checkpoint(tmp_path):
     tower = load_image_tower("tiny/32", str(tmp_path / "clip")).eval()  # a folder: its model.safetensors
     pixels = clip_transform(frames_to_tensor(random_video(2, 32, 32)))
     with torch.inference_mode():
-        torch.testing.assert_close(tower(pixel_values=pixels).image_embeds, full.eval().get_image_features(pixel_values=pixels).pooler_output)
+        torch.testing.assert_close(
+            tower(pixel_values=pixels).image_embeds, full.eval().get_image_features(pixel_values=pixels).pooler_output
+        )
     del state["visual_projection.weight"]
     save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "clip" / "model.safetensors"))
     with pytest.raises(WeightsError, match=r"missing keys \(1\): visual_projection.weight"):
@@ -373,8 +386,17 @@ def test_scorer_config_validates_dimensions_and_weights():
     with pytest.raises(ConfigError, match="unknown dimension.*sharpness"):
         build_config(ScorerConfig, {"dimensions": ["sharpness"]})
     with pytest.raises(ConfigError, match="no weights for subject_consistency, motion_smoothness"):
-        build_config(ScorerConfig, {"models": {"dynamic_degree": {"weights": "raft.pth"}, "aesthetic_quality": {"weights": "a", "head": "h"},
-                                               "imaging_quality": {"weights": "m"}, "overall_consistency": {"weights": "v"}}})
+        build_config(
+            ScorerConfig,
+            {
+                "models": {
+                    "dynamic_degree": {"weights": "raft.pth"},
+                    "aesthetic_quality": {"weights": "a", "head": "h"},
+                    "imaging_quality": {"weights": "m"},
+                    "overall_consistency": {"weights": "v"},
+                }
+            },
+        )
     with pytest.raises(ConfigError, match="not in `dimensions`"):
         build_config(ScorerConfig, {"dimensions": ["temporal_flickering"], "models": {"clip_score": {"tiny": True}}})
     assert build_config(ScorerConfig, {"dimensions": ["temporal_flickering"]}).dimensions == ["temporal_flickering"]

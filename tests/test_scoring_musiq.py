@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from videodpo_ray.errors import WeightsError
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import imaging_quality as iq
 from videodpo_ray.scoring.musiq import MUSIQ, TINY_MUSIQ_CONFIG, load_musiq, multiscale_patches
-from videodpo_ray.errors import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,13 @@ def test_load_musiq_rejects_a_mismatching_checkpoint(tmp_path, tiny_musiq: MUSIQ
 
 @pytest.mark.parametrize(
     ("height", "width", "expected"),
-    [(600, 1000, (307, 512)), (1080, 1920, (288, 512)), (640, 360, (512, 288)), (512, 300, (512, 300)), (40, 64, (40, 64))],
+    [
+        (600, 1000, (307, 512)),
+        (1080, 1920, (288, 512)),
+        (640, 360, (512, 288)),
+        (512, 300, (512, 300)),
+        (40, 64, (40, 64)),
+    ],
 )
 def test_longer_side_resize_rule(height: int, width: int, expected: tuple[int, int]) -> None:
     frames = torch.rand(1, 3, height, width) * 255

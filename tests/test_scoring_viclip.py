@@ -10,10 +10,10 @@ from open_clip import tokenize as open_clip_tokenize
 from torchvision import transforms as T
 from torchvision.transforms import InterpolationMode
 
+from videodpo_ray.errors import WeightsError
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import overall_consistency as oc
 from videodpo_ray.scoring.viclip import TINY_VICLIP_CONFIG, ViCLIP, load_viclip, tokenize
-from videodpo_ray.errors import WeightsError
 
 PROMPTS = ["a cat sitting on a sofa", "a red car driving through a city at night, cinematic lighting"]
 

@@ -56,7 +56,10 @@ def pair_rows(count: int, start: int = 0, weight: float = 1.0) -> list[dict]:
 
 def test_pairs_round_trip(root: str) -> None:
     written = {index: pair_rows(3, start=10 * index) for index in (10, 0, 2)}
-    infos = {index: shards.write_shard(shards.make_table("pairs", rows), root, "pairs", index) for index, rows in written.items()}
+    infos = {
+        index: shards.write_shard(shards.make_table("pairs", rows), root, "pairs", index)
+        for index, rows in written.items()
+    }
 
     listed = shards.list_shards(root, "pairs")
     assert [info.index for info in listed] == [0, 2, 10]
@@ -80,7 +83,17 @@ def test_pairs_round_trip(root: str) -> None:
 def test_every_kind_round_trips(tmp_path) -> None:
     rows = {
         "prompts": [{"prompt_id": "p0", "prompt": "a red fox"}],
-        "samples": [{"sample_id": "p0-s0", "prompt_id": "p0", "prompt": "a red fox", "seed": 5557, "video": clip_bytes(9), "fps": 8, "model": "vc2"}],
+        "samples": [
+            {
+                "sample_id": "p0-s0",
+                "prompt_id": "p0",
+                "prompt": "a red fox",
+                "seed": 5557,
+                "video": clip_bytes(9),
+                "fps": 8,
+                "model": "vc2",
+            }
+        ],
         "scores": [
             {"sample_id": "p0-s0", "prompt_id": "p0", "subject_consistency": 0.9, "omniscore": 0.7},
             {"sample_id": "p0-s1", "prompt_id": "p0", "failed_reason": "decode error"},
@@ -205,11 +218,16 @@ def test_checksum_mismatch_is_detected(root: str) -> None:
 
 def test_schema_mismatch_names_file_and_field(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     rows = pair_rows(2)
-    foreign = shards.make_table("pairs", rows).set_column(7, pa.field("weight", pa.float64(), nullable=False), pa.array([1.0, 1.0]))
+    foreign = shards.make_table("pairs", rows).set_column(
+        7, pa.field("weight", pa.float64(), nullable=False), pa.array([1.0, 1.0])
+    )
     monkeypatch.setattr(shards, "conform_table", lambda table, kind, source: table)  # a writer without the check
     info = shards.write_shard(foreign, str(tmp_path), "pairs", 3)
     monkeypatch.undo()
-    with pytest.raises(ShardError, match=r"shard-00003.parquet: schema mismatch in field 'weight': double not null, expected float not null"):
+    with pytest.raises(
+        ShardError,
+        match=r"shard-00003.parquet: schema mismatch in field 'weight': double not null, expected float not null",
+    ):
         shards.read_shard(info)
 
 
@@ -235,7 +253,10 @@ def test_table_with_wrong_columns_is_refused(tmp_path) -> None:
     with pytest.raises(ShardError, match=r"shard-00000.parquet: unexpected field\(s\) \['extra'\]"):
         shards.write_shard(table, str(tmp_path), "prompts", 0)
     cast = pa.table({"prompt": ["x"], "prompt_id": ["p0"]})  # other column order: conformed
-    assert shards.read_shard(shards.write_shard(cast, str(tmp_path), "prompts", 1)).column_names == ["prompt_id", "prompt"]
+    assert shards.read_shard(shards.write_shard(cast, str(tmp_path), "prompts", 1)).column_names == [
+        "prompt_id",
+        "prompt",
+    ]
 
 
 def test_empty_shard_and_unknown_kind_are_errors(tmp_path) -> None:
@@ -256,7 +277,12 @@ def test_ray_data_reads_only_committed_shards(s3_bucket: str, ray_cluster, monke
 
     paths, filesystem = shards.parquet_inputs(root, "pairs")
     dataset = ray_cluster.data.read_parquet(paths, filesystem=filesystem)
-    assert sorted(dataset.to_pandas()["pair_id"]) == ["p0/p0-s0/p0-s1", "p1/p1-s0/p1-s1", "p10/p10-s0/p10-s1", "p11/p11-s0/p11-s1"]
+    assert sorted(dataset.to_pandas()["pair_id"]) == [
+        "p0/p0-s0/p0-s1",
+        "p1/p1-s0/p1-s1",
+        "p10/p10-s0/p10-s1",
+        "p11/p11-s0/p11-s1",
+    ]
 
 
 def test_project_table_keeps_extra_scores_fills_absent_ones_and_drops_unknown_columns():

@@ -21,7 +21,6 @@ import yaml
 
 from jobs.common import root_cause
 from jobs.train import run_training
-from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray import shards
 from videodpo_ray.config import dump_config, load_config
 from videodpo_ray.errors import NonFiniteLossError
@@ -29,6 +28,7 @@ from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.data import PairPlan
+from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray.training.synthetic import write_synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -183,7 +183,8 @@ def test_driver_killed_then_resubmitted_resumes_bit_identical(baseline, pairs_ro
     assert firsts[0] == 0 and firsts[-1] == int(committed.removeprefix(ckpt.CHECKPOINT_PREFIX)) > 0
 
     # the ZeRO-3 checkpoint of 2 workers cannot be resumed by another world size: refused before workers start
-    with pytest.raises(ckpt.CheckpointMismatchError, match="scaling.num_workers is 1 but the checkpoint was saved with 2"):
+    message = "scaling.num_workers is 1 but the checkpoint was saved with 2"
+    with pytest.raises(ckpt.CheckpointMismatchError, match=message):
         validate_inputs(config.model_copy(update={"scaling": config.scaling.model_copy(update={"num_workers": 1})}))
 
 
@@ -191,11 +192,17 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster
     pairs = tmp_path / "pairs"
     model = build_model(MODEL, seed=0)
     # 13 pairs: each epoch leaves one pair out; poison the one epoch 0 leaves out, so epoch 0 trains cleanly
-    write_synthetic_pairs(model, str(pairs), num_pairs=13, pairs_per_shard=7, num_frames=9, height=16, width=16,
-                          with_videos=False)
+    write_synthetic_pairs(
+        model, str(pairs), num_pairs=13, pairs_per_shard=7, num_frames=9, height=16, width=16, with_videos=False
+    )
     config = fault_config(pairs, tmp_path / "runs", "nan", "deepspeed.zero_stage=2", "deepspeed.overrides={}")
-    plan = PairPlan(shards.list_shards(str(pairs), "pairs"), seed=config.shuffle_seed, num_workers=2,
-                    pairs_per_worker=1, grad_accum=2)
+    plan = PairPlan(
+        shards.list_shards(str(pairs), "pairs"),
+        seed=config.shuffle_seed,
+        num_workers=2,
+        pairs_per_worker=1,
+        grad_accum=2,
+    )
     streams = {epoch: [plan.worker_stream(epoch, rank) for rank in range(2)] for epoch in (0, 1)}
     seen_in_epoch0 = {ref for stream in streams[0] for ref in stream}
     (target,) = {ref for ref in plan.epoch_order(0)} - seen_in_epoch0

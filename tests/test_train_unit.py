@@ -15,18 +15,17 @@ import torch
 from typer.testing import CliRunner
 
 from jobs.train import main as train_main
-from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray import shards
 from videodpo_ray.cli import app
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import ConfigError, ShardError
 from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.seeds import derive_seed, drops_prompt
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.seeds import derive_seed, drops_prompt
-from videodpo_ray.training.config import deepspeed_config, lr_multiplier
+from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
 from videodpo_ray.training.data import DataPosition, PairLoader, PairPlan, RowRef
+from videodpo_ray.training.inputs import validate_inputs
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

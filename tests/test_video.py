@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from videodpo_ray.video import decode_mp4, encode_mp4, middle_indices, stride_indices
 from videodpo_ray.errors import VideoDecodeError
+from videodpo_ray.video import decode_mp4, encode_mp4, middle_indices, stride_indices
 
 
 def smooth_clip(num_frames: int = 16, height: int = 64, width: int = 96) -> np.ndarray:

@@ -7,7 +7,9 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="VideoDPO on Ray: generate, score, pair, train, evaluate.")
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="VideoDPO on Ray: generate, score, pair, train, evaluate."
+)
 convert_app = typer.Typer(no_args_is_help=True, help="Convert original checkpoints into the model layer's format.")
 app.add_typer(convert_app, name="convert")
 
@@ -26,7 +28,9 @@ def train(
 @app.command()
 def demo(
     out: str = typer.Option("demo-output", help="output root (local path or URL) for shards, training and report"),
-    num_cpus: int = typer.Option(4, min=1, help="logical CPUs of the local Ray cluster (ignored when RAY_ADDRESS is set)"),
+    num_cpus: int = typer.Option(
+        4, min=1, help="logical CPUs of the local Ray cluster (ignored when RAY_ADDRESS is set)"
+    ),
 ) -> None:
     """Generate -> score -> pair -> train on a tiny model with local Ray; writes {out}/report.md (a few minutes)."""
     from jobs.pipeline import run_demo
@@ -54,7 +58,9 @@ def convert_vc2(
     checkpoint: str = typer.Option(..., help="original VC2 / T2V-Turbo base model.ckpt (local path or fsspec URL)"),
     out: Path = typer.Option(..., help="output directory"),
     lora: Optional[str] = typer.Option(None, help="T2V-Turbo unet_lora.pt to merge"),
-    config: Optional[str] = typer.Option(None, help="JSON/YAML with the lvdm UNet kwargs (default: read off the shapes)"),
+    config: Optional[str] = typer.Option(
+        None, help="JSON/YAML with the lvdm UNet kwargs (default: read off the shapes)"
+    ),
 ) -> None:
     """Convert an original VideoCrafter2 (or T2V-Turbo) checkpoint to safetensors + config.json per component."""
     from videodpo_ray.models.convert_vc2 import CheckpointError, convert_vc2_checkpoint
@@ -69,7 +75,9 @@ def convert_vc2(
 
 @app.command("import-videodpo")
 def import_videodpo(
-    src: str = typer.Option(..., help="released dataset directory or URL (winvideos/, losevideos/, metadata.json, pair.json)"),
+    src: str = typer.Option(
+        ..., help="released dataset directory or URL (winvideos/, losevideos/, metadata.json, pair.json)"
+    ),
     out: str = typer.Option(..., help="output root URL; shards go to {out}/pairs/"),
     rows_per_shard: int = typer.Option(64, min=1, help="pairs per shard"),
     strict: bool = typer.Option(False, help="stop at the first bad pair instead of reporting it"),

@@ -7,6 +7,7 @@ from typing import Any, Sequence, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
+
 from videodpo_ray.errors import ConfigError
 
 ConfigT = TypeVar("ConfigT", bound="StrictConfig")

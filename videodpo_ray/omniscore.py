@@ -23,7 +23,6 @@ from typing import Mapping, Sequence
 
 from videodpo_ray.dimensions import (
     DIMENSIONS,
-    OMNISCORE_DIMENSIONS,
     OMNISCORE_QUALITY_DIMENSIONS,
     OMNISCORE_SEMANTIC_DIMENSIONS,
     VBENCH_QUALITY_DIMENSIONS,

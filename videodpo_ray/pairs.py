@@ -172,7 +172,7 @@ def candidate_pairs(prompt_id: str, samples: Sequence[ScoredSample], config: Pai
     try:
         rank_pairs = config.rank_pairs_for(len(ranked))
     except ConfigError as error:
-        raise ConfigError(f"prompt {prompt_id!r}: {error}") from None
+        raise ConfigError(f"prompt {prompt_id!r}: {error}") from error
     pairs = []
     for better, worse in rank_pairs:
         win, lose = ranked[better], ranked[worse]
@@ -220,7 +220,7 @@ def weight_pairs(pairs: Sequence[Pair], all_scores: Sequence[float], weighting: 
             try:
                 weights.append(product_weight(pair.win_score, pair.lose_score, alpha=weighting.alpha, beta_w=beta_w))
             except ValueError as error:
-                raise ValueError(f"pair {pair.pair_id}: {error}") from None
+                raise ValueError(f"pair {pair.pair_id}: {error}") from error
     if weighting.normalise:
         mean_weight = math.fsum(weights) / len(weights)
         weights = [weight / mean_weight for weight in weights]

@@ -22,8 +22,8 @@ import pyarrow.parquet as pq
 import torch
 
 from videodpo_ray import storage
-from videodpo_ray.errors import ShardError, ShardExistsError
 from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
+from videodpo_ray.errors import ShardError, ShardExistsError
 
 SCHEMA_VERSION = 1
 
@@ -132,7 +132,7 @@ def make_table(kind: str, rows: Sequence[Mapping[str, Any]]) -> pa.Table:
         try:
             columns.append(pa.array([row.get(field.name) for row in rows], type=field.type))
         except (pa.ArrowInvalid, pa.ArrowTypeError) as error:
-            raise ShardError(f"{kind} rows: field {field.name!r} ({field.type}): {error}") from None
+            raise ShardError(f"{kind} rows: field {field.name!r} ({field.type}): {error}") from error
     return conform_table(pa.Table.from_arrays(columns, schema=schema), kind, f"{kind} rows")
 
 
@@ -166,7 +166,7 @@ def conform_table(table: pa.Table, kind: str, source: str) -> pa.Table:
                 column = column.cast(field.type, safe=True)
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as error:
                 message = f"field {field.name!r} has type {column.type}, expected {field.type} ({error})"
-                raise ShardError(f"{source}: {message}") from None
+                raise ShardError(f"{source}: {message}") from error
         if not field.nullable and column.null_count:
             raise ShardError(f"{source}: field {field.name!r} has {column.null_count} null value(s), may not be null")
         columns.append(column)
@@ -244,7 +244,7 @@ def read_shard(info: ShardInfo) -> pa.Table:
     try:
         table = pq.read_table(pa.BufferReader(data))
     except pa.ArrowException as error:
-        raise ShardError(f"{info.url}: not a readable parquet file ({error})") from None
+        raise ShardError(f"{info.url}: not a readable parquet file ({error})") from error
     check_schema(table.schema, info.kind, info.url)
     return table
 
@@ -371,7 +371,7 @@ def _parse_manifest(data: bytes, marker: str, kind: str, index: int, url: str) -
             raise ValueError(f"it names another data file, expected {_name(url)}")
         info = ShardInfo(**content, url=url, manifest_url=marker)
     except (ValueError, TypeError, KeyError, AttributeError) as error:
-        raise ShardError(f"{url}: unreadable manifest {marker} ({error!r})") from None
+        raise ShardError(f"{url}: unreadable manifest {marker} ({error!r})") from error
     if (info.kind, info.index) != (kind, index):
         raise ShardError(f"{url}: manifest {marker} describes {info.kind} shard {info.index}")
     if info.schema_version != SCHEMA_VERSION:

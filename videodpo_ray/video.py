@@ -8,6 +8,7 @@ from fractions import Fraction
 import av
 import numpy as np
 import torch
+
 from videodpo_ray.errors import VideoDecodeError
 
 DEFAULT_CRF = 17
@@ -67,7 +68,7 @@ def decode_mp4(data: bytes, name: str = "<mp4 bytes>") -> tuple[torch.Tensor, in
             declared = stream.frames
             frames = [frame.to_ndarray(format="rgb24") for frame in container.decode(stream)]
     except av.FFmpegError as error:
-        raise VideoDecodeError(f"{name}: cannot decode mp4 ({error.strerror or error})") from None
+        raise VideoDecodeError(f"{name}: cannot decode mp4 ({error.strerror or error})") from error
     if not frames:
         raise VideoDecodeError(f"{name}: the video stream has no decodable frames")
     if declared and len(frames) < declared:

@@ -25,8 +25,9 @@ Dimension module contract (every module named in `DIMENSIONS` follows it):
     place(model, device, dtype) -> model
         when `model.to(device=device, dtype=dtype)` is not right (e.g. a float32 head behind a float16 tower).
 
-Use `load_scorer_model(name, spec, device)` (or `place_model` for a model built otherwise) to get a ready model and `score_outputs(name, ...)` to score; both
-import the dimension module lazily, so a dimension's dependencies load only when it is configured.
+Use `load_scorer_model(name, spec, device)` (or `place_model` for a model built otherwise) to get a ready model and
+`score_outputs(name, ...)` to score; both import the dimension module lazily, so a dimension's dependencies load
+only when it is configured.
 """
 
 from __future__ import annotations
@@ -96,12 +97,12 @@ class ScorerConfig(StrictConfig):
             raise ValueError(f"models given for dimension(s) not in `dimensions`: {', '.join(unused)}")
         if not self.tiny:
             missing = [
-                d for d in self.dimensions
-                if d not in MODEL_FREE and not self.spec(d).tiny and not self.spec(d).weights
+                d for d in self.dimensions if d not in MODEL_FREE and not self.spec(d).tiny and not self.spec(d).weights
             ]
             if missing:
                 raise ValueError(
-                    "no weights for " + ", ".join(missing)
+                    "no weights for "
+                    + ", ".join(missing)
                     + ": set models.<dimension>.weights (or tiny: true for random-init test models)"
                 )
         return self

@@ -172,7 +172,9 @@ class SmallEncoder(nn.Module):
 
 
 # --- IFRNet-style pyramid encoder and decoders --------------------------------------------------------------------
-def convrelu(in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1) -> nn.Sequential:
+def convrelu(
+    in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1, padding: int = 1
+) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding), nn.PReLU(out_channels))
 
 
@@ -206,7 +208,9 @@ class PyramidEncoder(nn.Module):
         self.num_levels = len(channels)
         previous = 3
         for index, width in enumerate(channels, 1):
-            self.register_module(f"pyramid{index}", nn.Sequential(convrelu(previous, width, 3, 2, 1), convrelu(width, width)))
+            self.register_module(
+                f"pyramid{index}", nn.Sequential(convrelu(previous, width, 3, 2, 1), convrelu(width, width))
+            )
             previous = width
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
@@ -221,7 +225,9 @@ class InitDecoder(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, skip_ch: int) -> None:
         super().__init__()
         self.convblock = nn.Sequential(
-            convrelu(in_ch * 2 + 1, in_ch * 2), ResBlock(in_ch * 2, skip_ch), nn.ConvTranspose2d(in_ch * 2, out_ch + 4, 4, 2, 1)
+            convrelu(in_ch * 2 + 1, in_ch * 2),
+            ResBlock(in_ch * 2, skip_ch),
+            nn.ConvTranspose2d(in_ch * 2, out_ch + 4, 4, 2, 1),
         )
 
     def forward(self, f0: torch.Tensor, f1: torch.Tensor, embt: torch.Tensor):
@@ -235,10 +241,14 @@ class IntermediateDecoder(nn.Module):
     def __init__(self, in_ch: int, out_ch: int, skip_ch: int) -> None:
         super().__init__()
         self.convblock = nn.Sequential(
-            convrelu(in_ch * 3 + 4, in_ch * 3), ResBlock(in_ch * 3, skip_ch), nn.ConvTranspose2d(in_ch * 3, out_ch + 4, 4, 2, 1)
+            convrelu(in_ch * 3 + 4, in_ch * 3),
+            ResBlock(in_ch * 3, skip_ch),
+            nn.ConvTranspose2d(in_ch * 3, out_ch + 4, 4, 2, 1),
         )
 
-    def forward(self, ft: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, flow0_in: torch.Tensor, flow1_in: torch.Tensor):
+    def forward(
+        self, ft: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, flow0_in: torch.Tensor, flow1_in: torch.Tensor
+    ):
         out = self.convblock(torch.cat([ft, warp(f0, flow0_in), warp(f1, flow1_in), flow0_in, flow1_in], 1))
         flow0, flow1 = torch.chunk(out[:, :4], 2, 1)
         flow0 = flow0 + 2.0 * resize(flow0_in, scale_factor=2.0)
@@ -253,7 +263,9 @@ class MultiFlowDecoder(nn.Module):
         super().__init__()
         self.num_flows = num_flows
         self.convblock = nn.Sequential(
-            convrelu(in_ch * 3 + 4, in_ch * 3), ResBlock(in_ch * 3, skip_ch), nn.ConvTranspose2d(in_ch * 3, 8 * num_flows, 4, 2, 1)
+            convrelu(in_ch * 3 + 4, in_ch * 3),
+            ResBlock(in_ch * 3, skip_ch),
+            nn.ConvTranspose2d(in_ch * 3, 8 * num_flows, 4, 2, 1),
         )
 
     def forward(self, ft: torch.Tensor, f0: torch.Tensor, f1: torch.Tensor, flow0: torch.Tensor, flow1: torch.Tensor):

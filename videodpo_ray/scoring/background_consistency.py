@@ -28,11 +28,15 @@ def load_model(spec: ModelSpec) -> CLIPVisionModelWithProjection:
     return load_image_tower(VARIANT, spec.weights)
 
 
-def score_batch(videos: Sequence[np.ndarray], model: CLIPVisionModelWithProjection, prompts=None, fps=None) -> list[float]:
+def score_batch(
+    videos: Sequence[np.ndarray], model: CLIPVisionModelWithProjection, prompts=None, fps=None
+) -> list[float]:
     for frames in videos:
         check_frames(frames, min_frames=2)
     return [consistency(embeddings) for embeddings in image_embeddings(videos, model)]
 
 
-def score(frames: np.ndarray, model: CLIPVisionModelWithProjection, prompt: str | None = None, fps: float | None = None) -> float:
+def score(
+    frames: np.ndarray, model: CLIPVisionModelWithProjection, prompt: str | None = None, fps: float | None = None
+) -> float:
     return score_batch([frames], model)[0]

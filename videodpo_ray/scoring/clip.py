@@ -89,7 +89,9 @@ def encode_images(model: CLIPVisionModelWithProjection | CLIPModel, pixel_values
     return model(pixel_values=pixel_values).image_embeds
 
 
-def image_embeddings(videos: Sequence[np.ndarray], model: CLIPVisionModelWithProjection | CLIPModel) -> list[torch.Tensor]:
+def image_embeddings(
+    videos: Sequence[np.ndarray], model: CLIPVisionModelWithProjection | CLIPModel
+) -> list[torch.Tensor]:
     """Projected CLIP image embeddings (T_i, P), float32, of every frame of every video (VBench clip transform)."""
     device, dtype = device_dtype(model)
     inputs = (clip_transform(frames_to_tensor(frames, device)).to(dtype) for frames in videos)

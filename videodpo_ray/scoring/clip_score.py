@@ -31,7 +31,9 @@ def load_model(spec: ModelSpec) -> CLIPModel:
     return load_full_clip(VARIANT, spec.weights)
 
 
-def score_batch(videos: Sequence[np.ndarray], model: CLIPModel, prompts: Sequence[str | None] | None = None, fps=None) -> list[float]:
+def score_batch(
+    videos: Sequence[np.ndarray], model: CLIPModel, prompts: Sequence[str | None] | None = None, fps=None
+) -> list[float]:
     if prompts is None or any(prompt is None for prompt in prompts):
         raise ValueError(f"{NAME} needs a prompt for every video")
     if len(prompts) != len(videos):

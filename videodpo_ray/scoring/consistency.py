@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
 from videodpo_ray.errors import VideoTooShortError
 
 

@@ -20,10 +20,10 @@ from torchvision.models.optical_flow import RAFT, Raft_Large_Weights, raft_large
 from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
 from torchvision.models.optical_flow.raft import MaskPredictor, ResidualBlock, _raft
 
+from videodpo_ray.errors import VideoTooShortError
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches, frames_to_tensor
 from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_state_dict, load_strict, seeded
-from videodpo_ray.errors import VideoTooShortError
 
 NAME = "dynamic_degree"
 VBENCH_NAME = "dynamic_degree_vbench"

@@ -44,7 +44,8 @@ def load_model(spec: ModelSpec) -> MUSIQ:
 
 
 def resize_longer_side(frames: torch.Tensor, max_side: int = MAX_SIDE) -> torch.Tensor:
-    """Float (T, 3, H, W): unchanged if max(H, W) <= max_side, else resized to (int(s H), int(s W)), s = max_side / max."""
+    """Float (T, 3, H, W): unchanged if max(H, W) <= max_side, else resized to (int(s H), int(s W)),
+    s = max_side / max(H, W)."""
     height, width = frames.shape[-2:]
     if max(height, width) <= max_side:
         return frames

@@ -77,7 +77,8 @@ def same_padding(x: torch.Tensor, kernel: int, stride: int) -> torch.Tensor:
 
 
 def hashed_spatial_positions(grid_size: int, count_h: int, count_w: int) -> torch.Tensor:
-    """Index in [0, grid_size^2) of every patch of a count_h x count_w grid (nearest-neighbour hash), (count_h*count_w,)."""
+    """Index in [0, grid_size^2) of every patch of a count_h x count_w grid (nearest-neighbour hash),
+    (count_h*count_w,)."""
     grid = torch.arange(grid_size).float().reshape(1, 1, grid_size)
     hash_w = F.interpolate(grid, count_w, mode="nearest").repeat(1, count_h, 1)
     hash_h = F.interpolate(grid, count_h, mode="nearest").transpose(1, 2).repeat(1, 1, count_w)
@@ -106,7 +107,9 @@ def multiscale_patches(images: torch.Tensor, config: MUSIQConfig) -> torch.Tenso
         ratio = longer / max(h, w)
         resized = F.interpolate(images, (round(h * ratio), round(w * ratio)), mode="bicubic")
         max_seq_len = int(math.ceil(longer / config.patch_size) ** 2)
-        outputs.append(_patches_at_scale(resized, config.patch_size, config.spatial_pos_grid_size, scale_id, max_seq_len))
+        outputs.append(
+            _patches_at_scale(resized, config.patch_size, config.spatial_pos_grid_size, scale_id, max_seq_len)
+        )
     if config.max_seq_len_from_original_res is not None:
         scale_id = len(config.longer_side_lengths)
         outputs.append(
@@ -224,7 +227,10 @@ class TransformerEncoder(nn.Module):
         self.cls = nn.Parameter(torch.zeros(1, 1, dim))
         self.encoder_norm = nn.LayerNorm(dim, eps=1e-6)
         self.transformer = nn.ModuleDict(
-            {f"encoderblock_{i}": TransformerBlock(dim, config.mlp_dim, config.num_heads) for i in range(config.num_layers)}
+            {
+                f"encoderblock_{i}": TransformerBlock(dim, config.mlp_dim, config.num_heads)
+                for i in range(config.num_layers)
+            }
         )
 
     def forward(self, x: torch.Tensor, spatial: torch.Tensor, scales: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

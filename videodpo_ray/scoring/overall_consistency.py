@@ -29,7 +29,8 @@ MODELS = (
     ModelInfo(
         name="ViCLIP-L/14 InternVid-10M-FLT (ViClip-InternVid-10M-FLT.pth)",
         licence=VICLIP_LICENSE,
-        source="https://huggingface.co/OpenGVLab/ViCLIP (pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/internvideo/viclip/)",
+        source="https://huggingface.co/OpenGVLab/ViCLIP "
+        "(pjlab-gvm-data.oss-cn-shanghai.aliyuncs.com/internvideo/viclip/)",
     ),
 )
 CUDA_DTYPE = torch.float32
@@ -81,7 +82,9 @@ def text_embeddings(prompts: Sequence[str], model: ViCLIP) -> torch.Tensor:
         return F.normalize(model.encode_text(tokens).float(), dim=-1)
 
 
-def score_batch(videos: Sequence[np.ndarray], model: ViCLIP, prompts: Sequence[str] | None = None, fps=None) -> list[float]:
+def score_batch(
+    videos: Sequence[np.ndarray], model: ViCLIP, prompts: Sequence[str] | None = None, fps=None
+) -> list[float]:
     if prompts is None or len(prompts) != len(videos) or any(p is None for p in prompts):
         raise ValueError(f"{NAME} needs one prompt per video, got {prompts!r} for {len(videos)} videos")
     similarity = (video_embeddings(videos, model) * text_embeddings(prompts, model)).sum(dim=-1)

@@ -14,8 +14,8 @@ import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from videodpo_ray.video import middle_indices
 from videodpo_ray.errors import VideoTooShortError
+from videodpo_ray.video import middle_indices
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)

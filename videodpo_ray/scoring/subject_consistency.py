@@ -53,7 +53,9 @@ def dino_pos_embed(pos_embed: torch.Tensor, grid_height: int, grid_width: int) -
         mode="bicubic",
     )
     if patch_pos.shape[-2:] != (grid_height, grid_width):
-        raise RuntimeError(f"position embedding resampled to {tuple(patch_pos.shape[-2:])}, wanted {grid_height, grid_width}")
+        raise RuntimeError(
+            f"position embedding resampled to {tuple(patch_pos.shape[-2:])}, wanted {grid_height, grid_width}"
+        )
     return torch.cat([pos_embed[:, :1], patch_pos.permute(0, 2, 3, 1).reshape(1, -1, dim)], dim=1)
 
 
@@ -65,7 +67,9 @@ class DinoVisionTransformer(VisionTransformer):
     def forward_features(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
         patch_height, patch_width = self.patch_embed.patch_size
         height, width = x.shape[-2:]
-        return super().forward_features(x[..., : height - height % patch_height, : width - width % patch_width], **kwargs)
+        return super().forward_features(
+            x[..., : height - height % patch_height, : width - width % patch_width], **kwargs
+        )
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         batch, grid_height, grid_width, dim = x.shape
@@ -106,5 +110,7 @@ def score_batch(videos: Sequence[np.ndarray], model: DinoVisionTransformer, prom
     return [consistency(features) for features in frame_features(videos, model)]
 
 
-def score(frames: np.ndarray, model: DinoVisionTransformer, prompt: str | None = None, fps: float | None = None) -> float:
+def score(
+    frames: np.ndarray, model: DinoVisionTransformer, prompt: str | None = None, fps: float | None = None
+) -> float:
     return score_batch([frames], model)[0]

@@ -63,14 +63,17 @@ class QuickGELU(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """Pre-LN transformer block on (L, N, D) sequences, CLIP layout (`attn`, `ln_1`, `mlp.c_fc`, `mlp.c_proj`, `ln_2`)."""
+    """Pre-LN transformer block on (L, N, D) sequences in CLIP's layout
+    (`attn`, `ln_1`, `mlp.c_fc`, `mlp.c_proj`, `ln_2`)."""
 
     def __init__(self, width: int, heads: int) -> None:
         super().__init__()
         self.attn = nn.MultiheadAttention(width, heads)
         self.ln_1 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(
-            OrderedDict([("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))])
+            OrderedDict(
+                [("c_fc", nn.Linear(width, width * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(width * 4, width))]
+            )
         )
         self.ln_2 = nn.LayerNorm(width)
 
@@ -100,7 +103,9 @@ class ViCLIPVisionTransformer(nn.Module):
         self.conv1 = nn.Conv3d(3, width, (kernel, patch, patch), (kernel, patch, patch), (0, 0, 0), bias=False)
         scale = width**-0.5
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
-        self.positional_embedding = nn.Parameter(scale * torch.randn((config.input_resolution // patch) ** 2 + 1, width))
+        self.positional_embedding = nn.Parameter(
+            scale * torch.randn((config.input_resolution // patch) ** 2 + 1, width)
+        )
         self.ln_pre = nn.LayerNorm(width)
         self.temporal_positional_embedding = nn.Parameter(torch.zeros(1, config.num_frames, width))
         self.transformer = Transformer(width, config.layers, config.heads)

@@ -197,7 +197,7 @@ def _load_video(src: str, entry: Any, index: int, folder: str) -> tuple[bytes, t
     try:
         frames, fps = decode_mp4(data, name=relative)
     except VideoDecodeError as error:
-        raise _Rejected(str(error)) from None
+        raise _Rejected(str(error)) from error
     return data, tuple(frames.shape), fps
 
 

@@ -47,7 +47,7 @@ def read_prompts(url: str) -> list[PromptRow]:
         try:
             table = pq.read_table(io.BytesIO(data))
         except pa.ArrowException as error:
-            raise PromptFileError(f"{url}: not a readable parquet file ({error})") from None
+            raise PromptFileError(f"{url}: not a readable parquet file ({error})") from error
         records = [(f"row {row}", record) for row, record in enumerate(table.to_pylist())]
     else:
         raise PromptFileError(f"{url}: unknown prompts file type {extension!r}; use .txt, .jsonl or .parquet")

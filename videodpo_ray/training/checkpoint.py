@@ -92,7 +92,11 @@ def check_resumable(state: TrainState, config: TrainConfig, source: str) -> None
         "optim.grad_accum": (state.grad_accum, config.optim.grad_accum),
         "data.shuffle_seed": (state.seed, config.shuffle_seed),
     }
-    problems = [f"{key} is {now} but the checkpoint was saved with {then}" for key, (then, now) in expected.items() if then != now]
+    problems = [
+        f"{key} is {now} but the checkpoint was saved with {then}"
+        for key, (then, now) in expected.items()
+        if then != now
+    ]
     if problems:
         raise CheckpointMismatchError(
             f"cannot resume run {config.run.name!r} from {source}: " + "; ".join(problems) + ". Checkpoints are not "
@@ -169,10 +173,17 @@ def write_export(
     weights_url = storage.join(export_url, EXPORT_WEIGHTS)
     storage.write_bytes_atomic(weights_url, save_safetensors(tensors, metadata={"step": str(step)}))
     storage.write_bytes_atomic(
-        storage.join(export_url, "model.yaml"), yaml.safe_dump(model_config.model_dump(mode="json"), sort_keys=False).encode()
+        storage.join(export_url, "model.yaml"),
+        yaml.safe_dump(model_config.model_dump(mode="json"), sort_keys=False).encode(),
     )
-    info = {"step": step, "family": model_config.family, "finetune": model_config.finetune, "dtype": dtype,
-            "num_tensors": len(tensors), "init_seed": init_seed}
+    info = {
+        "step": step,
+        "family": model_config.family,
+        "finetune": model_config.finetune,
+        "dtype": dtype,
+        "num_tensors": len(tensors),
+        "init_seed": init_seed,
+    }
     storage.write_bytes_atomic(storage.join(export_url, "export.json"), json.dumps(info, indent=2).encode())
     return weights_url
 

@@ -80,7 +80,8 @@ class PairPlan:
         if self.steps_per_epoch == 0:
             raise ShardError(
                 f"{self.num_pairs} pairs in {len(self.shards)} shard(s) are fewer than one optimizer step needs "
-                f"({num_workers} workers x {pairs_per_worker} pairs x {grad_accum} accumulation = {self.pairs_per_step})"
+                f"({num_workers} workers x {pairs_per_worker} pairs x {grad_accum} accumulation = "
+                f"{self.pairs_per_step})"
             )
 
     def epoch_order(self, epoch: int) -> list[RowRef]:
@@ -173,7 +174,7 @@ def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_s
             win_latents = shards.latents_from_bytes(values["win_latents"], shape, dtype)
             lose_latents = shards.latents_from_bytes(values["lose_latents"], shape, dtype)
         except ValueError as error:
-            raise ShardError(f"{source}: {error}") from None
+            raise ShardError(f"{source}: {error}") from error
     else:
         if values["win_video"] is None or values["lose_video"] is None:
             raise ShardError(f"{source}: pair {values['pair_id']!r} has neither latents nor both videos")
