@@ -12,6 +12,8 @@ app = typer.Typer(
 )
 convert_app = typer.Typer(no_args_is_help=True, help="Convert original checkpoints into the model layer's format.")
 app.add_typer(convert_app, name="convert")
+runs_app = typer.Typer(no_args_is_help=True, help="Housekeeping of training runs on storage.")
+app.add_typer(runs_app, name="runs")
 
 
 @app.command()
@@ -63,7 +65,8 @@ def convert_vc2(
     ),
 ) -> None:
     """Convert an original VideoCrafter2 (or T2V-Turbo) checkpoint to safetensors + config.json per component."""
-    from videodpo_ray.models.convert_vc2 import CheckpointError, convert_vc2_checkpoint
+    from videodpo_ray.errors import CheckpointError
+    from videodpo_ray.models.convert_vc2 import convert_vc2_checkpoint
 
     try:
         written = convert_vc2_checkpoint(checkpoint, out, config=config, lora=lora)
@@ -92,6 +95,21 @@ def import_videodpo(
         typer.echo(f"import-videodpo: {error}", err=True)
         raise typer.Exit(code=1)
     typer.echo(report.summary())
+
+
+@runs_app.command("clean")
+def runs_clean(
+    root: str = typer.Argument(..., help="storage root of the runs (run.storage_path): local path or URL"),
+    yes: bool = typer.Option(False, "--yes", help="delete; without it this is a dry run that only lists"),
+    min_age: float = typer.Option(3600.0, min=0.0, help="seconds: anything changed more recently is left alone"),
+) -> None:
+    """Remove run folders without a committed checkpoint and orphaned temporary objects (dry run by default)."""
+    from videodpo_ray.training.runs import apply_clean, plan_clean
+
+    plan = plan_clean(root, min_age_s=min_age)
+    if yes:
+        apply_clean(plan)
+    typer.echo(plan.summary(applied=yes))
 
 
 if __name__ == "__main__":

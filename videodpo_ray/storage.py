@@ -11,7 +11,10 @@ import os
 import posixpath
 import shutil
 import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import pyarrow.fs as pafs
@@ -76,6 +79,75 @@ def list_files(url: str) -> dict[str, int]:
         return {}
     files = [entry for entry in entries if entry["type"] == "file"]
     return {posixpath.basename(entry["name"].rstrip("/")): int(entry["size"] or 0) for entry in files}
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One object or directory: its URL, whether it is a directory, and when it was last modified (None: unknown)."""
+
+    url: str
+    is_dir: bool
+    modified: datetime | None
+
+
+def list_entries(url: str) -> list[Entry]:
+    """Objects and directories directly under `url`, sorted by URL; empty when `url` does not exist."""
+    fs, path = filesystem_for(url)
+    fs.invalidate_cache(path)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(
+        (_entry(url, entry) for entry in entries if entry["name"].rstrip("/") != path.rstrip("/")),
+        key=lambda entry: entry.url,
+    )
+
+
+def find_temporary(url: str) -> list[Entry]:
+    """Every temporary object of an unfinished `stage()` (`_tmp-*`) anywhere under `url`, sorted by URL."""
+    fs, path = filesystem_for(url)
+    fs.invalidate_cache(path)
+    try:
+        found = fs.find(path, detail=True)
+    except FileNotFoundError:
+        return []
+    prefix = path.rstrip("/") + "/"
+    return sorted(
+        (
+            _entry(url, info)
+            for name, info in found.items()
+            if posixpath.basename(name.rstrip("/")).startswith(TEMP_PREFIX) and name.startswith(prefix)
+        ),
+        key=lambda entry: entry.url,
+    )
+
+
+def newest_change(url: str) -> datetime | None:
+    """The latest modification time of anything under the directory `url` (None when none is known)."""
+    fs, path = filesystem_for(url)
+    fs.invalidate_cache(path)
+    times = [_entry(url, info).modified for info in fs.find(path, detail=True).values()]
+    return max((time for time in times if time is not None), default=None)
+
+
+def remove_tree(url: str) -> None:
+    """Delete `url` and everything under it (a no-op when it does not exist)."""
+    fs, path = filesystem_for(url)
+    try:
+        fs.rm(path, recursive=True)
+    except FileNotFoundError:
+        pass
+
+
+def _entry(root_url: str, info: dict[str, Any]) -> Entry:
+    """An Entry for an fsspec `info` dict found under `root_url` (URL rebuilt from the root, so schemes survive)."""
+    fs, root = filesystem_for(root_url)
+    relative = info["name"].rstrip("/")[len(root.rstrip("/")) :].lstrip("/")
+    modified = info.get("mtime") or info.get("LastModified") or info.get("last_modified")
+    if isinstance(modified, (int, float)):
+        modified = datetime.fromtimestamp(modified, tz=timezone.utc)
+    return Entry(join(root_url, relative), info["type"] == "directory", modified)
 
 
 def size(url: str) -> int | None:
