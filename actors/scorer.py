@@ -21,8 +21,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import VideoDataError
-from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS, omniscore
+from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, dimension_outputs, load_scorer_model, score_outputs
 from videodpo_ray.video import decode_mp4
 

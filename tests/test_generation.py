@@ -212,3 +212,23 @@ def test_generate_job_rejects_bad_prompt_rows_before_any_work(ray_cluster, tmp_p
     assert main([str(config)]) == 2
     assert "prompts.jsonl line 2: missing field 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "gen").exists()  # nothing written
+
+
+def test_json_prompt_files_list_dict_and_vbench_info(tmp_path: Path):
+    (tmp_path / "list.json").write_text(json.dumps(["a fox", {"prompt": "a cat", "prompt_id": "cat"}]))
+    assert read_prompts(str(tmp_path / "list.json")) == [PromptRow("000000", "a fox"), PromptRow("cat", "a cat")]
+    (tmp_path / "dict.json").write_text(json.dumps({"0001.mp4": "a fox", "b": "a cat"}))
+    assert read_prompts(str(tmp_path / "dict.json")) == [PromptRow("0001", "a fox"), PromptRow("b", "a cat")]
+    vbench = [{"prompt_en": "a person swimming", "dimension": ["human_action"]}, {"prompt_en": "a red bicycle"}]
+    (tmp_path / "VBench_full_info.json").write_text(json.dumps(vbench))
+    rows = read_prompts(str(tmp_path / "VBench_full_info.json"))
+    assert [row.prompt for row in rows] == ["a person swimming", "a red bicycle"]
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(PromptFileError, match=r"bad.json: not valid JSON"):
+        read_prompts(str(tmp_path / "bad.json"))
+    (tmp_path / "num.json").write_text("3")
+    with pytest.raises(PromptFileError, match=r"num.json: expected a JSON list or a \{name: prompt\} object, got int"):
+        read_prompts(str(tmp_path / "num.json"))
+    (tmp_path / "empty.json").write_text(json.dumps({"x.mp4": " "}))
+    with pytest.raises(PromptFileError, match=r"empty.json key 'x.mp4': empty prompt"):
+        read_prompts(str(tmp_path / "empty.json"))

@@ -6,15 +6,13 @@ import math
 
 import pytest
 
-from videodpo_ray.omniscore import (
+from videodpo_ray.dimensions import (
     DIMENSIONS,
     OMNISCORE_DIMENSIONS,
     VBENCH_QUALITY_DIMENSIONS,
     VBENCH_SEMANTIC_DIMENSIONS,
-    normalise,
-    omniscore,
-    vbench_scores,
 )
+from videodpo_ray.omniscore import normalise, omniscore, vbench_scores
 
 # Raw values chosen so that each normalised value is round: raw = min + fraction * (max - min).
 RAW = {

@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from videodpo_ray import shards, storage
+from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models import ModelConfig
-from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS
 from videodpo_ray.stages.pair import PairConfig
 from videodpo_ray.video import decode_mp4, encode_mp4
 

@@ -13,8 +13,9 @@ from typer.testing import CliRunner
 from actors.scorer import OmniScorer
 from videodpo_ray import shards
 from videodpo_ray.cli import app
+from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import VideoInputError
-from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS, omniscore
+from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, temporal_flickering
 from videodpo_ray.stages.score import prompt_id_for, read_prompt_map, video_inputs
 from videodpo_ray.video import decode_mp4, encode_mp4

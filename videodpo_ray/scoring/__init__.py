@@ -41,7 +41,7 @@ import torch
 from pydantic import model_validator
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.omniscore import OMNISCORE_DIMENSIONS
+from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 
 DIMENSIONS: dict[str, str] = {
     "subject_consistency": "videodpo_ray.scoring.subject_consistency",

@@ -26,8 +26,11 @@ class PromptRow:
 
 
 def read_prompts(url: str) -> list[PromptRow]:
-    """Prompts from a .txt (one per non-blank line), .jsonl or .parquet file (`prompt`, optional `prompt_id`).
+    """Prompts from a .txt (one per non-blank line), .json, .jsonl or .parquet file.
 
+    Records have `prompt` (or VBench's `prompt_en`) and an optional `prompt_id`. A .json file is a list (of strings
+    or records: VBench's `VBench_full_info.json` too) or a `{name: prompt}` object, as the original VideoCrafter
+    prompt files (`{"clip.mp4": "a prompt"}`): the name without its .mp4 is the prompt id.
     Ids default to the 0-based row number `{row:06d}` (txt: the number of the prompt among non-blank lines).
     Raises PromptFileError naming the file and row for an empty prompt, a missing or non-string field, a duplicate
     id, an unreadable file or an unknown extension.
@@ -43,6 +46,8 @@ def read_prompts(url: str) -> list[PromptRow]:
         records = [
             (f"line {number}", _json_object(url, number, line)) for number, line in _lines(url, data) if line.strip()
         ]
+    elif extension == ".json":
+        records = _json_records(url, data)
     elif extension == ".parquet":
         try:
             table = pq.read_table(io.BytesIO(data))
@@ -50,7 +55,7 @@ def read_prompts(url: str) -> list[PromptRow]:
             raise PromptFileError(f"{url}: not a readable parquet file ({error})") from error
         records = [(f"row {row}", record) for row, record in enumerate(table.to_pylist())]
     else:
-        raise PromptFileError(f"{url}: unknown prompts file type {extension!r}; use .txt, .jsonl or .parquet")
+        raise PromptFileError(f"{url}: unknown prompts file type {extension!r}; use .txt, .json, .jsonl or .parquet")
     prompts = [_prompt_row(url, where, index, record) for index, (where, record) in enumerate(records)]
     if not prompts:
         raise PromptFileError(f"{url}: no prompts")
@@ -87,6 +92,26 @@ def _json_object(url: str, number: int, line: str) -> dict[str, Any]:
     if not isinstance(record, dict):
         raise PromptFileError(f"{url} line {number}: expected a JSON object, got {type(record).__name__}")
     return record
+
+
+def _json_records(url: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    try:
+        content = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PromptFileError(f"{url}: not valid JSON ({error})") from None
+    if isinstance(content, dict):
+        return [
+            (f"key {name!r}", {"prompt_id": name.removesuffix(".mp4"), "prompt": prompt})
+            for name, prompt in content.items()
+        ]
+    if not isinstance(content, list):
+        raise PromptFileError(f"{url}: expected a JSON list or a {{name: prompt}} object, got {type(content).__name__}")
+    records = []
+    for index, item in enumerate(content):
+        if isinstance(item, dict) and "prompt" not in item and "prompt_en" in item:  # VBench_full_info.json
+            item = {**item, "prompt": item["prompt_en"]}
+        records.append((f"item {index}", item if isinstance(item, dict) else {"prompt": item}))
+    return records
 
 
 def _prompt_row(url: str, where: str, index: int, record: dict[str, Any]) -> PromptRow:
