@@ -55,6 +55,27 @@ def score(
     raise typer.Exit(code=run_score_command(videos, prompts, out, scorer, tiny, overrides or []))
 
 
+@app.command()
+def sample(
+    model: str = typer.Option(..., help="model family: vc2, t2v_turbo, cogvideox (any registered family)"),
+    weights: str = typer.Option("tiny", help="weights directory, checkpoint or URL; 'tiny' = random-init preset"),
+    prompts: str = typer.Option(..., help="prompt file: .txt (a line each), .json (list or {name: prompt}), .jsonl"),
+    out: str = typer.Option(..., help="output directory or URL for the mp4 files and index.jsonl"),
+    tuned: Optional[str] = typer.Option(None, help="a training run directory or its export: sample the tuned model"),
+    samples_per_prompt: int = typer.Option(1, min=1, help="videos per prompt (seeds seed, seed+1, ...)"),
+    seed: int = typer.Option(123, min=0, help="seed of each prompt's first video"),
+    ray: bool = typer.Option(False, "--ray", help="fan out to Ray sampler actors (automatic above 64 prompts)"),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, help="key=value overrides, e.g. sampling.num_inference_steps=25 batch_size=8 gif=true model.variant=5b"
+    ),
+) -> None:
+    """Sample videos from a base or tuned model for a prompt file (resumable: existing videos are skipped)."""
+    from jobs.sample import run_sample_command
+
+    code = run_sample_command(model, weights, prompts, out, tuned, samples_per_prompt, seed, ray, overrides or [])
+    raise typer.Exit(code=code)
+
+
 @convert_app.command("vc2")
 def convert_vc2(
     checkpoint: str = typer.Option(..., help="original VC2 / T2V-Turbo base model.ckpt (local path or fsspec URL)"),

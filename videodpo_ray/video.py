@@ -51,6 +51,19 @@ def encode_mp4(
     return buffer.getvalue()
 
 
+def encode_gif(frames: torch.Tensor | np.ndarray, fps: int) -> bytes:
+    """Encode uint8 RGB frames (T, H, W, 3) as a looping animated GIF (for galleries; lossy palette)."""
+    from PIL import Image
+
+    array = frames.detach().cpu().numpy() if isinstance(frames, torch.Tensor) else np.asarray(frames)
+    if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3 or len(array) == 0:
+        raise ValueError(f"encode_gif: expected uint8 frames (T, H, W, 3), got {array.dtype} {tuple(array.shape)}")
+    images = [Image.fromarray(frame) for frame in array]
+    buffer = io.BytesIO()
+    images[0].save(buffer, format="GIF", save_all=True, append_images=images[1:], duration=round(1000 / fps), loop=0)
+    return buffer.getvalue()
+
+
 def decode_mp4(data: bytes, name: str = "<mp4 bytes>") -> tuple[torch.Tensor, int]:
     """Decode mp4 bytes into (uint8 frames (T, H, W, 3), fps rounded to an int).
 

@@ -1,4 +1,4 @@
-"""What every chunked stage shares: actor-pool settings, collecting streamed rows into chunks, run manifests.
+"""What the stages share: actor-pool and sampling settings, collecting streamed rows into chunks, run manifests.
 
 A stage cuts its work into chunks; chunk c is committed as `shard-{c:05d}` as soon as all its rows are back, and a
 run manifest (`{out}/<stage>.json`) records every setting that changes the shards' content, so a rerun skips
@@ -39,6 +39,17 @@ class ActorPoolConfig(StrictConfig):
         if self.num_gpus == "auto":
             return 1.0 if cluster_gpus > 0 else 0.0
         return float(self.num_gpus)
+
+
+class SamplingConfig(StrictConfig):
+    """Sampler settings passed to `VideoDiffusionModel.sample`; None -> the model family's default."""
+
+    num_frames: int | None = Field(None, ge=1)
+    height: int | None = Field(None, ge=2)
+    width: int | None = Field(None, ge=2)
+    num_inference_steps: int | None = Field(None, ge=1)
+    guidance_scale: float | None = Field(None, ge=0.0)
+    fps: int = Field(8, ge=1)  # mp4 container frame rate (VideoCrafter saves at 8; the scorers read it)
 
 
 def config_fields(config: StrictConfig) -> dict[str, Any]:

@@ -24,22 +24,11 @@ from videodpo_ray.config import StrictConfig
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.seeds import sample_seed
-from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
+from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, incomplete_lines, record_manifest
 from videodpo_ray.stages.prompts import PromptRow, prompts_jsonl
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"
-
-
-class SamplingConfig(StrictConfig):
-    """Sampler settings passed to `VideoDiffusionModel.sample`; None -> the model family's default."""
-
-    num_frames: int | None = Field(None, ge=1)
-    height: int | None = Field(None, ge=2)
-    width: int | None = Field(None, ge=2)
-    num_inference_steps: int | None = Field(None, ge=1)
-    guidance_scale: float | None = Field(None, ge=0.0)
-    fps: int = Field(8, ge=1)  # mp4 container frame rate (VideoCrafter saves at 8; the scorers read it)
 
 
 class GenerationSettings(StrictConfig):

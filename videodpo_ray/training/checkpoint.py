@@ -200,6 +200,14 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     return model_config, weights, info
 
 
+def export_url_of(run_or_export: str) -> str:
+    """The export directory of a training run directory (`{run}/export`), or `run_or_export` itself when it is one."""
+    for candidate in (run_or_export, storage.join(run_or_export, EXPORT_DIR)):
+        if storage.exists(storage.join(candidate, "export.json")):
+            return candidate
+    raise ConfigError(f"{run_or_export}: neither a training run with an export/ nor an export (no export.json)")
+
+
 def load_exported_model(export_url: str) -> VideoDiffusionModel:
     """Build the exported run's model (base weights from its ModelConfig) and load the trained weights strictly."""
     model_config, weights, info = load_export(export_url)

@@ -1,0 +1,114 @@
+"""Sample job: `videodpo-ray sample --model vc2 --weights PATH|tiny --prompts FILE --out DIR [--tuned RUN] ...`.
+
+Small prompt files run in-process; with `ray: true` (or above `ray_above_prompts` prompts) the batches fan out to
+sampler actors with Ray Data (one per GPU). Either way the driver writes each video as its batch comes back and
+`index.jsonl` at the end; a rerun skips the batches whose files all exist.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Sequence
+
+import pyarrow as pa
+
+from actors.sampler import SamplerActor
+from jobs.common import INPUT_ERRORS, connect_ray, job_main, pool_options, setup_logging
+from videodpo_ray import storage
+from videodpo_ray.config import apply_overrides, build_config, load_config
+from videodpo_ray.stages.prompts import read_prompts
+from videodpo_ray.stages.sample import (
+    INDEX,
+    SampleConfig,
+    SampleReport,
+    check_inputs,
+    index_lines,
+    plan_sample,
+    request_table,
+    resolved_model,
+    uses_ray,
+)
+
+
+def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleReport:
+    """Validate inputs, sample every pending batch, write the videos and `index.jsonl`."""
+    started = time.monotonic()
+    config = config.model_copy(update={"out": storage.absolute_url(config.out)})
+    check_inputs(config)
+    prompts = read_prompts(config.prompts)
+    model, init_seed, export_url = resolved_model(config)
+    plan = plan_sample(config, prompts)
+    report = SampleReport(out=config.out, num_prompts=len(prompts))
+    existing = set(storage.list_files(config.out))
+    report.skipped = sum(item.file in existing for batch in plan.batches for item in batch)
+    actor_kwargs = {"model": model, "sampling": config.sampling, "init_seed": init_seed,
+                    "tuned_export": export_url, "gif": config.gif}
+
+    def write(rows: pa.Table) -> None:
+        for row in rows.to_pylist():
+            if row["file"] not in existing:
+                storage.write_bytes_atomic(storage.join(config.out, row["file"]), row["video"])
+                if config.gif:
+                    gif = row["file"].removesuffix(".mp4") + ".gif"
+                    storage.write_bytes_atomic(storage.join(config.out, gif), row["gif"])
+                report.written += 1
+
+    tables = [request_table(plan.batches[index]) for index in plan.pending]
+    if tables and uses_ray(config, len(prompts)):
+        import ray
+
+        report.mode = "ray"
+        connect_ray(num_cpus)
+        dataset = ray.data.from_arrow(tables).map_batches(
+            SamplerActor,
+            batch_format="pyarrow",
+            fn_constructor_kwargs=actor_kwargs,
+            **{**pool_options(config.sampler_pool), "batch_size": None},  # one block = one planned batch
+        )
+        for rows in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
+            write(rows)
+    elif tables:
+        sampler = SamplerActor(**actor_kwargs)
+        for table in tables:
+            write(sampler(table))
+    storage.write_bytes_atomic(storage.join(config.out, INDEX), index_lines(config, plan, model, export_url))
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def run_sample_command(
+    family: str,
+    weights: str,
+    prompts: str,
+    out: str,
+    tuned: str | None,
+    samples_per_prompt: int,
+    seed: int,
+    ray: bool,
+    overrides: Sequence[str],
+) -> int:
+    """The `videodpo-ray sample` command: build and validate the config, sample, print the summary; the exit code."""
+    setup_logging()
+    model = {"family": family, "variant": "tiny"} if weights == "tiny" else {"family": family, "path": weights}
+    data = {"model": model, "prompts": prompts, "out": out, "tuned": tuned, "seed": seed,
+            "samples_per_prompt": samples_per_prompt, "ray": True if ray else "auto"}
+    try:
+        config = build_config(SampleConfig, apply_overrides(data, overrides), "sample options")
+        report = run_sample(config)
+    except INPUT_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return job_main(
+        argv, __doc__, lambda path, overrides: load_config(SampleConfig, path, overrides),
+        lambda config: run_sample(config).summary(), connect=False,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""`videodpo-ray sample`: prompt formats and families, determinism, tuned exports, resume and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from videodpo_ray.cli import app
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.video import decode_mp4, encode_mp4
+
+FAST = ["sampling.num_inference_steps=2"]
+PROMPTS = ["a red square moving left", "a blue circle moving up"]
+
+
+def prompt_files(directory: Path) -> dict[str, tuple[Path, list[str]]]:
+    """The same two prompts as txt, json list and json dict, with the prompt ids each format gives."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "p.txt").write_text(f"{PROMPTS[0]}\n\n{PROMPTS[1]}\n")
+    (directory / "p-list.json").write_text(json.dumps(PROMPTS))
+    (directory / "p-dict.json").write_text(json.dumps({"square.mp4": PROMPTS[0], "circle.mp4": PROMPTS[1]}))
+    return {
+        "txt": (directory / "p.txt", ["000000", "000001"]),
+        "json-list": (directory / "p-list.json", ["000000", "000001"]),
+        "json-dict": (directory / "p-dict.json", ["square", "circle"]),
+    }
+
+
+def sample(*arguments: str) -> tuple[int, str]:
+    result = CliRunner().invoke(app, ["sample", *arguments])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return result.exit_code, result.output
+
+
+def read_index(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("family", ["vc2", "t2v_turbo", "cogvideox"])
+def test_every_family_samples_from_every_prompt_format(family, tmp_path, single_torch_thread):
+    for kind, (path, ids) in prompt_files(tmp_path / "prompts").items():
+        out = tmp_path / kind
+        code, output = sample("--model", family, "--prompts", str(path), "--out", str(out), "--samples-per-prompt",
+                              "2", "--seed", "7", *FAST)
+        assert code == 0, output
+        assert "2 prompts, 4 video(s) written, 0 already there (local)" in output
+        expected = [f"{prompt_id}-seed{seed}.mp4" for prompt_id in ids for seed in (7, 8)]
+        index = read_index(out)
+        assert [entry["file"] for entry in index] == expected
+        assert sorted(p.name for p in out.glob("*.mp4")) == sorted(expected)
+        assert [entry["prompt"] for entry in index] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2
+        assert {entry["batch_size"] for entry in index} == {4} and index[0]["model"] == f"{family}/tiny"
+        assert index[0]["sampling"]["num_inference_steps"] == 2
+        frames, fps = decode_mp4((out / expected[0]).read_bytes())
+        assert frames.dtype == torch.uint8 and frames.ndim == 4 and fps == 8
+
+
+def test_same_seed_and_batch_size_give_identical_files_with_ray_or_without(ray_cluster, tmp_path):
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    common = ["--model", "vc2", "--prompts", str(path), "--samples-per-prompt", "3", "--seed", "1", *FAST]
+    code, output = sample(*common, "--out", str(tmp_path / "local"), "batch_size=2")
+    assert code == 0, output
+    code, output = sample(*common, "--out", str(tmp_path / "ray"), "--ray", "batch_size=2", "sampler_pool.max_actors=2")
+    assert code == 0 and "(ray)" in output, output
+    code, output = sample(*common, "--out", str(tmp_path / "batch3"), "batch_size=3")
+    assert code == 0, output
+    files = sorted(p.name for p in (tmp_path / "local").glob("*.mp4"))
+    assert len(files) == 6 and files == sorted(p.name for p in (tmp_path / "ray").glob("*.mp4"))
+    for name in files:
+        assert (tmp_path / "local" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+        # another batch size: the same videos up to float rounding in batched GEMMs and the h264 round trip
+        a = decode_mp4((tmp_path / "local" / name).read_bytes())[0].int()
+        b = decode_mp4((tmp_path / "batch3" / name).read_bytes())[0].int()
+        assert (a - b).abs().max() <= 2, name
+    assert {entry["batch_size"] for entry in read_index(tmp_path / "batch3")} == {3}
+
+
+def test_a_tuned_export_samples_the_tuned_weights(tmp_path, single_torch_thread):
+    config = ModelConfig(family="vc2", variant="tiny", finetune="lora", lora={"rank": 4})
+    model = build_model(config, seed=3)
+    tuned = {name: tensor + 0.05 * torch.randn_like(tensor) for name, tensor in model.trainable_state_dict().items()}
+    run = tmp_path / "run"
+    ckpt.write_export(tuned, config, str(run / "export"), step=1, dtype="float32", init_seed=3)
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    common = ["--model", "vc2", "--prompts", str(path), *FAST]
+    assert sample(*common, "--out", str(tmp_path / "base"), "init_seed=3", "model.finetune=lora", "model.lora.rank=4")[0] == 0
+    code, output = sample(*common, "--out", str(tmp_path / "tuned"), "--tuned", str(run))
+    assert code == 0, output
+    name = "000000-seed123.mp4"
+    assert (tmp_path / "tuned" / name).read_bytes() != (tmp_path / "base" / name).read_bytes()
+    model.load_trainable_state_dict(tuned)
+    with torch.no_grad():
+        expected = model.eval().sample(PROMPTS, [123, 123], num_inference_steps=2)[0]  # the sampled batch
+    assert (tmp_path / "tuned" / name).read_bytes() == encode_mp4(expected, fps=8)  # the encoder is deterministic
+    assert read_index(tmp_path / "tuned")[0]["tuned"] == str(run / "export")
+
+
+def test_an_interrupted_run_resumes_with_only_the_missing_files(tmp_path, monkeypatch, single_torch_thread):
+    import jobs.sample
+
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    arguments = ["--model", "vc2", "--prompts", str(path), "--samples-per-prompt", "3", *FAST, "batch_size=2"]
+    assert sample(*arguments, "--out", str(tmp_path / "whole"))[0] == 0
+    real_write = jobs.sample.storage.write_bytes_atomic
+    written: list[str] = []
+
+    def crash_after_three(url: str, data: bytes) -> None:
+        if len(written) == 3:
+            raise KeyboardInterrupt  # the run is killed
+        written.append(url)
+        real_write(url, data)
+
+    monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", crash_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        jobs.sample.run_sample(jobs.sample.SampleConfig(
+            model=ModelConfig(family="vc2"), prompts=str(path), out=str(tmp_path / "out"), samples_per_prompt=3,
+            batch_size=2, sampling={"num_inference_steps": 2},
+        ))
+    monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", real_write)
+    assert len(list((tmp_path / "out").glob("*.mp4"))) == 3
+    code, output = sample(*arguments, "--out", str(tmp_path / "out"))
+    assert code == 0, output
+    assert "3 video(s) written, 3 already there" in output
+    for name in sorted(p.name for p in (tmp_path / "whole").glob("*.mp4")):
+        assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    (tmp_path / "empty.txt").write_text("\n \n")
+    (tmp_path / "broken.json").write_text("[not json")
+    (tmp_path / "a-file").write_text("x")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--model", "sora", "--prompts", str(path), "--out", out], "model.family"),
+        (["--model", "vc2", "--weights", str(tmp_path / "nowhere"), "--prompts", str(path), "--out", out],
+         "nowhere does not exist"),
+        (["--model", "vc2", "--prompts", str(tmp_path / "empty.txt"), "--out", out], "empty.txt: no prompts"),
+        (["--model", "vc2", "--prompts", str(tmp_path / "broken.json"), "--out", out], "broken.json: not valid JSON"),
+        (["--model", "vc2", "--prompts", str(path), "--out", str(tmp_path / "a-file")], "is a file, not a directory"),
+    ]
+    for arguments, message in cases:
+        code, output = sample(*arguments)
+        assert code == 2 and message in output, (arguments, output)
+    assert not (tmp_path / "out").exists()
