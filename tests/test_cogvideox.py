@@ -18,9 +18,9 @@ from diffusers import (
 from safetensors.torch import load_file, save_file
 from transformers import T5Config, T5EncoderModel, T5Tokenizer
 
+from videodpo_ray.errors import CheckpointError, ConfigError
 from videodpo_ray.models import LoraConfig, ModelConfig, build_model
-from videodpo_ray.config import ConfigError
-from videodpo_ray.models.cogvideox import PRESETS, CheckpointError, CogVideoX
+from videodpo_ray.models.cogvideox import PRESETS, CogVideoX
 from videodpo_ray.training import dpo_step
 
 TINY = ModelConfig(family="cogvideox", variant="tiny")
@@ -125,8 +125,14 @@ def test_denoise_matches_the_diffusers_cogvideox_pipeline(rope):
     preset = PRESETS["tiny"]
     if rope:
         # RoPE splits a head into t/h/w parts: the head dim must be a multiple of 16 (64 in the 5B)
-        transformer = {**preset.transformer, "use_rotary_positional_embeddings": True, "num_attention_heads": 2,
-                       "attention_head_dim": 16, "sample_height": 4, "sample_width": 6}
+        transformer = {
+            **preset.transformer,
+            "use_rotary_positional_embeddings": True,
+            "num_attention_heads": 2,
+            "attention_head_dim": 16,
+            "sample_height": 4,
+            "sample_width": 6,
+        }
         preset = dataclasses.replace(preset, transformer=transformer)
     torch.manual_seed(0)
     model = CogVideoX.from_preset(preset, TINY)
@@ -168,7 +174,7 @@ def test_lora_reference_is_the_base_model_and_only_lora_trains():
     assert names and all(".lora_A." in name or ".lora_B." in name for name in names)
     assert len(names) == 2 * 4  # lora_A + lora_B on to_q, to_k, to_v, to_out.0 of the one block
     assert {id(p) for p in model.trainable_parameters()} == {id(trainable[name]) for name in names}
-    assert model.reference_transformer is None
+    assert model.reference_denoiser is None
 
     with torch.no_grad():  # make the LoRA non-trivial (init has lora_B = 0)
         for name in names:
@@ -191,15 +197,15 @@ def test_lora_reference_is_the_base_model_and_only_lora_trains():
     fresh = tiny(seed=0, finetune="lora", lora=LoraConfig(rank=4))  # same base, LoRA at init
     fresh.load_trainable_state_dict(state)
     assert torch.equal(fresh.predict(noisy, timesteps, embeddings), policy.detach())
-    with pytest.raises(CheckpointError, match="(?s)missing keys.*unexpected keys: bogus"):
+    with pytest.raises(CheckpointError, match=r"(?s)missing keys \(1\).*unexpected keys \(1\): bogus"):
         fresh.load_trainable_state_dict(dict(list(state.items())[1:], bogus=torch.zeros(1)))
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_full_finetune_dpo_step_updates_only_the_policy(checkpointing):
     model = tiny(seed=0, gradient_checkpointing=checkpointing)
-    assert model.reference_transformer is not None
-    reference_before = {k: v.clone() for k, v in model.reference_transformer.state_dict().items()}
+    assert model.reference_denoiser is not None
+    reference_before = {k: v.clone() for k, v in model.reference_denoiser.state_dict().items()}
     vae_before = {k: v.clone() for k, v in model.vae.state_dict().items()}
     policy_before = {k: v.clone() for k, v in model.transformer.named_parameters()}
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.transformer.parameters()}
@@ -212,11 +218,11 @@ def test_full_finetune_dpo_step_updates_only_the_policy(checkpointing):
     output.loss.backward()
     gradients = [p.grad for p in model.transformer.parameters()]
     assert all(g is not None for g in gradients) and any(g.abs().sum() > 0 for g in gradients)
-    assert all(p.grad is None for p in model.reference_transformer.parameters())
+    assert all(p.grad is None for p in model.reference_denoiser.parameters())
     assert all(p.grad is None for p in model.vae.parameters())
     torch.optim.SGD(model.trainable_parameters(), lr=1.0).step()
 
-    for name, value in model.reference_transformer.state_dict().items():
+    for name, value in model.reference_denoiser.state_dict().items():
         assert torch.equal(value, reference_before[name]), name
     for name, value in model.vae.state_dict().items():
         assert torch.equal(value, vae_before[name]), name
@@ -234,8 +240,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         with torch.no_grad():  # move the policy off the reference so the DPO gradient is not tiny
             for p in model.transformer.parameters():
                 p.add_(0.01 * torch.randn_like(p))
-        loss = dpo_step(model, win, lose, embeddings, None, beta_dpo=500.0,
-                        generator=torch.Generator().manual_seed(0)).loss
+        loss = dpo_step(
+            model, win, lose, embeddings, None, beta_dpo=500.0, generator=torch.Generator().manual_seed(0)
+        ).loss
         loss.backward()
         grads.append([p.grad.clone() for p in model.transformer.parameters()])
     for plain, checkpointed in zip(*grads):
@@ -244,7 +251,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 def test_bf16_autocast_and_bf16_reference():
     model = tiny(seed=0, mixed_precision="bf16")
-    assert next(model.reference_transformer.parameters()).dtype == torch.bfloat16
+    assert next(model.reference_denoiser.parameters()).dtype == torch.bfloat16
     assert next(model.transformer.parameters()).dtype == torch.float32
     win, embeddings = training_batch(model, seed=1)
     lose, _ = training_batch(model, seed=2)
@@ -288,13 +295,15 @@ def test_strict_load_names_a_bad_or_missing_key(tmp_path):
     state["proj_out.weight_renamed"] = state.pop("proj_out.weight")
     save_file(state, weights)
     config = TINY.model_copy(update={"path": str(tmp_path)})
-    bad_key = r"(?s)transformer.*missing keys: proj_out\.weight.*unexpected keys: proj_out\.weight_renamed"
+    bad_key = (
+        r"(?s)transformer.*missing keys \(1\): proj_out\.weight\n.*unexpected keys \(1\): proj_out\.weight_renamed"
+    )
     with pytest.raises(CheckpointError, match=bad_key):
         build_model(config)
 
     state.pop("proj_out.weight_renamed")
     save_file(state, weights)
-    with pytest.raises(CheckpointError, match=r"missing keys: proj_out\.weight"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): proj_out\.weight$"):
         build_model(config)
 
 
@@ -327,8 +336,14 @@ def test_t5_from_a_sentencepiece_tokenizer_directory(tmp_path):
     corpus = ["a cat playing the piano", "a dog running on the beach", "sunset over the ocean"] * 10
     model_file = io.BytesIO()
     sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(corpus), model_writer=model_file, vocab_size=25, pad_id=0, eos_id=1, unk_id=2,
-        bos_id=-1, minloglevel=2,
+        sentence_iterator=iter(corpus),
+        model_writer=model_file,
+        vocab_size=25,
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     (tmp_path / "tokenizer").mkdir()
     (tmp_path / "tokenizer" / "spiece.model").write_bytes(model_file.getvalue())
@@ -373,7 +388,7 @@ def test_encode_decode_shapes():
 def test_bad_configs_fail_clearly():
     with pytest.raises(ConfigError, match="model.variant='full'"):
         build_model(ModelConfig(family="cogvideox", variant="full"))
-    with pytest.raises(ConfigError, match="VC2-only"):
+    with pytest.raises(ConfigError, match="finetune='temporal': cogvideox has no temporal layers"):
         tiny(finetune="temporal")
     model = CogVideoX.from_preset(dataclasses.replace(PRESETS["tiny"], offline_tokenizer=None), TINY)
     with pytest.raises(RuntimeError, match="no T5 text encoder"):

@@ -11,12 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from videodpo_ray.cli import app
-from videodpo_ray.models.convert_vc2 import (
-    CheckpointError,
-    components_from_checkpoint,
-    load_components,
-    read_unet_kwargs,
-)
+from videodpo_ray.errors import CheckpointError
+from videodpo_ray.models.convert_vc2 import components_from_checkpoint, load_components, read_unet_kwargs
 from videodpo_ray.models.lvdm_layout import (
     UNET_PREFIX,
     LvdmUNetConfig,
@@ -64,7 +60,16 @@ def converted_dir(vc2_tiny_dir: Path, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("vc2-converted")
     result = CliRunner().invoke(
         app,
-        ["convert", "vc2", "--checkpoint", str(vc2_tiny_dir / "model.ckpt"), "--out", str(out), "--config", str(vc2_tiny_dir / "config.json")],
+        [
+            "convert",
+            "vc2",
+            "--checkpoint",
+            str(vc2_tiny_dir / "model.ckpt"),
+            "--out",
+            str(out),
+            "--config",
+            str(vc2_tiny_dir / "config.json"),
+        ],
     )
     assert result.exit_code == 0, result.output
     return out
@@ -105,12 +110,16 @@ def test_converted_directory_reproduces_reference_outputs(converted_dir: Path, e
     check_against_expected(load_components(str(converted_dir)), expected)
 
 
-def test_original_file_and_converted_directory_load_from_s3(vc2_tiny_dir: Path, converted_dir: Path, expected: dict, s3_bucket: str):
+def test_original_file_and_converted_directory_load_from_s3(
+    vc2_tiny_dir: Path, converted_dir: Path, expected: dict, s3_bucket: str, tmp_path: Path, monkeypatch
+):
+    monkeypatch.setenv("VIDEODPO_RAY_CACHE", str(tmp_path / "cache"))
     fs = fsspec.filesystem("s3")
     fs.put(str(vc2_tiny_dir / "model.ckpt"), f"{s3_bucket}/original/model.ckpt")
     fs.put(str(converted_dir), f"{s3_bucket}/converted", recursive=True)
     check_against_expected(load_components(f"{s3_bucket}/original/model.ckpt"), expected)
     check_against_expected(load_components(f"{s3_bucket}/converted"), expected)
+    assert len(list((tmp_path / "cache").iterdir())) == 2  # one cached download each: the file and the directory
 
 
 def _second_vc2_shape() -> tuple[LvdmUNetConfig, VC2UNet3DConditionModel]:
@@ -141,7 +150,9 @@ def test_another_vc2_shaped_config_converts_and_loads(vc2_tiny_dir: Path, tmp_pa
     vae_and_buffers = {k: v for k, v in state.items() if not k.startswith(UNET_PREFIX)}
     torch.save({"state_dict": lvdm | vae_and_buffers}, tmp_path / "model.ckpt")
 
-    result = CliRunner().invoke(app, ["convert", "vc2", "--checkpoint", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["convert", "vc2", "--checkpoint", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     loaded = load_components(str(tmp_path / "out"))
     assert loaded.unet_layout.diffusers_config() == layout.diffusers_config()
@@ -160,9 +171,11 @@ def test_missing_and_unexpected_keys_are_listed(vc2_tiny_dir: Path, tmp_path: Pa
     broken[UNET_PREFIX + "output_blocks.0.9.extra.weight"] = torch.zeros(1)
     torch.save({"state_dict": broken}, tmp_path / "unet.ckpt")
     with pytest.raises(CheckpointError) as error:
-        components_from_checkpoint(str(tmp_path / "unet.ckpt"), unet_kwargs=read_unet_kwargs(str(vc2_tiny_dir / "config.json")))
-    assert "1 missing keys: middle_block.1.proj_in.bias" in str(error.value)
-    assert "1 unexpected keys: output_blocks.0.9.extra.weight" in str(error.value)
+        components_from_checkpoint(
+            str(tmp_path / "unet.ckpt"), unet_kwargs=read_unet_kwargs(str(vc2_tiny_dir / "config.json"))
+        )
+    assert "missing keys (1): middle_block.1.proj_in.bias" in str(error.value)
+    assert "unexpected keys (1): output_blocks.0.9.extra.weight" in str(error.value)
 
     broken = dict(state)
     del broken["first_stage_model.decoder.conv_out.bias"]
@@ -175,20 +188,27 @@ def test_missing_and_unexpected_keys_are_listed(vc2_tiny_dir: Path, tmp_path: Pa
         components_from_checkpoint(str(tmp_path / "extra.ckpt"))
 
     converted = tmp_path / "converted"
-    assert CliRunner().invoke(app, ["convert", "vc2", "--checkpoint", str(vc2_tiny_dir / "model.ckpt"), "--out", str(converted)]).exit_code == 0
+    assert (
+        CliRunner()
+        .invoke(app, ["convert", "vc2", "--checkpoint", str(vc2_tiny_dir / "model.ckpt"), "--out", str(converted)])
+        .exit_code
+        == 0
+    )
     from safetensors.torch import load_file, save_file
 
     weights = converted / "unet" / "diffusion_pytorch_model.safetensors"
     unet_state = load_file(weights)
     del unet_state["conv_out.bias"]
     save_file(unet_state, weights)
-    with pytest.raises(CheckpointError, match="1 missing keys: conv_out.bias"):
+    with pytest.raises(CheckpointError, match=r"missing keys \(1\): conv_out\.bias"):
         load_components(str(converted))
 
 
 def test_cli_reports_a_bad_checkpoint(tmp_path: Path):
     torch.save({"state_dict": {"model.other.weight": torch.zeros(1)}}, tmp_path / "bad.ckpt")
-    result = CliRunner().invoke(app, ["convert", "vc2", "--checkpoint", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "o")])
+    result = CliRunner().invoke(
+        app, ["convert", "vc2", "--checkpoint", str(tmp_path / "bad.ckpt"), "--out", str(tmp_path / "o")]
+    )
     assert result.exit_code == 1 and "model.other.weight" in result.output
     assert not (tmp_path / "o").exists()
 
@@ -220,7 +240,9 @@ def test_openclip_text_encoder_matches_the_penultimate_layer(vc2_tiny_dir: Path,
     state = torch.load(vc2_tiny_dir / "model.ckpt", weights_only=True)["state_dict"]
     text = {f"cond_stage_model.model.{k}": v for k, v in tower.state_dict().items()}
     torch.save({"state_dict": state | text}, tmp_path / "model.ckpt")
-    result = CliRunner().invoke(app, ["convert", "vc2", "--checkpoint", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out")])
+    result = CliRunner().invoke(
+        app, ["convert", "vc2", "--checkpoint", str(tmp_path / "model.ckpt"), "--out", str(tmp_path / "out")]
+    )
     assert result.exit_code == 0, result.output
     encoder = load_components(str(tmp_path / "out")).text_encoder
     assert isinstance(encoder, OpenCLIPTextEncoder) and encoder.text_model.config.num_hidden_layers == 2

@@ -89,7 +89,10 @@ def test_a_tuned_export_samples_the_tuned_weights(tmp_path, single_torch_thread)
     ckpt.write_export(tuned, config, str(run / "export"), step=1, dtype="float32", init_seed=3)
     path, _ = prompt_files(tmp_path / "prompts")["txt"]
     common = ["--model", "vc2", "--prompts", str(path), *FAST]
-    assert sample(*common, "--out", str(tmp_path / "base"), "init_seed=3", "model.finetune=lora", "model.lora.rank=4")[0] == 0
+    assert (
+        sample(*common, "--out", str(tmp_path / "base"), "init_seed=3", "model.finetune=lora", "model.lora.rank=4")[0]
+        == 0
+    )
     code, output = sample(*common, "--out", str(tmp_path / "tuned"), "--tuned", str(run))
     assert code == 0, output
     name = "000000-seed123.mp4"
@@ -118,10 +121,16 @@ def test_an_interrupted_run_resumes_with_only_the_missing_files(tmp_path, monkey
 
     monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", crash_after_three)
     with pytest.raises(KeyboardInterrupt):
-        jobs.sample.run_sample(jobs.sample.SampleConfig(
-            model=ModelConfig(family="vc2"), prompts=str(path), out=str(tmp_path / "out"), samples_per_prompt=3,
-            batch_size=2, sampling={"num_inference_steps": 2},
-        ))
+        jobs.sample.run_sample(
+            jobs.sample.SampleConfig(
+                model=ModelConfig(family="vc2"),
+                prompts=str(path),
+                out=str(tmp_path / "out"),
+                samples_per_prompt=3,
+                batch_size=2,
+                sampling={"num_inference_steps": 2},
+            )
+        )
     monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", real_write)
     assert len(list((tmp_path / "out").glob("*.mp4"))) == 3
     code, output = sample(*arguments, "--out", str(tmp_path / "out"))
@@ -139,8 +148,10 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
     out = str(tmp_path / "out")
     cases = [
         (["--model", "sora", "--prompts", str(path), "--out", out], "model.family"),
-        (["--model", "vc2", "--weights", str(tmp_path / "nowhere"), "--prompts", str(path), "--out", out],
-         "nowhere does not exist"),
+        (
+            ["--model", "vc2", "--weights", str(tmp_path / "nowhere"), "--prompts", str(path), "--out", out],
+            "nowhere does not exist",
+        ),
         (["--model", "vc2", "--prompts", str(tmp_path / "empty.txt"), "--out", out], "empty.txt: no prompts"),
         (["--model", "vc2", "--prompts", str(tmp_path / "broken.json"), "--out", out], "broken.json: not valid JSON"),
         (["--model", "vc2", "--prompts", str(path), "--out", str(tmp_path / "a-file")], "is a file, not a directory"),

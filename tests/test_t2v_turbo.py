@@ -9,9 +9,8 @@ import torch
 from typer.testing import CliRunner
 
 from videodpo_ray.cli import app
-from videodpo_ray.config import ConfigError
+from videodpo_ray.errors import CheckpointError, ConfigError
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.models.convert_vc2 import CheckpointError
 from videodpo_ray.models.t2v_turbo import T2VTurbo, guidance_scale_embedding, lcm_timesteps
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -59,10 +58,10 @@ def test_base_plus_released_lora_reproduces_reference_output(mode: str, vc2_tiny
     model = T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_mode=mode))
     unet_in, expected = turbo_expected["unet_in"], turbo_expected["unet_out"]
     assert (unet_output(model.unet, unet_in) - expected).abs().max() < 1e-4
-    with model._reference_unet() as reference:  # merge_and_new: adapters off; train_released: frozen released LoRA
+    with model.reference_model() as reference:  # merge_and_new: adapters off; train_released: frozen released LoRA
         assert (unet_output(reference, unet_in) - expected).abs().max() < 1e-4
     if mode == "train_released":
-        released = [name for name in model._trainable_names if ".lora_A.released." in name]
+        released = [name for name in model.trainable_state_dict() if ".lora_A.released." in name]
         assert len(released) == turbo_expected["lora_modules"] == 414
 
 
@@ -70,7 +69,16 @@ def test_converted_turbo_directory(vc2_tiny_dir: Path, turbo_expected: dict, tmp
     out = tmp_path / "turbo"
     result = CliRunner().invoke(
         app,
-        ["convert", "vc2", "--checkpoint", str(vc2_tiny_dir / "turbo_base_model.ckpt"), "--lora", str(vc2_tiny_dir / "unet_lora.pt"), "--out", str(out)],
+        [
+            "convert",
+            "vc2",
+            "--checkpoint",
+            str(vc2_tiny_dir / "turbo_base_model.ckpt"),
+            "--lora",
+            str(vc2_tiny_dir / "unet_lora.pt"),
+            "--out",
+            str(out),
+        ],
     )
     assert result.exit_code == 0, result.output
     model = T2VTurbo.from_config(ModelConfig(family="t2v_turbo", path=str(out), finetune="full"))
@@ -89,7 +97,9 @@ def test_wrong_lora_lists_are_refused(vc2_tiny_dir: Path, tmp_path: Path):
     torch.save(swapped, tmp_path / "swapped.pt")
     for mode in ("merge_and_new", "train_released"):
         with pytest.raises(CheckpointError, match="LoRA pair 0 .* time_embed.0"):
-            T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_path=str(tmp_path / "swapped.pt"), turbo_lora_mode=mode))
+            T2VTurbo.from_config(
+                fixture_config(vc2_tiny_dir, turbo_lora_path=str(tmp_path / "swapped.pt"), turbo_lora_mode=mode)
+            )
     torch.save({"up": lora[0]}, tmp_path / "dict.pt")
     with pytest.raises(CheckpointError, match="expected a list"):
         T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_path=str(tmp_path / "dict.pt")))
@@ -111,13 +121,15 @@ def test_train_released_needs_lora_finetune_and_the_released_file(vc2_tiny_dir: 
         ("merge_and_new", "temporal", 1e-3),
     ],
 )
-def test_dpo_step_changes_only_trainable_parameters(mode, finetune, ln2_atol, vc2_tiny_dir: Path, turbo_expected: dict, check_dpo_step):
+def test_dpo_step_changes_only_trainable_parameters(
+    mode, finetune, ln2_atol, vc2_tiny_dir: Path, turbo_expected: dict, check_dpo_step
+):
     model = T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_mode=mode, finetune=finetune))
     generator = torch.Generator().manual_seed(5)
     win, lose = torch.randn(1, 4, 2, 8, 8, generator=generator), torch.randn(1, 4, 2, 8, 8, generator=generator)
     check_dpo_step(model, win, lose, turbo_expected["unet_in"]["context"][:1], ln2_atol=ln2_atol)
     if mode == "train_released":
-        names = set(model._trainable_names)
+        names = set(model.trainable_state_dict())
         assert names and all(".released." in name for name in names)
 
 
@@ -146,7 +158,15 @@ def test_lcm_sampling_is_deterministic_and_checkpointing_keeps_gradients(monkeyp
         torch.manual_seed(0)
         model = T2VTurbo.tiny(ModelConfig(family="t2v_turbo", finetune="full", gradient_checkpointing=checkpointing))
         win = torch.randn(1, 4, 2, 8, 8, generator=torch.Generator().manual_seed(1))
-        out = dpo_step(model, win, win.flip(-1), torch.randn(1, 5, 64), None, beta_dpo=5000.0, generator=torch.Generator().manual_seed(0))
+        out = dpo_step(
+            model,
+            win,
+            win.flip(-1),
+            torch.randn(1, 5, 64),
+            None,
+            beta_dpo=5000.0,
+            generator=torch.Generator().manual_seed(0),
+        )
         out.loss.backward()
         return [p.grad for p in model.trainable_parameters()]
 

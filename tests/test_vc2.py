@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from videodpo_ray.errors import CheckpointError
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.models.convert_vc2 import CheckpointError
 from videodpo_ray.models.vc2 import VideoCrafter2
 from videodpo_ray.training.step import dpo_step
 
@@ -33,14 +34,17 @@ def test_dpo_step_changes_only_trainable_parameters(finetune: str, check_dpo_ste
     model = tiny(finetune=finetune)
     names = {name for name, p in model.unet.named_parameters() if p.requires_grad}
     if finetune == "lora":
-        assert names and all(".lora_" in name for name in names) and model.reference_unet is None
+        assert names and all(".lora_" in name for name in names) and model.reference_denoiser is None
         atol = 0.0  # the reference is the same UNet with adapters off (B = 0): exactly equal at step 0
     else:
-        assert model.reference_unet is not None and not any(p.requires_grad for p in model.reference_unet.parameters())
+        reference = model.reference_denoiser
+        assert reference is not None and not any(p.requires_grad for p in reference.parameters())
         atol = 1e-3
     if finetune == "temporal":
         assert all(("temp_" in name or name.startswith("transformer_in.")) for name in names)
-        assert any(name.startswith("transformer_in.") for name in names) and len(names) < len(list(model.unet.parameters()))
+        assert any(name.startswith("transformer_in.") for name in names) and len(names) < len(
+            list(model.unet.parameters())
+        )
     win, lose, text = pair_batch(model)
     check_dpo_step(model, win, lose, text, ln2_atol=atol)
 
@@ -114,13 +118,16 @@ def test_trainable_state_dict_round_trip_is_strict():
     t = torch.tensor([100, 900])
     with torch.no_grad():
         assert torch.equal(model.predict(win, t, text), fresh.predict(win, t, text))
-    with pytest.raises(CheckpointError, match="missing"):
+    first = next(iter(state))
+    with pytest.raises(CheckpointError, match=rf"missing keys \(1\): {re.escape(first)}"):
         fresh.load_trainable_state_dict({k: v for k, v in list(state.items())[1:]})
+    with pytest.raises(CheckpointError, match=rf"shape mismatches.*{re.escape(first)} \(1,\)"):
+        fresh.load_trainable_state_dict(state | {first: torch.zeros(1)})
 
 
 def test_bf16_mode_keeps_a_bf16_reference_copy():
     model = tiny(finetune="full", mixed_precision="bf16")
-    assert model.reference_unet.dtype == torch.bfloat16 and model.unet.dtype == torch.float32
+    assert model.reference_denoiser.dtype == torch.bfloat16 and model.unet.dtype == torch.float32
     win, _, text = pair_batch(model)
     t = torch.tensor([100, 900])
     with torch.no_grad():
@@ -137,5 +144,13 @@ def test_build_model_and_from_config(vc2_tiny_dir: Path):
     with pytest.raises(RuntimeError, match="text_encoder_path"):
         loaded.encode_prompts(["a cat"])
     win = torch.randn(1, 4, 2, 8, 8)
-    out = dpo_step(loaded, win, win.flip(-1), torch.randn(1, 7, 32), None, beta_dpo=5000.0, generator=torch.Generator().manual_seed(0))
+    out = dpo_step(
+        loaded,
+        win,
+        win.flip(-1),
+        torch.randn(1, 7, 32),
+        None,
+        beta_dpo=5000.0,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert math.isclose(out.loss.item(), math.log(2), abs_tol=1e-3)

@@ -1,7 +1,14 @@
-"""The one interface the three model families (VC2, T2V-Turbo, CogVideoX) implement.
+"""The one interface the model families implement, and everything the families share.
 
 Jobs and actors only ever talk to `VideoDiffusionModel`; every family difference (latent layout, noising,
-prediction target, sampler, text encoder, LoRA handling) stays inside `videodpo_ray/models/`.
+prediction target, sampler, text encoder) stays in that family's module. This module owns what all families do
+the same way:
+- strict weight loading: `describe_key_mismatch`, `check_state_dict`, `load_state_dict_strict` and
+  `raise_on_loading_info` (for diffusers / transformers `from_pretrained(..., output_loading_info=True)`);
+- LoRA through peft: `inject_lora_adapter` (returns the tuner layers, cached once) and `adapters_disabled`, the
+  adapters-off DPO reference;
+- the finetune modes and their frozen reference (`configure_training`), the trainable weights (copies, loaded
+  strictly), the preset registry (`PRESETS` / `presets()` / `preset()`) and `save_pretrained`.
 
 Conventions shared by every family:
 - videos in and out of the model are uint8 tensors (B, T, H, W, 3);
@@ -12,19 +19,138 @@ Conventions shared by every family:
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from typing import ClassVar, Literal, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar
 
 import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from pydantic import field_validator
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import CheckpointError, ConfigError
 
-Family = Literal["vc2", "t2v_turbo", "cogvideox"]
 PredictionType = Literal["epsilon", "v_prediction"]
 FinetuneMode = Literal["full", "lora", "temporal"]
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 
 
+# --- strict loading -------------------------------------------------------------------------------------------------
+def describe_key_mismatch(
+    source: str,
+    missing: Iterable[str] = (),
+    unexpected: Iterable[str] = (),
+    mis_shaped: Iterable[str] = (),
+    *,
+    target: str = "the model",
+    limit: int = 20,
+) -> str:
+    """ "{source}: weights do not match {target}" and the sorted missing / unexpected / mis-shaped keys (up to
+    `limit` of each, with a count)."""
+    message = f"{source}: weights do not match {target}"
+    for title, keys in (
+        ("missing keys", missing),
+        ("unexpected keys", unexpected),
+        ("shape mismatches (checkpoint != model)", mis_shaped),
+    ):
+        keys = sorted(keys)
+        if keys:
+            more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+            message += f"\n  {title} ({len(keys)}): {', '.join(keys[:limit])}{more}"
+    return message
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    target: str = "the model",
+    allow_missing: Iterable[str] = (),
+    error: type[CheckpointError] = CheckpointError,
+) -> None:
+    """Raise `error` naming every key of `expected` absent from `state_dict` (except `allow_missing`), every key
+    `expected` lacks, and every shape that differs."""
+    allowed = set(allow_missing)
+    missing = [key for key in expected if key not in state_dict and key not in allowed]
+    unexpected = [key for key in state_dict if key not in expected]
+    mis_shaped = [
+        f"{key} {tuple(value.shape)} != {tuple(expected[key].shape)}"
+        for key, value in state_dict.items()
+        if key in expected and value.shape != expected[key].shape
+    ]
+    if missing or unexpected or mis_shaped:
+        raise error(describe_key_mismatch(source, missing, unexpected, mis_shaped, target=target))
+
+
+def load_state_dict_strict(
+    module: ModuleT,
+    state_dict: Mapping[str, torch.Tensor],
+    source: str,
+    *,
+    zero_missing: Sequence[str] = (),
+    error: type[CheckpointError] = CheckpointError,
+) -> ModuleT:
+    """`module.load_state_dict` that first names every missing, unexpected or mis-shaped key in one `error`;
+    `zero_missing` keys may be absent and are then loaded as zeros."""
+    expected = module.state_dict()
+    check_state_dict(
+        expected, state_dict, source, target=type(module).__name__, allow_missing=zero_missing, error=error
+    )
+    full = dict(state_dict)
+    for key in zero_missing:
+        full.setdefault(key, torch.zeros_like(expected[key]))
+    module.load_state_dict(full, strict=True)
+    return module
+
+
+def raise_on_loading_info(source: str | Path, info: Mapping[str, Any], target: str = "the model") -> None:
+    """Raise CheckpointError if a `from_pretrained(..., output_loading_info=True)` info dict reports any missing,
+    unexpected or mis-shaped key (or an error message)."""
+    mis_shaped = [
+        f"{item[0]} {tuple(item[1])} != {tuple(item[2])}" if isinstance(item, tuple) and len(item) == 3 else str(item)
+        for item in info.get("mismatched_keys") or ()
+    ]
+    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
+    errors = [f"\n  {message}" for message in info.get("error_msgs") or ()]
+    if missing or unexpected or mis_shaped or errors:
+        message = describe_key_mismatch(str(source), missing, unexpected, mis_shaped, target=target)
+        raise CheckpointError(message + "".join(errors))
+
+
+# --- LoRA (peft) ----------------------------------------------------------------------------------------------------
+def inject_lora_adapter(
+    module: nn.Module, config: PeftLoraConfig, adapter_name: str = "default"
+) -> list[BaseTunerLayer]:
+    """Inject a peft LoRA adapter into `module` in place; return its tuner layers (to cache: no module walks later)."""
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(layers: Sequence[BaseTunerLayer]) -> Iterator[None]:
+    """Every adapter of `layers` off (their forward is the base layer's, exactly); on exit, the layers that were on
+    are back on and every parameter's requires_grad is what it was."""
+    flags = [(parameter, parameter.requires_grad) for layer in layers for parameter in layer.parameters()]
+    enabled = [layer for layer in layers if not layer.disable_adapters]
+    for layer in enabled:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in enabled:
+            layer.enable_adapters(True)
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
+
+
+# --- configs --------------------------------------------------------------------------------------------------------
 class LoraConfig(StrictConfig):
     """A fresh peft LoRA on the denoiser."""
 
@@ -33,12 +159,21 @@ class LoraConfig(StrictConfig):
     target_modules: list[str] | None = None  # None -> the family's default attention/projection targets
     dropout: float = 0.0
 
+    def peft_config(self, default_targets: Sequence[str]) -> PeftLoraConfig:
+        """The peft LoraConfig (targets: `target_modules` or the family's `default_targets`)."""
+        return PeftLoraConfig(
+            r=self.rank,
+            lora_alpha=self.alpha if self.alpha is not None else self.rank,
+            target_modules=list(self.target_modules or default_targets),
+            lora_dropout=self.dropout,
+        )
+
 
 class ModelConfig(StrictConfig):
     """Which model to build and how it trains; shared by the sampler, the encoder and the train job."""
 
-    family: Family = "vc2"
-    variant: str = "tiny"  # family preset: vc2 "tiny"|"full"; cogvideox "tiny"|"2b"|"5b"
+    family: str = "vc2"  # a registered family: `videodpo_ray.models.families()`
+    variant: str = "tiny"  # a preset of the family: `model_class(family).presets()`
     path: str | None = None  # converted directory, original checkpoint, or fsspec URL; None -> random init
     turbo_lora_path: str | None = None  # T2V-Turbo released unet_lora.pt
     turbo_lora_mode: Literal["train_released", "merge_and_new"] = "merge_and_new"
@@ -49,14 +184,128 @@ class ModelConfig(StrictConfig):
     gradient_checkpointing: bool = False
     fps: int = 16  # fps conditioning in training (VC2 family)
 
+    @field_validator("family")
+    @classmethod
+    def _registered_family(cls, family: str) -> str:
+        from videodpo_ray.models import families  # the registry imports this module
 
+        if family not in families():
+            raise ValueError(f"unknown model family {family!r}; registered: {', '.join(families())}")
+        return family
+
+
+# --- the interface --------------------------------------------------------------------------------------------------
 class VideoDiffusionModel(nn.Module, ABC):
-    """A text-to-video latent diffusion model with a policy and a frozen reference for DPO."""
+    """A text-to-video latent diffusion model with a policy and a frozen reference for DPO.
 
-    family: ClassVar[Family]
+    A family sets `PRESETS`, the abstract methods, and in `__init__` the `denoiser` (the module DPO trains: its
+    parameter names are the trainable state's keys) and `video_size`, then calls `configure_training()`. The DPO
+    reference is then `reference_denoiser` (a frozen copy, full / temporal finetuning) or the denoiser with its LoRA
+    adapters off (`reference_model()`).
+    """
+
+    family: ClassVar[str]
     prediction_type: ClassVar[PredictionType]
+    PRESETS: ClassVar[Mapping[str, Any]]  # variant name -> the family's preset object
+    lora_targets: ClassVar[Sequence[str]] = DEFAULT_LORA_TARGETS  # modules a fresh LoRA adapts by default
+    temporal_modules: ClassVar[Sequence[str]] = ()  # name parts of the layers finetune="temporal" trains
+    denoiser: nn.Module  # the UNet or transformer that DPO trains
+    video_size: tuple[int, int, int]  # (frames, height, width) that `sample` produces by default
 
-    # --- text -----------------------------------------------------------------------------------------------
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if config.family != self.family:
+            raise ConfigError(f"model.family={config.family!r} cannot build {type(self).__name__} ({self.family!r})")
+        self.config = config
+        self.reference_denoiser: nn.Module | None = None
+        self._tuner_layers: list[BaseTunerLayer] = []
+        self._trainable_names: list[str] = []
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    # --- presets ------------------------------------------------------------------------------------------------
+    @classmethod
+    def presets(cls) -> tuple[str, ...]:
+        """The names `ModelConfig.variant` may take."""
+        return tuple(cls.PRESETS)
+
+    @classmethod
+    def preset(cls, variant: str) -> Any:
+        """The preset object of `variant`; ConfigError listing the presets when there is none."""
+        if variant not in cls.PRESETS:
+            raise ConfigError(f"model.variant={variant!r}: {cls.family} presets are {', '.join(cls.presets())}")
+        return cls.PRESETS[variant]
+
+    @classmethod
+    def tiny(cls, config: ModelConfig | None = None) -> "VideoDiffusionModel":
+        """The random-init "tiny" preset (small enough for CPU tests), with `config`'s training settings."""
+        config = (config or ModelConfig(family=cls.family)).model_copy(update={"variant": "tiny"})
+        if config.path is not None or config.text_encoder_path is not None:
+            raise ConfigError(f"{cls.__name__}.tiny() builds random weights; load checkpoints with from_config")
+        return cls.from_config(config)
+
+    @classmethod
+    @abstractmethod
+    def from_config(cls, config: ModelConfig) -> "VideoDiffusionModel":
+        """Build the model a config describes: a preset with random init, or weights from `config.path`."""
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write the base weights in the layout `ModelConfig(family, variant, path=directory)` loads back."""
+        if self.config.finetune == "lora":
+            raise ConfigError("save_pretrained writes base weights only; export a LoRA with trainable_state_dict()")
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.write_pretrained(directory)
+        return directory
+
+    @abstractmethod
+    def write_pretrained(self, directory: Path) -> None:
+        """The family's part of save_pretrained: write every component into the existing `directory`."""
+
+    # --- finetune modes and the reference -----------------------------------------------------------------------
+    def configure_training(self) -> None:
+        """Freeze all but what `config.finetune` trains and set up the DPO reference (call once, after the
+        denoiser exists): "lora" injects a fresh adapter (`inject_lora`), reference = adapters off; "full" and
+        "temporal" keep a frozen copy (bf16 when mixed_precision is "bf16")."""
+        denoiser, finetune = self.denoiser, self.config.finetune
+        denoiser.requires_grad_(False)
+        if finetune == "temporal" and not self.temporal_modules:
+            raise ConfigError(f"model.finetune='temporal': {self.family} has no temporal layers; use 'full' or 'lora'")
+        if finetune == "lora":
+            self._tuner_layers = self.inject_lora()
+        else:
+            for name, parameter in denoiser.named_parameters():
+                parameter.requires_grad_(finetune == "full" or any(p in f".{name}" for p in self.temporal_modules))
+            reference = copy.deepcopy(denoiser).requires_grad_(False).eval()
+            if self.config.mixed_precision == "bf16":
+                reference.to(torch.bfloat16)
+            self.reference_denoiser = reference
+        if self.config.gradient_checkpointing:
+            denoiser.enable_gradient_checkpointing()
+        self._trainable_names = [name for name, p in denoiser.named_parameters() if p.requires_grad]
+
+    def inject_lora(self) -> list[BaseTunerLayer]:
+        """Add the trainable LoRA of `config.lora` to the denoiser; return the tuner layers."""
+        return inject_lora_adapter(self.denoiser, self.config.lora.peft_config(self.lora_targets))
+
+    @contextmanager
+    def reference_adapters(self) -> Iterator[None]:
+        """The denoiser's adapters in their reference state for the duration (default: all off)."""
+        with adapters_disabled(self._tuner_layers):
+            yield
+
+    @contextmanager
+    def reference_model(self) -> Iterator[nn.Module]:
+        """The frozen DPO reference: the copy, or the denoiser in its reference adapter state."""
+        if self.reference_denoiser is not None:
+            yield self.reference_denoiser
+            return
+        with self.reference_adapters():
+            yield self.denoiser
+
+    # --- text ---------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         """Text embeddings (B, L, D) for the denoiser; the empty string gives the CFG/unconditional embedding."""
@@ -65,16 +314,16 @@ class VideoDiffusionModel(nn.Module, ABC):
         """The embedding of "" (1, L, D), used for classifier-free guidance and CFG prompt dropout."""
         return self.encode_prompts([""])
 
-    # --- VAE --------------------------------------------------------------------------------------------------
+    # --- VAE ----------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """uint8 (B, T, H, W, 3) -> scaled latents in the family's layout (posterior mean unless a generator is given)."""
+        """uint8 (B, T, H, W, 3) -> scaled latents in the family's layout (the posterior mean unless a generator)."""
 
     @abstractmethod
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 (B, T, H, W, 3)."""
 
-    # --- diffusion --------------------------------------------------------------------------------------------
+    # --- diffusion ----------------------------------------------------------------------------------------------
     @abstractmethod
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Training timesteps (B,) int64 drawn from the family's training distribution."""
@@ -112,25 +361,23 @@ class VideoDiffusionModel(nn.Module, ABC):
     ) -> torch.Tensor:
         """Videos uint8 (B, T, H, W, 3), one per prompt; video i depends only on (prompts[i], seeds[i])."""
 
-    # --- training ---------------------------------------------------------------------------------------------
-    @abstractmethod
+    # --- training -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The parameters the optimizer updates (everything else is frozen)."""
+        parameters = dict(self.denoiser.named_parameters())
+        return [parameters[name] for name in self._trainable_names]
 
-    @abstractmethod
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        """The trainable weights for export (LoRA factors alone, or the full/temporal denoiser weights)."""
+        """Copies of the trainable weights, by denoiser parameter name (LoRA factors alone, or the full/temporal
+        denoiser weights): changing them leaves the model as it is."""
+        return {name: p.detach().clone() for name, p in zip(self._trainable_names, self.trainable_parameters())}
 
-    @abstractmethod
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Load what trainable_state_dict() exported, strictly."""
-
-    @classmethod
-    @abstractmethod
-    def tiny(cls, config: ModelConfig | None = None) -> "VideoDiffusionModel":
-        """A random-init model of the same classes, small enough for CPU tests."""
-
-    @classmethod
-    @abstractmethod
-    def from_config(cls, config: ModelConfig) -> "VideoDiffusionModel":
-        """Build the model a config describes: a preset with random init, or weights from `config.path`."""
+    def load_trainable_state_dict(self, state_dict: Mapping[str, torch.Tensor]) -> None:
+        """Load what trainable_state_dict() exported; a missing, unexpected or mis-shaped key is a CheckpointError."""
+        parameters = dict(zip(self._trainable_names, self.trainable_parameters()))
+        check_state_dict(
+            parameters, state_dict, "trainable state dict", target=f"the trainable parameters of {type(self).__name__}"
+        )
+        with torch.no_grad():
+            for name, parameter in parameters.items():
+                parameter.copy_(state_dict[name])

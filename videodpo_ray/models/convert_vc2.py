@@ -10,7 +10,9 @@ either such a file or a directory written by `save_components`:
     text_encoder/config.json, text_encoder/model.safetensors     (only when the checkpoint has one)
     scheduler/scheduler_config.json
 
-Loading is strict everywhere: missing or unexpected keys raise `CheckpointError` listing them.
+Remote files and directories are read through `storage.local_file` / `storage.local_directory` (downloaded once
+to the weights cache). Loading is strict everywhere (`models.base.load_state_dict_strict`): missing, unexpected or
+mis-shaped keys raise `CheckpointError` listing them.
 """
 
 from __future__ import annotations
@@ -20,22 +22,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-import fsspec
-from fsspec.implementations.local import LocalFileSystem
 import torch
 import yaml
 from diffusers import AutoencoderKL
 from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-from safetensors.torch import load as load_safetensors_bytes
 from safetensors.torch import load_file as load_safetensors_file
-from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from videodpo_ray import storage
+from videodpo_ray.errors import CheckpointError
+from videodpo_ray.models.base import describe_key_mismatch, load_state_dict_strict
 from videodpo_ray.models.lvdm_layout import (
     UNET_PREFIX,
-    CheckpointError,
     LvdmUNetConfig,
-    describe_key_mismatch,
     infer_lvdm_unet_config,
     merge_lora_list,
     to_diffusers_state_dict,
@@ -69,12 +68,8 @@ class VC2Components:
 
 # --- reading -----------------------------------------------------------------------------------------------------
 def read_torch_file(url: str) -> Any:
-    """torch.load(weights_only=True) of a local path or fsspec URL."""
-    try:
-        with fsspec.open(url, "rb") as handle:
-            return torch.load(handle, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise CheckpointError(f"{url}: file not found") from None
+    """torch.load(weights_only=True) of a local path or fsspec URL (remote files through the weights cache)."""
+    return torch.load(storage.local_file(url), map_location="cpu", weights_only=True)
 
 
 def read_checkpoint(url: str) -> dict[str, torch.Tensor]:
@@ -95,15 +90,20 @@ def read_lora_list(url: str) -> list[torch.Tensor]:
 
 
 def read_unet_kwargs(url: str) -> dict[str, Any]:
-    """lvdm UNetModel kwargs from a JSON/YAML file: `{"unet": {...}}` or an lvdm config (model.params.unet_config.params)."""
-    with fsspec.open(url, "r") as handle:
-        data = yaml.safe_load(handle)
+    """lvdm UNetModel kwargs from a JSON/YAML file (local or fsspec URL): `{"unet": {...}}` or an lvdm config
+    (model.params.unet_config.params)."""
+    try:
+        data = yaml.safe_load(storage.read_bytes(url))
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: file not found") from None
     if isinstance(data, dict) and isinstance(data.get("unet"), dict):
         return data["unet"]
     try:
         return dict(data["model"]["params"]["unet_config"]["params"])
     except (KeyError, TypeError):
-        raise CheckpointError(f"{url}: no UNet kwargs (expected a 'unet' section or model.params.unet_config.params)") from None
+        raise CheckpointError(
+            f"{url}: no UNet kwargs (expected a 'unet' section or model.params.unet_config.params)"
+        ) from None
 
 
 def _split(state: dict[str, torch.Tensor], source: str) -> tuple[dict, dict, dict, dict]:
@@ -140,7 +140,12 @@ def schedule_from_buffers(buffers: dict[str, torch.Tensor], source: str) -> VC2S
     if "scale_arr" in buffers:
         scale = buffers["scale_arr"].double()
         steps = values.get("num_train_timesteps", 1000)
-        values |= {"use_scale": True, "scale_a": _f32(scale[0]), "scale_b": _f32(scale[-1]), "mid_step": len(scale) - steps}
+        values |= {
+            "use_scale": True,
+            "scale_a": _f32(scale[0]),
+            "scale_b": _f32(scale[-1]),
+            "mid_step": len(scale) - steps,
+        }
     config = VC2ScheduleConfig(**values)
     schedule = VC2NoiseSchedule(config)
     checks = {"alphas_cumprod": schedule.alphas_cumprod, "scale_arr": schedule.scale_arr}
@@ -171,26 +176,6 @@ def vae_config_from_shapes(vae: dict[str, torch.Tensor], scale_factor: float) ->
     }
 
 
-def load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str, zero_missing: Sequence[str] = ()) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key; `zero_missing` keys may be absent (zeros)."""
-    expected = model.state_dict()
-    missing = [key for key in expected if key not in state_dict and key not in zero_missing]
-    unexpected = [key for key in state_dict if key not in expected]
-    if missing or unexpected:
-        raise CheckpointError(describe_key_mismatch(source, missing, unexpected))
-    wrong = [
-        f"{key} {tuple(value.shape)} (model {tuple(expected[key].shape)})"
-        for key, value in state_dict.items()
-        if value.shape != expected[key].shape
-    ]
-    if wrong:
-        raise CheckpointError(f"{source}: shape mismatch: " + ", ".join(wrong[:20]))
-    full = dict(state_dict)
-    for key in zero_missing:
-        full.setdefault(key, torch.zeros_like(expected[key]))
-    model.load_state_dict(full, strict=True)
-
-
 def convert_vae(vae: dict[str, torch.Tensor], scale_factor: float, source: str) -> AutoencoderKL:
     """LDM `first_stage_model.*` -> diffusers AutoencoderKL (diffusers' own key conversion, then a strict load)."""
     try:
@@ -202,7 +187,7 @@ def convert_vae(vae: dict[str, torch.Tensor], scale_factor: float, source: str) 
         mapped = len(converted)
         raise CheckpointError(f"{source}: {len(vae) - mapped} of {len(vae)} VAE keys have no diffusers counterpart")
     model = AutoencoderKL(**config)
-    load_strict(model, converted, f"{source} (VAE)")
+    load_state_dict_strict(model, converted, f"{source} (VAE)")
     return model
 
 
@@ -210,45 +195,44 @@ def convert_text_encoder(text: dict[str, torch.Tensor], source: str) -> OpenCLIP
     """OpenCLIP text-tower keys (no prefix) -> OpenCLIPTextEncoder at the penultimate layer, strictly."""
     config, converted = convert_openclip_text_state_dict(text, source=source)
     model = CLIPTextModel(config)
-    load_strict(model, converted, f"{source} (text encoder)")
+    load_state_dict_strict(model, converted, f"{source} (text encoder)")
     return OpenCLIPTextEncoder(model.eval())
 
 
-def _text_encoder_from_directory(url: str) -> OpenCLIPTextEncoder:
-    model = CLIPTextModel(CLIPTextConfig.from_dict(_read_json(_join(url, "config.json"))))
-    load_strict(model, _read_safetensors(_join(url, "model.safetensors")), url)
+def _text_encoder_from_directory(directory: Path) -> OpenCLIPTextEncoder:
+    model = CLIPTextModel(CLIPTextConfig.from_dict(_read_json(directory / "config.json")))
+    load_state_dict_strict(model, _read_safetensors(directory / "model.safetensors"), str(directory))
     return OpenCLIPTextEncoder(model.eval())
 
 
 def load_text_encoder(url: str) -> OpenCLIPTextEncoder:
     """A converted `text_encoder/` directory, or an OpenCLIP checkpoint (a whole CLIP: its `visual.*` tower is
-    dropped; a VC2 model.ckpt: its `cond_stage_model.model.*` keys are used)."""
-    fs, path = fsspec.core.url_to_fs(url)
-    if fs.isdir(path):
-        return _text_encoder_from_directory(url)
+    dropped; a VC2 model.ckpt: its `cond_stage_model.model.*` keys are used); local or fsspec URL."""
+    if storage.exists(storage.join(url, "config.json")):
+        return _text_encoder_from_directory(storage.local_directory(url))
     state = read_checkpoint(url)
     if any(key.startswith(TEXT_PREFIX) for key in state):
         state = {key[len(TEXT_PREFIX) :]: value for key, value in state.items() if key.startswith(TEXT_PREFIX)}
     return convert_text_encoder({k: v for k, v in state.items() if not k.startswith("visual.")}, url)
 
 
-def build_unet(
-    reference: dict[str, torch.Tensor], layout: LvdmUNetConfig, source: str
-) -> VC2UNet3DConditionModel:
+def build_unet(reference: dict[str, torch.Tensor], layout: LvdmUNetConfig, source: str) -> VC2UNet3DConditionModel:
     """A VC2 UNet from a reference (lvdm-key) state dict; T2V-Turbo's absent time_cond_proj gets a zero base."""
     allow = [TIME_COND_PROJ_KEY] if layout.time_cond_proj_dim is not None else []
     converted = to_diffusers_state_dict(reference, layout, source=source, allow_missing=allow)
     unet = VC2UNet3DConditionModel(**layout.diffusers_config())
     zero = ["time_embedding.cond_proj.weight"] if allow and TIME_COND_PROJ_KEY not in reference else []
-    load_strict(unet, converted, f"{source} (UNet)", zero_missing=zero)
+    load_state_dict_strict(unet, converted, f"{source} (UNet)", zero_missing=zero)
     return unet
 
 
-def merge_turbo_lora(unet: VC2UNet3DConditionModel, layout: LvdmUNetConfig, lora: Sequence[torch.Tensor], source: str) -> None:
+def merge_turbo_lora(
+    unet: VC2UNet3DConditionModel, layout: LvdmUNetConfig, lora: Sequence[torch.Tensor], source: str
+) -> None:
     """Merge a T2V-Turbo LoRA list into `unet` in place: in reference key space, in reference module order."""
     reference = to_reference_state_dict(unet.state_dict(), layout)
     merged = merge_lora_list(reference, lora, layout, source=source)
-    unet.load_state_dict(to_diffusers_state_dict(merged, layout, source=source), strict=True)
+    load_state_dict_strict(unet, to_diffusers_state_dict(merged, layout, source=source), f"{source} (merged UNet)")
 
 
 def components_from_checkpoint(
@@ -258,7 +242,8 @@ def components_from_checkpoint(
     time_cond_proj_dim: int | None = None,
     scale_factor: float = DEFAULT_SCALE_FACTOR,
 ) -> VC2Components:
-    """Convert an original checkpoint in memory. `unet_kwargs` (lvdm UNetModel kwargs) default to the shapes' reading."""
+    """Convert an original checkpoint in memory. `unet_kwargs` (lvdm UNetModel kwargs) default to the shapes'
+    reading."""
     unet_state, vae_state, text_state, buffers = _split(read_checkpoint(url), url)
     overrides = {"time_cond_proj_dim": time_cond_proj_dim} if time_cond_proj_dim is not None else {}
     if unet_kwargs is not None:
@@ -288,64 +273,65 @@ def save_components(components: VC2Components, directory: str | Path, family: st
     if components.text_encoder is not None:
         components.text_encoder.text_model.save_pretrained(out / "text_encoder", safe_serialization=True)
     components.schedule.save(out / "scheduler")
-    index = {"family": family, "scale_factor": components.scale_factor, "turbo_lora_merged": components.turbo_lora_merged}
+    index = {
+        "family": family,
+        "scale_factor": components.scale_factor,
+        "turbo_lora_merged": components.turbo_lora_merged,
+    }
     (out / MODEL_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out
 
 
-def _join(url: str, *parts: str) -> str:
-    return "/".join([url.rstrip("/"), *parts])
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    return json.loads(path.read_text())
 
 
-def _read_json(url: str) -> dict[str, Any]:
-    with fsspec.open(url, "r") as handle:
-        return json.load(handle)
-
-
-def _read_safetensors(url: str) -> dict[str, torch.Tensor]:
-    fs, path = fsspec.core.url_to_fs(url)
-    if not fs.exists(path):
-        raise CheckpointError(f"{url}: file not found")
-    if isinstance(fs, LocalFileSystem):
-        return load_safetensors_file(path)
-    return load_safetensors_bytes(fs.cat_file(path))
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found")
+    return load_safetensors_file(str(path))
 
 
 def is_converted_directory(url: str) -> bool:
-    fs, path = fsspec.core.url_to_fs(url)
-    return fs.isdir(path) and fs.exists(_join(path, MODEL_INDEX))
+    """Whether `url` (local or fsspec) is a directory written by `save_components`."""
+    return storage.exists(storage.join(url, MODEL_INDEX))
 
 
 def components_from_directory(url: str, *, time_cond_proj_dim: int | None = None) -> VC2Components:
-    """Load a directory written by `save_components` (local path or fsspec URL), strictly."""
-    index = _read_json(_join(url, MODEL_INDEX))
-    layout = LvdmUNetConfig(**_read_json(_join(url, "unet", LVDM_CONFIG)))
-    unet_config = _read_json(_join(url, "unet", "config.json"))
+    """Load a directory written by `save_components` (local path or fsspec URL, through the weights cache), strictly."""
+    directory = storage.local_directory(url)
+    index = _read_json(directory / MODEL_INDEX)
+    layout = LvdmUNetConfig(**_read_json(directory / "unet" / LVDM_CONFIG))
+    unet_config = _read_json(directory / "unet" / "config.json")
     zero = []
     if time_cond_proj_dim is not None and layout.time_cond_proj_dim is None:
         layout = layout.model_copy(update={"time_cond_proj_dim": time_cond_proj_dim})
         unet_config["time_cond_proj_dim"] = time_cond_proj_dim
         zero = ["time_embedding.cond_proj.weight"]
     unet = VC2UNet3DConditionModel.from_config(unet_config)
-    load_strict(unet, _read_safetensors(_join(url, "unet", "diffusion_pytorch_model.safetensors")), f"{url}/unet", zero)
-    vae = AutoencoderKL.from_config(_read_json(_join(url, "vae", "config.json")))
-    load_strict(vae, _read_safetensors(_join(url, "vae", "diffusion_pytorch_model.safetensors")), f"{url}/vae")
-    fs, path = fsspec.core.url_to_fs(url)
-    text_encoder = None
-    if fs.exists(_join(path, "text_encoder", "config.json")):
-        text_encoder = _text_encoder_from_directory(_join(url, "text_encoder"))
+    unet_weights = _read_safetensors(directory / "unet" / "diffusion_pytorch_model.safetensors")
+    load_state_dict_strict(unet, unet_weights, f"{url}/unet", zero_missing=zero)
+    vae = AutoencoderKL.from_config(_read_json(directory / "vae" / "config.json"))
+    load_state_dict_strict(
+        vae, _read_safetensors(directory / "vae" / "diffusion_pytorch_model.safetensors"), f"{url}/vae"
+    )
+    text_directory = directory / "text_encoder"
     return VC2Components(
         unet=unet,
         unet_layout=layout,
         vae=vae,
-        text_encoder=text_encoder,
-        schedule=VC2ScheduleConfig(**_read_json(_join(url, "scheduler", SCHEDULE_FILE))),
+        text_encoder=_text_encoder_from_directory(text_directory) if text_directory.is_dir() else None,
+        schedule=VC2ScheduleConfig(**_read_json(directory / "scheduler" / SCHEDULE_FILE)),
         scale_factor=float(index["scale_factor"]),
         turbo_lora_merged=bool(index.get("turbo_lora_merged", False)),
     )
 
 
-def load_components(url: str, *, time_cond_proj_dim: int | None = None, unet_kwargs: dict[str, Any] | None = None) -> VC2Components:
+def load_components(
+    url: str, *, time_cond_proj_dim: int | None = None, unet_kwargs: dict[str, Any] | None = None
+) -> VC2Components:
     """A converted directory or an original checkpoint file (local or fsspec URL)."""
     if is_converted_directory(url):
         return components_from_directory(url, time_cond_proj_dim=time_cond_proj_dim)

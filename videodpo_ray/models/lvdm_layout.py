@@ -16,26 +16,13 @@ from typing import Literal, Sequence
 import torch
 
 from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import CheckpointError
+from videodpo_ray.models.base import describe_key_mismatch
 
 UNET_PREFIX = "model.diffusion_model."
 ModuleKind = Literal["linear", "conv1d", "conv2d", "conv3d", "norm"]
 LORA_KINDS: tuple[ModuleKind, ...] = ("linear", "conv2d", "conv3d")  # cloneofsimo: nn.Linear, nn.Conv2d, nn.Conv3d
 INIT_ATTN_HEADS = 8  # lvdm builds init_attn with n_heads=8, d_head=num_head_channels
-
-
-class CheckpointError(ValueError):
-    """A checkpoint whose keys or shapes do not fit the model; the message lists what is wrong."""
-
-
-def describe_key_mismatch(source: str, missing: Sequence[str], unexpected: Sequence[str], limit: int = 20) -> str:
-    """A readable message listing (up to `limit` of) the missing and unexpected keys."""
-    lines = [f"{source}: state dict does not match the model"]
-    for label, keys in (("missing", missing), ("unexpected", unexpected)):
-        if keys:
-            shown = ", ".join(sorted(keys)[:limit])
-            more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-            lines.append(f"  {len(keys)} {label} keys: {shown}{more}")
-    return "\n".join(lines)
 
 
 class LvdmUNetConfig(StrictConfig):
@@ -94,9 +81,15 @@ class LvdmUNetConfig(StrictConfig):
             "use_image_attention": False,
             "motion_cond_proj_dim": None,
         }
-        bad = [f"{key}={getattr(self, key)!r} (need {value!r})" for key, value in required.items() if getattr(self, key) != value]
+        bad = [
+            f"{key}={getattr(self, key)!r} (need {value!r})"
+            for key, value in required.items()
+            if getattr(self, key) != value
+        ]
         if self.num_head_channels <= 0:
-            bad.append(f"num_head_channels={self.num_head_channels} (need a fixed head width; num_heads is not supported)")
+            bad.append(
+                f"num_head_channels={self.num_head_channels} (need a fixed head width; num_heads is not supported)"
+            )
         if self.context_dim is None:
             bad.append("context_dim=None (need cross-attention)")
         channels = [self.model_channels * mult for mult in self.channel_mult]
@@ -176,13 +169,21 @@ class LayoutModule:
 
 def _transformer(ref: str, dif: str, conv_proj: bool) -> list[LayoutModule]:
     proj = "conv1d" if conv_proj else "linear"
-    modules = [LayoutModule(f"{ref}.norm", f"{dif}.norm", "norm"), LayoutModule(f"{ref}.proj_in", f"{dif}.proj_in", proj)]
+    modules = [
+        LayoutModule(f"{ref}.norm", f"{dif}.norm", "norm"),
+        LayoutModule(f"{ref}.proj_in", f"{dif}.proj_in", proj),
+    ]
     block = "transformer_blocks.0"
     for attn in ("attn1", "ff", "attn2"):
         if attn == "ff":
             names = [("ff.net.0.proj", True), ("ff.net.2", True)]
         else:
-            names = [(f"{attn}.to_q", False), (f"{attn}.to_k", False), (f"{attn}.to_v", False), (f"{attn}.to_out.0", True)]
+            names = [
+                (f"{attn}.to_q", False),
+                (f"{attn}.to_k", False),
+                (f"{attn}.to_v", False),
+                (f"{attn}.to_out.0", True),
+            ]
         modules += [LayoutModule(f"{ref}.{block}.{n}", f"{dif}.{block}.{n}", "linear", bias) for n, bias in names]
     modules += [LayoutModule(f"{ref}.{block}.norm{i}", f"{dif}.{block}.norm{i}", "norm") for i in (1, 2, 3)]
     modules.append(LayoutModule(f"{ref}.proj_out", f"{dif}.proj_out", proj))
@@ -201,7 +202,9 @@ def _resblock(ref: str, resnet: str, temp_conv: str, with_shortcut: bool) -> lis
         modules.append(LayoutModule(f"{ref}.skip_connection", f"{resnet}.conv_shortcut", "conv2d"))
     for i, conv_index in ((1, 2), (2, 3), (3, 3), (4, 3)):
         modules.append(LayoutModule(f"{ref}.temopral_conv.conv{i}.0", f"{temp_conv}.conv{i}.0", "norm"))
-        modules.append(LayoutModule(f"{ref}.temopral_conv.conv{i}.{conv_index}", f"{temp_conv}.conv{i}.{conv_index}", "conv3d"))
+        modules.append(
+            LayoutModule(f"{ref}.temopral_conv.conv{i}.{conv_index}", f"{temp_conv}.conv{i}.{conv_index}", "conv3d")
+        )
     return modules
 
 
@@ -241,7 +244,9 @@ def unet_layout(config: LvdmUNetConfig) -> list[LayoutModule]:
             skip_channels.append(ch)
             block += 1
         if level != len(config.channel_mult) - 1:
-            modules.append(LayoutModule(f"input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "conv2d"))
+            modules.append(
+                LayoutModule(f"input_blocks.{block}.0.op", f"down_blocks.{level}.downsamplers.0.conv", "conv2d")
+            )
             skip_channels.append(ch)
             block += 1
     modules += _transformer("init_attn.0", "transformer_in", conv_proj=True)
@@ -261,7 +266,11 @@ def unet_layout(config: LvdmUNetConfig) -> list[LayoutModule]:
             if level and j == config.num_res_blocks:
                 upsample_index = 3 if attention[level] else 1
                 modules.append(
-                    LayoutModule(f"output_blocks.{block}.{upsample_index}.conv", f"up_blocks.{up_index}.upsamplers.0.conv", "conv2d")
+                    LayoutModule(
+                        f"output_blocks.{block}.{upsample_index}.conv",
+                        f"up_blocks.{up_index}.upsamplers.0.conv",
+                        "conv2d",
+                    )
                 )
             block += 1
     modules += [LayoutModule("out.0", "conv_norm_out", "norm"), LayoutModule("out.2", "conv_out", "conv2d")]
@@ -296,14 +305,12 @@ def to_diffusers_state_dict(
     if missing or unexpected:
         raise CheckpointError(describe_key_mismatch(f"{source} (UNet, lvdm keys)", missing, unexpected))
     squeeze = _conv1d_keys(config)
-    return {
-        mapping[key]: tensor.squeeze(-1) if key in squeeze else tensor
-        for key, tensor in reference.items()
-    }
+    return {mapping[key]: tensor.squeeze(-1) if key in squeeze else tensor for key, tensor in reference.items()}
 
 
 def to_reference_state_dict(diffusers: dict[str, torch.Tensor], config: LvdmUNetConfig) -> dict[str, torch.Tensor]:
-    """The inverse of `to_diffusers_state_dict`: diffusers UNet keys -> lvdm keys (Linear -> Conv1d where lvdm has one)."""
+    """The inverse of `to_diffusers_state_dict`: diffusers UNet keys -> lvdm keys (Linear -> Conv1d where lvdm has
+    one)."""
     mapping = key_map(config)
     inverse = {dif: ref for ref, dif in mapping.items()}
     missing = [key for key in inverse if key not in diffusers]
@@ -328,7 +335,9 @@ def lora_delta(up: torch.Tensor, down: torch.Tensor, weight_shape: torch.Size) -
     return (up.flatten(1).double() @ down.flatten(1).double()).reshape(weight_shape)
 
 
-def check_lora_list(lora: Sequence[torch.Tensor], reference: dict[str, torch.Tensor], config: LvdmUNetConfig, *, source: str) -> list[tuple[LayoutModule, torch.Tensor, torch.Tensor]]:
+def check_lora_list(
+    lora: Sequence[torch.Tensor], reference: dict[str, torch.Tensor], config: LvdmUNetConfig, *, source: str
+) -> list[tuple[LayoutModule, torch.Tensor, torch.Tensor]]:
     """Pair a LoRA list [up0, down0, up1, down1, ...] with the UNet modules; raise CheckpointError on any mismatch.
 
     `reference` gives the base weight shapes (lvdm keys); a module whose weight is absent (T2V-Turbo's zero-base

@@ -14,7 +14,8 @@ import torch
 from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from videodpo_ray.models.lvdm_layout import CheckpointError, describe_key_mismatch
+from videodpo_ray.errors import CheckpointError
+from videodpo_ray.models.base import describe_key_mismatch
 
 OPENCLIP_HEAD_WIDTH = 64  # every OpenCLIP text tower uses 64-wide heads (ViT-H-14: 1024 / 16)
 
@@ -42,7 +43,9 @@ def clip_text_config(
     )
 
 
-def convert_openclip_text_state_dict(openclip: dict[str, torch.Tensor], *, source: str) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
+def convert_openclip_text_state_dict(
+    openclip: dict[str, torch.Tensor], *, source: str
+) -> tuple[CLIPTextConfig, dict[str, torch.Tensor]]:
     """OpenCLIP text-tower keys (`token_embedding.weight`, `transformer.resblocks.N.*`, ...) -> CLIPTextModel keys.
 
     The last residual block, `text_projection` and `logit_scale` are dropped (penultimate-layer output); any other
@@ -55,7 +58,9 @@ def convert_openclip_text_state_dict(openclip: dict[str, torch.Tensor], *, sourc
         ffn = openclip["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{source}: not an OpenCLIP text tower state dict ({error!r} missing)") from None
-    config = clip_text_config(token_embedding.shape[1], num_blocks - 1, ffn, token_embedding.shape[0], positions.shape[0])
+    config = clip_text_config(
+        token_embedding.shape[1], num_blocks - 1, ffn, token_embedding.shape[0], positions.shape[0]
+    )
     hidden = config.hidden_size
     converted = {
         "embeddings.token_embedding.weight": token_embedding,

@@ -18,11 +18,10 @@ from typing import ClassVar, Iterator, Sequence
 import torch
 from diffusers import LCMScheduler
 from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.functional import set_adapter
+from peft.tuners.tuners_utils import BaseTunerLayer
 
-from videodpo_ray.config import ConfigError
-from videodpo_ray.models.base import ModelConfig
+from videodpo_ray.errors import ConfigError
+from videodpo_ray.models.base import ModelConfig, inject_lora_adapter
 from videodpo_ray.models.convert_vc2 import TURBO_TIME_COND_PROJ_DIM, VC2Components, merge_turbo_lora, read_lora_list
 from videodpo_ray.models.lvdm_layout import check_lora_list, to_reference_state_dict
 from videodpo_ray.models.vc2 import FULL_VIDEO_SIZE, VideoCrafter2
@@ -48,8 +47,17 @@ def lcm_timesteps(num_steps: int, num_train_timesteps: int = 1000, origin_steps:
     return origin[:: -(origin_steps // num_steps)][:num_steps]
 
 
+def set_active_adapter(layers: Sequence[BaseTunerLayer], adapter: str, inference_mode: bool = False) -> None:
+    """Make `adapter` the active one of every layer (trainable unless inference_mode; the others frozen)."""
+    for layer in layers:
+        layer.set_adapter(adapter, inference_mode=inference_mode)
+
+
 class T2VTurbo(VideoCrafter2):
-    """T2V-Turbo v1 (epsilon; DPO timesteps on the 50-step DDIM grid; LCM sampling, w = 7.5, fps 16)."""
+    """T2V-Turbo v1 (epsilon; DPO timesteps on the 50-step DDIM grid; LCM sampling, w = 7.5, fps 16).
+
+    Its presets are VC2's ("tiny", "full"), built with T2V-Turbo's `time_cond_proj`.
+    """
 
     family = "t2v_turbo"
     time_cond_proj_dim: ClassVar[int | None] = TURBO_TIME_COND_PROJ_DIM
@@ -66,10 +74,12 @@ class T2VTurbo(VideoCrafter2):
     ) -> None:
         if config.turbo_lora_mode == "train_released":
             if config.finetune != "lora":
-                raise ConfigError("model.turbo_lora_mode='train_released' trains the released LoRA: needs model.finetune='lora'")
+                raise ConfigError(
+                    "model.turbo_lora_mode='train_released' trains the released LoRA: needs model.finetune='lora'"
+                )
             if released_lora is None:
                 raise ConfigError("model.turbo_lora_mode='train_released' needs model.turbo_lora_path (unet_lora.pt)")
-        self._released_lora = released_lora  # consumed by _inject_lora during VideoCrafter2.__init__
+        self._released_lora = released_lora  # consumed by inject_lora during VideoCrafter2.__init__
         super().__init__(components, config, video_size)
         del self._released_lora
 
@@ -92,10 +102,11 @@ class T2VTurbo(VideoCrafter2):
                 components.turbo_lora_merged, lora = True, None
         return cls(components, config, cls.video_size_for(config), released_lora=lora)
 
-    def _inject_lora(self) -> None:
+    def inject_lora(self) -> list[BaseTunerLayer]:
+        """merge_and_new: a fresh LoRA (the base class's). train_released: the released factors as two peft adapters,
+        the trainable `released` one active and the frozen `released_reference` one for the DPO reference."""
         if self.config.turbo_lora_mode == "merge_and_new":
-            super()._inject_lora()
-            return
+            return super().inject_lora()
         reference = to_reference_state_dict(self.unet.state_dict(), self.unet_layout)
         pairs = check_lora_list(self._released_lora, reference, self.unet_layout, source="released T2V-Turbo LoRA")
         ranks = {module.diffusers: up.shape[1] for module, up, _ in pairs}
@@ -111,27 +122,28 @@ class T2VTurbo(VideoCrafter2):
         for adapter in (RELEASED_ADAPTER, RELEASED_REFERENCE_ADAPTER):
             with warnings.catch_warnings():  # the second adapter is intended ("multiple adapters in the model")
                 warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-                inject_adapter_in_model(peft_config, self.unet, adapter_name=adapter)
+                layers = inject_lora_adapter(self.unet, peft_config, adapter_name=adapter)
             modules = dict(self.unet.named_modules())
             with torch.no_grad():
                 for module, up, down in pairs:
                     layer = modules[module.diffusers]
                     layer.lora_A[adapter].weight.copy_(down)
                     layer.lora_B[adapter].weight.copy_(up)
-        set_adapter(self.unet, RELEASED_ADAPTER)  # trainable; the reference adapter stays frozen and inactive
+        set_active_adapter(layers, RELEASED_ADAPTER)  # trainable; the reference adapter stays frozen and inactive
+        return layers
 
     @contextmanager
-    def _reference_adapters(self) -> Iterator[None]:
+    def reference_adapters(self) -> Iterator[None]:
         """train_released: the frozen released-LoRA adapter replaces the trained one; else adapters off."""
         if self.config.turbo_lora_mode != "train_released":
-            with super()._reference_adapters():
+            with super().reference_adapters():
                 yield
             return
-        set_adapter(self.unet, RELEASED_REFERENCE_ADAPTER, inference_mode=True)
+        set_active_adapter(self._tuner_layers, RELEASED_REFERENCE_ADAPTER, inference_mode=True)
         try:
             yield
         finally:
-            set_adapter(self.unet, RELEASED_ADAPTER)
+            set_active_adapter(self._tuner_layers, RELEASED_ADAPTER)
 
     # --- diffusion --------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -146,9 +158,14 @@ class T2VTurbo(VideoCrafter2):
         return guidance_scale_embedding(torch.full((batch_size,), self.default_guidance_scale, device=device))
 
     def denoise(
-        self, latents: torch.Tensor, context: torch.Tensor, generators: Sequence[torch.Generator], num_steps: int, guidance_scale: float
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        num_steps: int,
+        guidance_scale: float,
     ) -> torch.Tensor:
-        """x_T -> x_0: LCM multistep (4 steps [999, 759, 519, 279]); w (7.5) is UNet conditioning, no CFG pass; fps 16."""
+        """x_T -> x_0: LCM multistep (4 steps [999, 759, 519, 279]); w (7.5) is UNet conditioning, no CFG; fps 16."""
         w_embedding = guidance_scale_embedding(torch.full((latents.shape[0],), guidance_scale, device=self.device))
         schedule = self.schedule.config
         scheduler = LCMScheduler(

@@ -1,88 +1,94 @@
 """VideoCrafter2 behind the `VideoDiffusionModel` interface: UNet + kl-f8 VAE + OpenCLIP-H text encoder.
 
-Finetune modes (ModelConfig.finetune) and their DPO reference:
-- "full": every UNet weight trains; the reference is a frozen copy (bf16 when mixed_precision="bf16").
-- "lora": a fresh peft LoRA (`peft.inject_adapter_in_model`) trains; the reference is the same UNet with the
-  adapters disabled (no extra weights).
-- "temporal": only the temporal layers (`transformer_in`, `temp_convs`, `temp_attentions`) train; frozen copy.
+Owns the VC2 presets ("tiny": random, CPU tests; "full": VC2's real size), the model (epsilon prediction, scale_arr
+noising, lvdm DDIM + CFG sampling, fps conditioning) and `write_pretrained` (the converted-directory layout of
+`convert_vc2.save_components`). Finetune modes are the base class's: "full" and "temporal" (only `transformer_in`,
+`temp_convs`, `temp_attentions` train) keep a frozen copy as the DPO reference; "lora" adds a fresh peft LoRA and
+the reference is the same UNet with the adapters off.
 """
 
 from __future__ import annotations
 
-import copy
-from contextlib import contextmanager
-from typing import ClassVar, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL
-from peft import LoraConfig as PeftLoraConfig
-from peft import inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
-from torch import nn
 from transformers import CLIPTextModel
 
-from videodpo_ray.config import ConfigError
 from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
-from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder
-from videodpo_ray.models.lvdm_layout import CheckpointError, LvdmUNetConfig, describe_key_mismatch
+from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
+from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.openclip_text import OpenCLIPTextEncoder, clip_text_config
 from videodpo_ray.models.vc2_schedule import VC2NoiseSchedule, VC2ScheduleConfig
 from videodpo_ray.models.vc2_unet import VC2UNet3DConditionModel
 
-DEFAULT_LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 TEMPORAL_MODULES = ("transformer_in.", ".temp_convs.", ".temp_attentions.")
 FULL_VIDEO_SIZE = (16, 320, 512)  # frames, height, width of VC2 / T2V-Turbo v1 samples
-TINY_VIDEO_SIZE = (4, 16, 16)
 
 
-def tiny_components(time_cond_proj_dim: int | None = None) -> VC2Components:
-    """Random-init components of the VC2 classes, small enough for CPU tests (UNet ~1M parameters)."""
-    layout = LvdmUNetConfig(
-        model_channels=32,
-        channel_mult=[1, 2],
-        num_res_blocks=1,
-        attention_resolutions=[1, 2],
-        num_head_channels=16,
-        context_dim=64,
-        time_cond_proj_dim=time_cond_proj_dim,
-    )
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 2,
-        up_block_types=["UpDecoderBlock2D"] * 2,
-        block_out_channels=[32, 32],
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=32,
-        scaling_factor=0.18215,
-    )
-    text = CLIPTextModel(clip_text_config(hidden_size=64, num_hidden_layers=1, intermediate_size=128))
-    return VC2Components(
-        unet=VC2UNet3DConditionModel(**layout.diffusers_config()),
-        unet_layout=layout,
-        vae=vae,
-        text_encoder=OpenCLIPTextEncoder(text.eval()),
-        schedule=VC2ScheduleConfig(),
-    )
+@dataclass(frozen=True)
+class VC2Preset:
+    """A VC2-shaped architecture for random init: lvdm UNet kwargs, AutoencoderKL kwargs, the OpenCLIP text tower
+    (`clip_text_config` kwargs) and the default sample size (frames, height, width)."""
+
+    unet: dict[str, Any]
+    vae: dict[str, Any]
+    text_encoder: dict[str, Any]
+    video_size: tuple[int, int, int]
+
+    def components(self, time_cond_proj_dim: int | None = None) -> VC2Components:
+        """Random-init components (T2V-Turbo: with a `time_cond_proj` of that width)."""
+        layout = LvdmUNetConfig(**self.unet, time_cond_proj_dim=time_cond_proj_dim)
+        vae = AutoencoderKL(**self.vae)
+        text = OpenCLIPTextEncoder(CLIPTextModel(clip_text_config(**self.text_encoder)).eval())
+        return VC2Components(
+            unet=VC2UNet3DConditionModel(**layout.diffusers_config()),
+            unet_layout=layout,
+            vae=vae,
+            text_encoder=text,
+            schedule=VC2ScheduleConfig(),
+        )
 
 
-def full_components(time_cond_proj_dim: int | None = None) -> VC2Components:
-    """Random-init components at VC2's real size (1.4B-parameter UNet, kl-f8 VAE, OpenCLIP-H text at layer 23)."""
-    layout = LvdmUNetConfig(time_cond_proj_dim=time_cond_proj_dim)
-    vae = AutoencoderKL(
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=[128, 256, 512, 512],
-        layers_per_block=2,
-        latent_channels=4,
-        scaling_factor=0.18215,
-    )
-    return VC2Components(
-        unet=VC2UNet3DConditionModel(**layout.diffusers_config()),
-        unet_layout=layout,
-        vae=vae,
-        text_encoder=OpenCLIPTextEncoder(CLIPTextModel(clip_text_config()).eval()),
-        schedule=VC2ScheduleConfig(),
-    )
+_KL_F8 = {"latent_channels": 4, "scaling_factor": 0.18215}
+PRESETS: dict[str, VC2Preset] = {
+    # UNet ~1M parameters
+    "tiny": VC2Preset(
+        unet={
+            "model_channels": 32,
+            "channel_mult": [1, 2],
+            "num_res_blocks": 1,
+            "attention_resolutions": [1, 2],
+            "num_head_channels": 16,
+            "context_dim": 64,
+        },
+        vae={
+            **_KL_F8,
+            "down_block_types": ["DownEncoderBlock2D"] * 2,
+            "up_block_types": ["UpDecoderBlock2D"] * 2,
+            "block_out_channels": [32, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 32,
+        },
+        text_encoder={"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128},
+        video_size=(4, 16, 16),
+    ),
+    # VC2's real size: 1.4B-parameter UNet (the lvdm defaults), kl-f8 VAE, OpenCLIP-H text tower at layer 23
+    "full": VC2Preset(
+        unet={},
+        vae={
+            **_KL_F8,
+            "down_block_types": ["DownEncoderBlock2D"] * 4,
+            "up_block_types": ["UpDecoderBlock2D"] * 4,
+            "block_out_channels": [128, 256, 512, 512],
+            "layers_per_block": 2,
+        },
+        text_encoder={},
+        video_size=FULL_VIDEO_SIZE,
+    ),
+}
 
 
 class VideoCrafter2(VideoDiffusionModel):
@@ -90,6 +96,8 @@ class VideoCrafter2(VideoDiffusionModel):
 
     family = "vc2"
     prediction_type = "epsilon"
+    PRESETS = PRESETS
+    temporal_modules = TEMPORAL_MODULES
     time_cond_proj_dim: ClassVar[int | None] = None
     sample_fps: ClassVar[int] = 28  # the official VC2 sampling script
     default_num_inference_steps: ClassVar[int] = 50
@@ -102,22 +110,24 @@ class VideoCrafter2(VideoDiffusionModel):
         config: ModelConfig,
         video_size: tuple[int, int, int] = FULL_VIDEO_SIZE,
     ) -> None:
-        super().__init__()
-        if config.family != self.family:
-            raise ConfigError(f"model.family={config.family!r} cannot build {type(self).__name__} ({self.family!r})")
-        self.config = config
-        self.unet = components.unet
+        super().__init__(config)
+        self.denoiser = components.unet
         self.unet_layout = components.unet_layout
         self.vae = components.vae.eval().requires_grad_(False)
         self.text_encoder = components.text_encoder
         if self.text_encoder is not None:
             self.text_encoder.eval().requires_grad_(False)
+        self.checkpoint_schedule = components.schedule  # as loaded (saved back by write_pretrained)
         self.schedule = VC2NoiseSchedule(self.training_schedule(components.schedule))
         self.scale_factor = components.scale_factor
+        self.turbo_lora_merged = components.turbo_lora_merged
         self.video_size = video_size
-        self.reference_unet: VC2UNet3DConditionModel | None = None
-        self._configure_training()
-        self._trainable_names = [name for name, p in self.unet.named_parameters() if p.requires_grad]
+        self.configure_training()
+
+    @property
+    def unet(self) -> VC2UNet3DConditionModel:
+        """The policy UNet (the base class's `denoiser`)."""
+        return self.denoiser
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
@@ -126,87 +136,41 @@ class VideoCrafter2(VideoDiffusionModel):
         return schedule
 
     @classmethod
-    def tiny(cls, config: ModelConfig | None = None) -> "VideoCrafter2":
-        config = config or ModelConfig(family=cls.family, variant="tiny")
-        return cls(tiny_components(cls.time_cond_proj_dim), config, TINY_VIDEO_SIZE)
-
-    @classmethod
     def load_components(cls, config: ModelConfig) -> VC2Components:
-        """path None: the `variant` preset ("tiny" | "full") with random weights; else a converted directory or an
-        original checkpoint (local or fsspec URL). `text_encoder_path` adds/replaces the text encoder."""
+        """path None: the `variant` preset with random weights; else a converted directory or an original
+        checkpoint (local or fsspec URL). `text_encoder_path` adds/replaces the text encoder."""
+        preset = cls.preset(config.variant)
         if config.path is not None:
             components = load_components(config.path, time_cond_proj_dim=cls.time_cond_proj_dim)
-        elif config.variant == "tiny":
-            components = tiny_components(cls.time_cond_proj_dim)
-        elif config.variant == "full":
-            components = full_components(cls.time_cond_proj_dim)
         else:
-            raise ConfigError(f"model.variant={config.variant!r}: {cls.family} presets are 'tiny' and 'full'")
+            components = preset.components(cls.time_cond_proj_dim)
         if config.text_encoder_path is not None:
             components.text_encoder = load_text_encoder(config.text_encoder_path)
         return components
 
     @classmethod
     def video_size_for(cls, config: ModelConfig) -> tuple[int, int, int]:
-        """Default sample size: tiny for the random "tiny" preset, else VC2's 16 x 320 x 512 (loaded weights too)."""
-        return TINY_VIDEO_SIZE if config.path is None and config.variant == "tiny" else FULL_VIDEO_SIZE
+        """Default sample size: the preset's for random weights, VC2's 16 x 320 x 512 for loaded weights."""
+        return cls.preset(config.variant).video_size if config.path is None else FULL_VIDEO_SIZE
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "VideoCrafter2":
         return cls(cls.load_components(config), config, cls.video_size_for(config))
 
-    def _configure_training(self) -> None:
-        self.unet.requires_grad_(False)
-        if self.config.gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-        if self.config.finetune == "lora":
-            self._inject_lora()
-            return
-        if self.config.finetune == "full":
-            self.unet.requires_grad_(True)
-        else:  # temporal
-            for name, param in self.unet.named_parameters():
-                param.requires_grad_(any(part in f".{name}" for part in TEMPORAL_MODULES))
-        self.reference_unet = copy.deepcopy(self.unet).requires_grad_(False).eval()
-        if self.config.mixed_precision == "bf16":
-            self.reference_unet.to(torch.bfloat16)
-
-    def _inject_lora(self) -> None:
-        lora = self.config.lora
-        peft_config = PeftLoraConfig(
-            r=lora.rank,
-            lora_alpha=lora.alpha if lora.alpha is not None else lora.rank,
-            target_modules=lora.target_modules or DEFAULT_LORA_TARGETS,
-            lora_dropout=lora.dropout,
+    def write_pretrained(self, directory: Path) -> None:
+        """The converted-directory layout (`convert_vc2.save_components`), with this model's family."""
+        components = VC2Components(
+            unet=self.unet,
+            unet_layout=self.unet_layout,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            schedule=self.checkpoint_schedule,
+            scale_factor=self.scale_factor,
+            turbo_lora_merged=self.turbo_lora_merged,
         )
-        inject_adapter_in_model(peft_config, self.unet)
-
-    @contextmanager
-    def _reference_unet(self) -> Iterator[VC2UNet3DConditionModel]:
-        """The frozen reference: the copy (full / temporal), or the policy UNet in its reference adapter state."""
-        if self.reference_unet is not None:
-            yield self.reference_unet
-            return
-        with self._reference_adapters():
-            yield self.unet
-
-    @contextmanager
-    def _reference_adapters(self) -> Iterator[None]:
-        """LoRA reference: every adapter disabled (peft), restored (and trainable again) on exit."""
-        layers = [module for module in self.unet.modules() if isinstance(module, BaseTunerLayer)]
-        for layer in layers:
-            layer.enable_adapters(False)
-        try:
-            yield
-        finally:
-            for layer in layers:
-                layer.enable_adapters(True)
+        save_components(components, directory, family=self.family)
 
     # --- text -------------------------------------------------------------------------------------------------
-    @property
-    def device(self) -> torch.device:
-        return self.unet.device
-
     @torch.no_grad()
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         if self.text_encoder is None:
@@ -284,10 +248,12 @@ class VideoCrafter2(VideoDiffusionModel):
         condition = self.timestep_condition(noisy_latents.shape[0], noisy_latents.device)
         if not reference:
             return self._denoise(self.unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
-        with torch.no_grad(), self._reference_unet() as unet:
+        with torch.no_grad(), self.reference_model() as unet:
             return self._denoise(unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
 
-    def initial_noise(self, seeds: Sequence[int], num_frames: int, height: int, width: int) -> tuple[torch.Tensor, list[torch.Generator]]:
+    def initial_noise(
+        self, seeds: Sequence[int], num_frames: int, height: int, width: int
+    ) -> tuple[torch.Tensor, list[torch.Generator]]:
         """x_T per sample from its own CPU generator (same videos on any device), and those generators."""
         multiple = self.vae_scale * 2**self.unet.num_upsamplers
         if height % multiple or width % multiple:
@@ -320,7 +286,12 @@ class VideoCrafter2(VideoDiffusionModel):
         return self.decode_latents(self.denoise(latents, context, generators, steps, guidance))
 
     def denoise(
-        self, latents: torch.Tensor, context: torch.Tensor, generators: Sequence[torch.Generator], num_steps: int, guidance_scale: float
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        num_steps: int,
+        guidance_scale: float,
     ) -> torch.Tensor:
         """x_T -> x_0: lvdm DDIM (eta 1.0) with classifier-free guidance against "" at the sampling fps (28)."""
         uncond = self.empty_prompt_embedding().to(self.device).expand_as(context)
@@ -328,29 +299,10 @@ class VideoCrafter2(VideoDiffusionModel):
         def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             if guidance_scale == 1.0:
                 return self._denoise(self.unet, x, t, context, self.sample_fps)
-            both = self._denoise(self.unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond]), self.sample_fps)
+            both = self._denoise(
+                self.unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond]), self.sample_fps
+            )
             cond, free = both.chunk(2)
             return free + guidance_scale * (cond - free)
 
         return self.schedule.ddim_sample(predict_noise, latents, num_steps, self.ddim_eta, generators)
-
-    # --- training ---------------------------------------------------------------------------------------------
-    def trainable_parameters(self) -> list[nn.Parameter]:
-        params = dict(self.unet.named_parameters())
-        return [params[name] for name in self._trainable_names]
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        params = dict(self.unet.named_parameters())
-        return {name: params[name].detach() for name in self._trainable_names}
-
-    def load_trainable_state_dict(self, state_dict: dict[str, torch.Tensor]) -> None:
-        params = dict(self.unet.named_parameters())
-        missing = [name for name in self._trainable_names if name not in state_dict]
-        unexpected = [name for name in state_dict if name not in self._trainable_names]
-        if missing or unexpected:
-            raise CheckpointError(describe_key_mismatch(f"{type(self).__name__} trainable state", missing, unexpected))
-        with torch.no_grad():
-            for name, tensor in state_dict.items():
-                if tensor.shape != params[name].shape:
-                    raise ValueError(f"trainable state {name}: shape {tuple(tensor.shape)}, model {tuple(params[name].shape)}")
-                params[name].copy_(tensor)

@@ -1,4 +1,5 @@
-"""VideoCrafter2's UNet on diffusers: `UNet3DConditionModel` plus the fps embedding, with working activation checkpointing."""
+"""VideoCrafter2's UNet on diffusers: `UNet3DConditionModel` plus the fps embedding, with working activation
+checkpointing."""
 
 from __future__ import annotations
 
@@ -39,7 +40,12 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
             "CrossAttnDownBlock3D",
             "DownBlock3D",
         ),
-        up_block_types: tuple[str, ...] = ("UpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D", "CrossAttnUpBlock3D"),
+        up_block_types: tuple[str, ...] = (
+            "UpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+            "CrossAttnUpBlock3D",
+        ),
         block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280),
         layers_per_block: int = 2,
         downsample_padding: int = 1,
@@ -138,7 +144,12 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
             res = skips[-len(block.resnets) :]
             skips = skips[: -len(block.resnets)]
             upsample_size = skips[-1].shape[2:] if forward_upsample_size and index < len(self.up_blocks) - 1 else None
-            kwargs = {"hidden_states": hidden, "temb": emb, "res_hidden_states_tuple": res, "upsample_size": upsample_size}
+            kwargs = {
+                "hidden_states": hidden,
+                "temb": emb,
+                "res_hidden_states_tuple": res,
+                "upsample_size": upsample_size,
+            }
             if getattr(block, "has_cross_attention", False):
                 kwargs["encoder_hidden_states"] = context
             hidden = self._run(block, num_frames=num_frames, **kwargs)

@@ -1,16 +1,21 @@
 """Loading scorer weights: from a local path or any fsspec URL (s3://, gs://, https://, hf://org/repo/file for the
 Hugging Face hub), as safetensors or a torch pickle read with weights_only=True, checked strictly against the model.
+
+Remote files reach the machine through `storage.local_file` (downloaded once to the weights cache), and the strict
+check is the models' one (`models.base.load_state_dict_strict`), raising `WeightsError`.
 """
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
-from typing import Callable, Iterable, TypeVar
+from typing import Callable, TypeVar
 
-import fsspec
 import torch
-from safetensors.torch import load as load_safetensors
+from safetensors.torch import load_file as load_safetensors_file
+
+from videodpo_ray import storage
+from videodpo_ray.errors import WeightsError
+from videodpo_ray.models.base import load_state_dict_strict
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 
@@ -27,13 +32,9 @@ class ModelInfo:
     source: str
 
 
-class WeightsError(ValueError):
-    """Weights that cannot be read or do not match the model; the message names the file and the keys."""
-
-
 def _weights_file(location: str) -> str:
     """`location` itself, or the Hugging Face weights file inside it when it is a directory."""
-    fs, path = fsspec.core.url_to_fs(location)
+    fs, path = storage.filesystem_for(location)
     if not fs.isdir(path):
         return location
     for name in HF_WEIGHT_FILES:
@@ -51,17 +52,17 @@ def load_state_dict(location: str, key: str | None = None) -> dict[str, torch.Te
         raise WeightsError("no weights location given (set models.<dimension>.weights)")
     path = _weights_file(location)
     try:
-        with fsspec.open(path, "rb") as file:
-            data = file.read()
-    except (OSError, ValueError) as error:
+        local = storage.local_file(path)
+    except (OSError, ValueError) as error:  # CheckpointError (not found) is a ValueError
         raise WeightsError(f"{path}: cannot read weights ({error})") from None
     try:
         if path.endswith(".safetensors"):
-            state_dict = load_safetensors(data)
+            state_dict = load_safetensors_file(str(local))
         else:
-            state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+            state_dict = torch.load(local, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any parse failure is reported the same way
-        raise WeightsError(f"{path}: not a safetensors / torch weights file ({type(error).__name__}: {error})") from None
+        problem = f"{type(error).__name__}: {error}"
+        raise WeightsError(f"{path}: not a safetensors / torch weights file ({problem})") from None
     if key is not None:
         if not isinstance(state_dict, dict) or key not in state_dict:
             found = ", ".join(map(str, state_dict)) if isinstance(state_dict, dict) else type(state_dict).__name__
@@ -70,12 +71,6 @@ def load_state_dict(location: str, key: str | None = None) -> dict[str, torch.Te
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise WeightsError(f"{path}: expected a flat mapping of tensor names to tensors")
     return state_dict
-
-
-def _listing(title: str, keys: Iterable[str], limit: int = 20) -> str:
-    keys = sorted(keys)
-    shown = ", ".join(keys[:limit]) + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
-    return f"\n  {title} ({len(keys)}): {shown}"
 
 
 def load_strict(
@@ -95,25 +90,7 @@ def load_strict(
         for key, value in state_dict.items()
         if not key.startswith(ignore_prefixes) and not key.endswith(ignore_suffixes)
     }
-    expected = model.state_dict()
-    missing = expected.keys() - kept.keys()
-    unexpected = kept.keys() - expected.keys()
-    mis_shaped = [
-        f"{key} {tuple(kept[key].shape)} != {tuple(expected[key].shape)}"
-        for key in expected.keys() & kept.keys()
-        if kept[key].shape != expected[key].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        message = f"{source}: weights do not match {type(model).__name__}"
-        if missing:
-            message += _listing("missing keys", missing)
-        if unexpected:
-            message += _listing("unexpected keys", unexpected)
-        if mis_shaped:
-            message += _listing("shape mismatches (checkpoint != model)", mis_shaped)
-        raise WeightsError(message)
-    model.load_state_dict(kept, strict=True)
-    return model
+    return load_state_dict_strict(model, kept, source, error=WeightsError)
 
 
 def seeded(build: Callable[[], ModuleT], seed: int = 0) -> ModuleT:
