@@ -12,6 +12,14 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 VC2_TINY = SHARED / "fixtures" / "vc2-tiny"
 
 
+@pytest.fixture(autouse=True)
+def weights_cache(tmp_path_factory, monkeypatch) -> Path:
+    """A fresh remote-weights cache per test (never ~/.cache): a URL rewritten by a test is never served stale."""
+    directory = tmp_path_factory.mktemp("weights-cache")
+    monkeypatch.setenv("VIDEODPO_RAY_CACHE", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def vc2_tiny_dir() -> Path:
     """The read-only tiny VC2 / T2V-Turbo checkpoint fixture in ../shared (never copied into the repo)."""

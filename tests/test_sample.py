@@ -160,3 +160,37 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
         code, output = sample(*arguments)
         assert code == 2 and message in output, (arguments, output)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["vc2", "t2v_turbo", "cogvideox"])
+def test_merged_and_unmerged_exports_give_the_same_videos(family, tmp_path, single_torch_thread):
+    config = ModelConfig(family=family, variant="tiny", finetune="lora", lora={"rank": 4})
+    model = build_model(config, seed=5)
+    tuned = {name: tensor + 0.05 * torch.randn_like(tensor) for name, tensor in model.trainable_state_dict().items()}
+    run = tmp_path / "run"
+    ckpt.write_export(tuned, config, str(run / "export"), step=3, dtype="float32", init_seed=5)
+
+    result = CliRunner().invoke(app, ["export", str(run), "--merged", "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 0, result.output
+    merged = build_model(ModelConfig(family=family, variant="tiny", path=str(tmp_path / "merged")))
+    assert not any("lora" in name for name in merged.state_dict())
+    unmerged = ckpt.load_exported_model(str(run / "export"))
+    size = unmerged.video_size
+    with torch.no_grad():
+        a = unmerged.eval().sample(PROMPTS, [1, 2], num_inference_steps=2)
+        b = merged.eval().sample(PROMPTS, [1, 2], num_inference_steps=2, num_frames=size[0], height=size[1],
+                                 width=size[2])
+    assert a.shape == b.shape and (a.int() - b.int()).abs().max() <= 1  # fp32: W + BA vs the adapter's two matmuls
+
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    sizes = [f"sampling.num_frames={size[0]}", f"sampling.height={size[1]}", f"sampling.width={size[2]}"]
+    code, output = sample("--model", family, "--weights", str(tmp_path / "merged"), "--prompts", str(path),
+                          "--out", str(tmp_path / "videos"), *FAST, *sizes)
+    assert code == 0, output
+    assert read_index(tmp_path / "videos")[0]["model"] == f"{family}/tiny@{tmp_path / 'merged'}"
+
+    trainable = CliRunner().invoke(app, ["export", str(run), "--trainable", "--out", str(tmp_path / "copy")])
+    assert trainable.exit_code == 0, trainable.output
+    assert ckpt.load_export(str(tmp_path / "copy"))[1].keys() == tuned.keys()
+    missing = CliRunner().invoke(app, ["export", str(tmp_path / "nothing"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "neither a training run with an export/ nor an export" in missing.output

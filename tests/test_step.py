@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from videodpo_ray.dpo import diffusion_dpo_loss
-from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
 from videodpo_ray.training import dpo_step, sft_step
 
 CHANNELS, FRAMES, HEIGHT, WIDTH, TEXT_DIM = 2, 3, 4, 4, 6
@@ -23,7 +23,7 @@ class TinyEpsilonModel(VideoDiffusionModel):
     prediction_type = "epsilon"
 
     def __init__(self) -> None:
-        super().__init__()
+        super().__init__(ModelConfig(family=self.family))
         torch.manual_seed(0)
         self.denoiser = nn.Conv3d(CHANNELS, CHANNELS, 1)
         self.text_proj = nn.Linear(TEXT_DIM, CHANNELS)
@@ -83,6 +83,9 @@ class TinyEpsilonModel(VideoDiffusionModel):
         raise NotImplementedError
 
     def load_trainable_state_dict(self, state_dict):
+        raise NotImplementedError
+
+    def write_pretrained(self, directory):
         raise NotImplementedError
 
     @classmethod

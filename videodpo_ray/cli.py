@@ -76,6 +76,32 @@ def sample(
     raise typer.Exit(code=code)
 
 
+@app.command()
+def export(
+    run: str = typer.Argument(..., help="a training run directory (or its export/) on any storage"),
+    out: str = typer.Option(..., help="output directory or URL"),
+    merged: bool = typer.Option(
+        True, "--merged/--trainable", help="merged: full weights with the LoRA folded in; trainable: the export as is"
+    ),
+) -> None:
+    """Write a training run's export: merged into a base-model directory (`sample --weights OUT`), or as is."""
+    from videodpo_ray.errors import ConfigError
+    from videodpo_ray.storage import join, read_bytes, write_bytes_atomic
+    from videodpo_ray.training.checkpoint import EXPORT_FILES, export_url_of, write_merged_export
+
+    try:
+        export_url = export_url_of(run)
+        if merged:
+            write_merged_export(export_url, out)
+        else:
+            for name in EXPORT_FILES:
+                write_bytes_atomic(join(out, name), read_bytes(join(export_url, name)))
+    except ConfigError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise typer.Exit(code=2)
+    typer.echo(f"wrote {'merged model' if merged else 'export'} of {export_url} to {out}")
+
+
 @convert_app.command("vc2")
 def convert_vc2(
     checkpoint: str = typer.Option(..., help="original VC2 / T2V-Turbo base model.ckpt (local path or fsspec URL)"),

@@ -217,6 +217,12 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     return PyFileSystem(FSSpecHandler(fs)), path
 
 
+def upload_directory(local: Path, url: str) -> None:
+    """Copy the local directory `local` to `url` (a local path or any fsspec URL), file by file."""
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        write_bytes_atomic(join(url, path.relative_to(local).as_posix()), path.read_bytes())
+
+
 def cache_directory() -> Path:
     """Where remote weight directories are downloaded: $VIDEODPO_RAY_CACHE or ~/.cache/videodpo-ray."""
     return Path(os.environ.get("VIDEODPO_RAY_CACHE", Path.home() / ".cache" / "videodpo-ray"))

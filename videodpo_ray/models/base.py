@@ -305,6 +305,19 @@ class VideoDiffusionModel(nn.Module, ABC):
         with self.reference_adapters():
             yield self.denoiser
 
+    def merge_lora(self) -> None:
+        """Fold the active LoRA adapter into the base weights and remove every adapter: the denoiser keeps its
+        output (up to float rounding) in the base architecture, and the model saves like a full model."""
+        if not self._tuner_layers:
+            raise ConfigError(f"{type(self).__name__} has no LoRA adapter to merge (finetune={self.config.finetune!r})")
+        for name, module in list(self.denoiser.named_modules()):
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.denoiser.get_submodule(parent_name), child, module.get_base_layer())
+        self._tuner_layers, self._trainable_names = [], []
+        self.config = self.config.model_copy(update={"finetune": "full"})
+
     # --- text ---------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

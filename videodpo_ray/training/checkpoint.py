@@ -42,6 +42,9 @@ TRAIN_STATE = "train_state.json"
 PAIR_LOG = "pair_log.jsonl"
 EXPORT_DIR = "export"
 EXPORT_WEIGHTS = "trainable.safetensors"
+EXPORT_MODEL = "model.yaml"
+EXPORT_INFO = "export.json"
+EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_MODEL, EXPORT_INFO)
 _CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
@@ -173,7 +176,7 @@ def write_export(
     weights_url = storage.join(export_url, EXPORT_WEIGHTS)
     storage.write_bytes_atomic(weights_url, save_safetensors(tensors, metadata={"step": str(step)}))
     storage.write_bytes_atomic(
-        storage.join(export_url, "model.yaml"),
+        storage.join(export_url, EXPORT_MODEL),
         yaml.safe_dump(model_config.model_dump(mode="json"), sort_keys=False).encode(),
     )
     info = {
@@ -184,17 +187,17 @@ def write_export(
         "num_tensors": len(tensors),
         "init_seed": init_seed,
     }
-    storage.write_bytes_atomic(storage.join(export_url, "export.json"), json.dumps(info, indent=2).encode())
+    storage.write_bytes_atomic(storage.join(export_url, EXPORT_INFO), json.dumps(info, indent=2).encode())
     return weights_url
 
 
 def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read an export: its ModelConfig, the trainable state dict and export.json."""
-    config_url = storage.join(export_url, "model.yaml")
+    config_url = storage.join(export_url, EXPORT_MODEL)
     try:
         model_config = build_config(ModelConfig, yaml.safe_load(storage.read_bytes(config_url)) or {}, config_url)
         weights = load_safetensors(storage.read_bytes(storage.join(export_url, EXPORT_WEIGHTS)))
-        info = json.loads(storage.read_bytes(storage.join(export_url, "export.json")))
+        info = json.loads(storage.read_bytes(storage.join(export_url, EXPORT_INFO)))
     except FileNotFoundError as error:
         raise ConfigError(f"{export_url}: not a training export ({error})") from None
     return model_config, weights, info
@@ -203,7 +206,7 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
 def export_url_of(run_or_export: str) -> str:
     """The export directory of a training run directory (`{run}/export`), or `run_or_export` itself when it is one."""
     for candidate in (run_or_export, storage.join(run_or_export, EXPORT_DIR)):
-        if storage.exists(storage.join(candidate, "export.json")):
+        if storage.exists(storage.join(candidate, EXPORT_INFO)):
             return candidate
     raise ConfigError(f"{run_or_export}: neither a training run with an export/ nor an export (no export.json)")
 
@@ -214,6 +217,18 @@ def load_exported_model(export_url: str) -> VideoDiffusionModel:
     model = build_model(model_config, seed=info["init_seed"])
     model.load_trainable_state_dict(weights)
     return model
+
+
+def write_merged_export(export_url: str, out: str) -> str:
+    """The exported model with its trained weights folded in (LoRA merged into the base weights), written in the
+    model layer's format: `ModelConfig(family, variant, path=out)` loads it like any base model. Returns `out`."""
+    model = load_exported_model(export_url)
+    if model.config.finetune == "lora":
+        model.merge_lora()
+    with tempfile.TemporaryDirectory(prefix="videodpo-merged-") as directory:
+        model.save_pretrained(directory)
+        storage.upload_directory(Path(directory), out)
+    return out
 
 
 def read_tensorboard_scalars(run_url: str) -> dict[str, dict[int, float]]:
