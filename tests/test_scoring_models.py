@@ -42,7 +42,7 @@ from videodpo_ray.scoring.preprocessing import (
     frames_to_tensor,
     sample_middle,
 )
-from videodpo_ray.scoring.weights import load_state_dict, load_strict
+from videodpo_ray.scoring.weights import load_filtered, load_state_dict
 
 RNG = np.random.default_rng(0)
 
@@ -365,7 +365,7 @@ def test_weights_are_read_without_unpickling_code(tmp_path):
 def test_load_strict_lists_every_problem():
     model = torch.nn.Linear(3, 2)
     with pytest.raises(WeightsError) as error:
-        load_strict(model, {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}, "somewhere.pth")
+        load_filtered(model, {"weight": torch.zeros(2, 4), "extra": torch.zeros(1)}, "somewhere.pth")
     assert "missing keys (1): bias" in str(error.value)
     assert "unexpected keys (1): extra" in str(error.value)
     assert "weight (2, 4) != (2, 3)" in str(error.value)

@@ -10,7 +10,7 @@ Dimension module contract (every module named in `DIMENSIONS` follows it):
         the dtype VBench ran the model in on CUDA (float16 for its CLIP models, else float32); CPU is always float32.
     load_model(spec: ModelSpec) -> torch.nn.Module | None
         the real-size model on CPU in float32, weights from `spec.weights` (local path, fsspec URL or hub id)
-        loaded strictly with `weights.load_state_dict` + `weights.load_strict`; None when model-free.
+        loaded strictly with `weights.load_state_dict` + `weights.load_filtered`; None when model-free.
     tiny_model() -> torch.nn.Module | None
         the same classes with a tiny random-init config (seeded; tests and demos).
     score(frames: np.ndarray, model, prompt: str | None = None, fps: float | None = None) -> float

@@ -16,7 +16,7 @@ from transformers import CLIPVisionModelWithProjection
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.clip import INFO, VISION, image_embeddings, image_tower, load_image_tower
 from videodpo_ray.scoring.preprocessing import check_frames
-from videodpo_ray.scoring.weights import ModelInfo, load_state_dict, load_strict, seeded
+from videodpo_ray.scoring.weights import ModelInfo, load_filtered, load_state_dict, seeded
 
 NAME = "aesthetic_quality"
 VARIANT = "ViT-L/14"
@@ -54,7 +54,7 @@ def tiny_model() -> AestheticModel:
 
 def load_head(location: str, projection_dim: int = VISION[VARIANT]["projection_dim"]) -> torch.nn.Linear:
     """LAION's linear head (`weight` (1, 768), `bias` (1,)) from a path or fsspec URL, loaded strictly."""
-    return load_strict(_head(projection_dim), load_state_dict(location), f"{NAME} head {location}")
+    return load_filtered(_head(projection_dim), load_state_dict(location), f"{NAME} head {location}")
 
 
 def load_model(spec: ModelSpec) -> AestheticModel:

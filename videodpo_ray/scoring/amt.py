@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.scoring.weights import device_dtype, load_state_dict, load_strict
+from videodpo_ray.scoring.weights import device_dtype, load_filtered, load_state_dict
 
 AMT_LICENSE = "CC BY-NC 4.0 (MCG-NKU/AMT code and amt-s.pth weights)"
 
@@ -440,4 +440,4 @@ def interpolate_midpoints(model: AMTS, first: torch.Tensor, second: torch.Tensor
 
 def load_amt(location: str, config: AMTConfig = AMT_S_CONFIG) -> AMTS:
     """AMT with the weights of an original AMT checkpoint (``{"state_dict": ...}``; path or fsspec URL), strictly."""
-    return load_strict(AMTS(config), load_state_dict(location, key="state_dict"), f"AMT weights {location}")
+    return load_filtered(AMTS(config), load_state_dict(location, key="state_dict"), f"AMT weights {location}")

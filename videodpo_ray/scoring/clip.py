@@ -16,7 +16,7 @@ from open_clip.tokenizer import SimpleTokenizer
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from videodpo_ray.scoring.preprocessing import clip_transform, encode_in_batches, frames_to_tensor
-from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_state_dict, load_strict, seeded
+from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_filtered, load_state_dict, seeded
 
 FRAMES_PER_CALL = 32
 CONTEXT_LENGTH = 77
@@ -68,7 +68,7 @@ def full_clip(variant: str) -> CLIPModel:
 
 def load_image_tower(variant: str, location: str) -> CLIPVisionModelWithProjection:
     """Real-size image tower with weights from a HF CLIP checkpoint at `location`, loaded strictly."""
-    return load_strict(
+    return load_filtered(
         image_tower(variant), load_state_dict(location), f"CLIP {variant} weights {location}",
         ignore_prefixes=TEXT_TOWER_PREFIXES, ignore_suffixes=OBSOLETE_BUFFERS,
     )
@@ -76,7 +76,7 @@ def load_image_tower(variant: str, location: str) -> CLIPVisionModelWithProjecti
 
 def load_full_clip(variant: str, location: str) -> CLIPModel:
     """Real-size CLIPModel with weights from a HF CLIP checkpoint at `location`, loaded strictly."""
-    return load_strict(
+    return load_filtered(
         full_clip(variant), load_state_dict(location), f"CLIP {variant} weights {location}",
         ignore_suffixes=OBSOLETE_BUFFERS,
     )

@@ -23,7 +23,7 @@ from torchvision.models.optical_flow.raft import MaskPredictor, ResidualBlock, _
 from videodpo_ray.errors import VideoTooShortError
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches, frames_to_tensor
-from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_state_dict, load_strict, seeded
+from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_filtered, load_state_dict, seeded
 
 NAME = "dynamic_degree"
 VBENCH_NAME = "dynamic_degree_vbench"
@@ -156,4 +156,4 @@ def tiny_model() -> RAFT:
 
 def load_model(spec: ModelSpec) -> RAFT:
     """torchvision raft_large with the C_T_V1 weights file (path, fsspec or https URL), loaded strictly."""
-    return load_strict(raft_large(weights=None), load_state_dict(spec.weights), f"{NAME} weights {spec.weights}")
+    return load_filtered(raft_large(weights=None), load_state_dict(spec.weights), f"{NAME} weights {spec.weights}")

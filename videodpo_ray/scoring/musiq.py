@@ -21,7 +21,7 @@ from pydantic import model_validator
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.scoring.weights import load_state_dict, load_strict
+from videodpo_ray.scoring.weights import load_filtered, load_state_dict
 
 MUSIQ_LICENSE = "pyiqa code NTU S-Lab License 1.0 + CC BY-NC-SA 4.0 (chaofengc/IQA-PyTorch); MUSIQ Apache-2.0"
 
@@ -271,4 +271,4 @@ class MUSIQ(nn.Module):
 
 def load_musiq(location: str, config: MUSIQConfig = MUSIQ_SPAQ_CONFIG) -> MUSIQ:
     """MUSIQ with the weights of a pyiqa MUSIQ checkpoint (a flat state dict; path or fsspec URL), strictly."""
-    return load_strict(MUSIQ(config), load_state_dict(location), f"MUSIQ weights {location}")
+    return load_filtered(MUSIQ(config), load_state_dict(location), f"MUSIQ weights {location}")

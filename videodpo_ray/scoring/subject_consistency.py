@@ -16,7 +16,7 @@ from timm.models.vision_transformer import VisionTransformer
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.consistency import consistency
 from videodpo_ray.scoring.preprocessing import check_frames, dino_transform, encode_in_batches, frames_to_tensor
-from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_state_dict, load_strict, seeded
+from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_filtered, load_state_dict, seeded
 
 NAME = "subject_consistency"
 MODELS = (
@@ -88,7 +88,7 @@ def tiny_model() -> DinoVisionTransformer:
 
 def load_dino(location: str, architecture: dict = VIT_BASE_PATCH16_224) -> DinoVisionTransformer:
     """A DINO ViT with an original DINO checkpoint (path, fsspec URL or hf:// URL), loaded strictly."""
-    return load_strict(build_model(architecture), load_state_dict(location), f"{NAME} weights {location}")
+    return load_filtered(build_model(architecture), load_state_dict(location), f"{NAME} weights {location}")
 
 
 def load_model(spec: ModelSpec) -> DinoVisionTransformer:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.scoring.weights import load_state_dict, load_strict
+from videodpo_ray.scoring.weights import load_filtered, load_state_dict
 
 VICLIP_LICENSE = "MIT (ViCLIP weights, huggingface.co/OpenGVLab/ViCLIP); code Apache-2.0 (OpenGVLab/InternVideo)"
 
@@ -172,7 +172,7 @@ class ViCLIP(nn.Module):
 
 def load_viclip(location: str, config: ViCLIPConfig = VICLIP_L14_CONFIG) -> ViCLIP:
     """ViCLIP with the weights of an original ViCLIP checkpoint (``{"model": ...}``; path or fsspec URL), strictly."""
-    return load_strict(ViCLIP(config), load_state_dict(location, key="model"), f"ViCLIP weights {location}")
+    return load_filtered(ViCLIP(config), load_state_dict(location, key="model"), f"ViCLIP weights {location}")
 
 
 def tokenize(prompts: Sequence[str], context_length: int) -> torch.Tensor:

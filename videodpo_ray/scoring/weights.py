@@ -73,7 +73,7 @@ def load_state_dict(location: str, key: str | None = None) -> dict[str, torch.Te
     return state_dict
 
 
-def load_strict(
+def load_filtered(
     model: ModuleT,
     state_dict: dict[str, torch.Tensor],
     source: str,
