@@ -58,7 +58,10 @@ def generate(
                     sampler_class,
                     batch_format="pyarrow",
                     fn_constructor_kwargs={
-                        "model": config.model, "sampling": config.sampling, "init_seed": config.model_init_seed
+                        "model": config.model,
+                        "sampling": config.sampling,
+                        "init_seed": config.model_init_seed,
+                        "tuned_export": config.tuned,
                     },
                     **pool_options(config.sampler_pool),
                 )

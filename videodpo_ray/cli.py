@@ -28,6 +28,17 @@ def train(
 
 
 @app.command()
+def evaluate(
+    config: Path = typer.Argument(..., help="evaluate YAML (EvaluateConfig: out, prompts, model, tuned, scorer, ...)"),
+    overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
+) -> None:
+    """Base vs tuned on held-out prompts and seeds: results.parquet, summary.json and index.html under `out`."""
+    from jobs.evaluate import main as evaluate_main
+
+    raise typer.Exit(code=evaluate_main([str(config), *(overrides or [])]))
+
+
+@app.command()
 def demo(
     out: str = typer.Option("demo-output", help="output root (local path or URL) for shards, training and report"),
     num_cpus: int = typer.Option(

@@ -48,7 +48,8 @@ def normalise(dimension: str, raw: float) -> float:
     return (raw - spec.min) / (spec.max - spec.min)
 
 
-def _weighted_mean(raw: Mapping[str, float], dimensions: Sequence[str], video_id: str) -> float:
+def weighted_mean(raw: Mapping[str, float], dimensions: Sequence[str], video_id: str = "?") -> float:
+    """The weighted mean of the normalised `dimensions` of `raw` (ValueError naming a missing or non-finite one)."""
     missing = [d for d in dimensions if raw.get(d) is None]
     if missing:
         raise ValueError(f"video {video_id!r}: missing dimension(s) {', '.join(missing)}")
@@ -62,20 +63,20 @@ def _weighted_mean(raw: Mapping[str, float], dimensions: Sequence[str], video_id
     return sum(DIMENSIONS[d].weight * normalise(d, float(raw[d])) for d in dimensions) / total_weight
 
 
-def _combine(quality: float, semantic: float) -> float:
-    """VBench's and OmniScore's 4:1 blend of quality and semantic."""
+def blend(quality: float, semantic: float) -> float:
+    """VBench's and OmniScore's 4:1 blend of quality and semantic: (4 Q + S) / 5."""
     return (4.0 * quality + semantic) / 5.0
 
 
 def omniscore(raw: Mapping[str, float], video_id: str = "?") -> float:
     """VideoDPO's OmniScore of one video from its raw dimension scores (extra dimensions are ignored)."""
-    quality = _weighted_mean(raw, OMNISCORE_QUALITY_DIMENSIONS, video_id)
-    semantic = _weighted_mean(raw, OMNISCORE_SEMANTIC_DIMENSIONS, video_id)
-    return _combine(quality, semantic)
+    quality = weighted_mean(raw, OMNISCORE_QUALITY_DIMENSIONS, video_id)
+    semantic = weighted_mean(raw, OMNISCORE_SEMANTIC_DIMENSIONS, video_id)
+    return blend(quality, semantic)
 
 
 def vbench_scores(raw: Mapping[str, float], video_id: str = "?") -> VBenchScores:
     """VBench Quality / Semantic / Total from the 16 raw dimension scores (per video or already averaged)."""
-    quality = _weighted_mean(raw, VBENCH_QUALITY_DIMENSIONS, video_id)
-    semantic = _weighted_mean(raw, VBENCH_SEMANTIC_DIMENSIONS, video_id)
-    return VBenchScores(quality=quality, semantic=semantic, total=_combine(quality, semantic))
+    quality = weighted_mean(raw, VBENCH_QUALITY_DIMENSIONS, video_id)
+    semantic = weighted_mean(raw, VBENCH_SEMANTIC_DIMENSIONS, video_id)
+    return VBenchScores(quality=quality, semantic=semantic, total=blend(quality, semantic))

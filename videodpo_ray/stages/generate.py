@@ -34,7 +34,7 @@ GENERATION_MANIFEST = "generation.json"
 class GenerationSettings(StrictConfig):
     """The Generate + Score settings shared by the generate job and the pipeline (which sets prompts, out, model)."""
 
-    samples_per_prompt: int = Field(4, ge=2)  # N (method.md section 4)
+    samples_per_prompt: int = Field(4, ge=1)  # N (method.md section 4; pairs need N >= 2)
     prompts_per_chunk: int = Field(64, ge=1)  # K: prompts per committed shard
     base_seed: int = Field(DATA_GENERATION_SEED, ge=0)
     sampling: SamplingConfig = SamplingConfig()
@@ -52,6 +52,7 @@ class GenerateConfig(GenerationSettings):
     out: str  # output root URL
     model: ModelConfig = ModelConfig()
     model_init_seed: int = 0  # torch seed while building the model: random-init weights = training's (run.seed)
+    tuned: str | None = None  # a training export: sample `model` with the export's trained weights
 
 
 @dataclass(frozen=True)
@@ -146,6 +147,7 @@ def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) ->
         "base_seed": config.base_seed,
         "model": config.model.model_dump(mode="json"),
         "model_init_seed": config.model_init_seed,
+        "tuned": config.tuned,
         "sampling": config.sampling.model_dump(mode="json"),
         "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
     }

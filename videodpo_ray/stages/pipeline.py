@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Any, Sequence
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from videodpo_ray import shards, storage
 from videodpo_ray.config import StrictConfig, load_config
@@ -50,6 +50,12 @@ class PipelineConfig(StrictConfig):
     generate: GenerationSettings
     pair: PairSettings = PairSettings()
     train: PipelineTrainConfig | None = None  # None: stop after the pair stage
+
+    @model_validator(mode="after")
+    def _check_pairs_possible(self) -> "PipelineConfig":
+        if self.generate.samples_per_prompt < 2:
+            raise ValueError("generate.samples_per_prompt must be >= 2: a pair needs two samples of a prompt")
+        return self
 
     def generate_config(self, prompts_url: str, model_init_seed: int = 0) -> GenerateConfig:
         return GenerateConfig(
