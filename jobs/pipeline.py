@@ -1,8 +1,9 @@
 """The whole loop on one output root: `python -m jobs.pipeline configs/pipeline_demo.yaml [key.sub=value ...]`.
 
 generate + score (jobs/generate.py) -> pair + encode latents (jobs/pair.py) -> DPO training (jobs/train.py) ->
-`{out}/report.json` and `{out}/report.md` (`stages.pipeline`). Every stage skips what an earlier run committed,
-so rerunning the same config after a crash (or after it finished) completes the missing work only.
+before/after evaluation on held-out prompts (jobs/evaluate.py, when configured) -> `{out}/report.json` and
+`{out}/report.md` (`stages.pipeline`). Every stage skips what an earlier run committed, so rerunning the same
+config after a crash (or after it finished) completes the missing work only.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, Sequence
 from ray.train import TrainingFailedError
 
 from jobs.common import job_main, root_cause
+from jobs.evaluate import evaluate, summary_line
 from jobs.generate import generate
 from jobs.pair import make_pairs
 from jobs.train import run_training
@@ -25,14 +27,16 @@ from videodpo_ray.stages.pipeline import (
     PipelineConfig,
     generate_section,
     load_pipeline_config,
+    materialise_prompts,
     pairs_section,
-    pipeline_prompts,
     train_config,
     train_section,
     write_report,
 )
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
+EVALUATE_KEYS = ("num_prompts", "win_rate", "win_rate_ci95", "omniscore_before", "omniscore_after",
+                 "omniscore_gain_mean", "omniscore_gain_se", "report")
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
@@ -43,7 +47,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     trained = train_config(config) if config.train is not None else None  # config errors before any work
 
     stage = time.monotonic()
-    prompts, prompts_url = pipeline_prompts(config)
+    prompts, prompts_url = materialise_prompts(config.prompts, storage.join(config.out, "prompts.jsonl"))
     init_seed = trained.run.seed if trained is not None else 0  # random-init weights identical in every stage
     generated = generate(config.generate_config(prompts_url, init_seed), prompts=prompts)
     report["generate"] = generate_section(generated, config)
@@ -71,6 +75,13 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             raise
         report["train"] = train_section(trained, result.metrics or {})
         report["seconds"]["train"] = time.monotonic() - stage
+        if config.evaluate is not None:
+            stage = time.monotonic()
+            _, url = materialise_prompts(config.evaluate.prompts, storage.join(config.out, "evaluate-prompts.jsonl"))
+            summary = evaluate(config.evaluate_config(url, init_seed, report["train"]["run"]))
+            report["evaluate"] = {key: summary[key] for key in EVALUATE_KEYS}
+            report["seconds"]["evaluate"] = time.monotonic() - stage
+            print(summary_line(summary), flush=True)
     write_report(report, time.monotonic() - started)
     return report
 

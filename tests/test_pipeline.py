@@ -45,6 +45,8 @@ def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
             "generate.sampling.num_inference_steps=2",
             "train.overrides=[scaling.num_workers=1, optim.grad_accum=1, data.epochs=2, data.max_steps=2, "
             "run.checkpoint_every=2]",
+            "evaluate.prompts=[a paper boat in the rain, a robot watering plants]",
+            "evaluate.samples_per_prompt=1",
         ],
     )
     report = run_pipeline(config)
@@ -75,3 +77,11 @@ def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
     assert f"{pairs['pairs']} pairs in {pairs['shards']['num_shards']} shard(s)" in markdown
     assert "| step | loss | implicit accuracy | reward margin | mean pair weight |" in markdown
     assert f"| 1 | {train['curve'][1]['loss']:.5f} |" in markdown
+
+    evaluated = report["evaluate"]  # the demo's held-out prompts: base vs the trained run, same seeds
+    assert evaluated["num_prompts"] == 2 and 0.0 <= evaluated["win_rate"] <= 1.0
+    assert evaluated["report"] == str(tmp_path / "run" / "evaluate" / "index.html")
+    page = (tmp_path / "run" / "evaluate" / "index.html").read_text()
+    assert "curves.png" in page and "analysis.png" in page  # the run's curves and its training data's panels
+    assert (tmp_path / "run" / "evaluate" / "analysis.png").stat().st_size > 1000
+    assert f"Win rate {evaluated['win_rate']:.3f}" in markdown

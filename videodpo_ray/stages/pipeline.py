@@ -21,6 +21,7 @@ from videodpo_ray.config import StrictConfig, load_config
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.stages.common import config_fields
+from videodpo_ray.stages.evaluate import EvaluateConfig
 from videodpo_ray.stages.generate import GenerateConfig, GenerateReport, GenerationSettings
 from videodpo_ray.stages.pair import PairConfig, PairReport, PairSettings
 from videodpo_ray.stages.prompts import PromptRow, prompt_rows, prompts_jsonl, read_prompts
@@ -41,8 +42,18 @@ class PipelineTrainConfig(StrictConfig):
     run_name: str = Field("dpo", pattern=r"^[A-Za-z0-9._-]+$")
 
 
+class PipelineEvaluateConfig(StrictConfig):
+    """The pipeline's evaluate stage: held-out prompts and seeds; model, sampling and scorer are the pipeline's."""
+
+    prompts: str | list[str]  # a prompts file/URL, or the prompts themselves (not the training prompts)
+    samples_per_prompt: int = Field(2, ge=1)
+    prompts_per_chunk: int = Field(16, ge=1)
+    base_seed: int = Field(20250, ge=0)
+    gallery_prompts: int = Field(8, ge=0)
+
+
 class PipelineConfig(StrictConfig):
-    """generate -> pair -> train -> report, all under one output root."""
+    """generate -> pair -> train -> evaluate -> report, all under one output root."""
 
     out: str = "demo-output"
     prompts: str | list[str]  # a prompts file/URL, or the prompts themselves
@@ -50,6 +61,7 @@ class PipelineConfig(StrictConfig):
     generate: GenerationSettings
     pair: PairSettings = PairSettings()
     train: PipelineTrainConfig | None = None  # None: stop after the pair stage
+    evaluate: PipelineEvaluateConfig | None = None  # None: no before/after evaluation after training
 
     @model_validator(mode="after")
     def _check_pairs_possible(self) -> "PipelineConfig":
@@ -68,6 +80,27 @@ class PipelineConfig(StrictConfig):
 
     def pair_config(self, model_init_seed: int = 0) -> PairConfig:
         return PairConfig(data=self.out, model=self.model, model_init_seed=model_init_seed, **config_fields(self.pair))
+
+    def evaluate_config(self, prompts_url: str, model_init_seed: int, run_url: str) -> EvaluateConfig:
+        """The evaluate stage of the trained run: `{out}/evaluate`, generated with the pipeline's settings."""
+        assert self.evaluate is not None
+        settings = self.evaluate
+        return EvaluateConfig(
+            out=storage.join(self.out, "evaluate"),
+            prompts=prompts_url,
+            model=self.model,
+            model_init_seed=model_init_seed,
+            tuned=run_url,
+            samples_per_prompt=settings.samples_per_prompt,
+            prompts_per_chunk=settings.prompts_per_chunk,
+            base_seed=settings.base_seed,
+            sampling=self.generate.sampling,
+            scorer=self.generate.scorer,
+            sampler_pool=self.generate.sampler_pool,
+            scorer_pool=self.generate.scorer_pool,
+            training_data=self.out,
+            gallery_prompts=settings.gallery_prompts,
+        )
 
 
 def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
@@ -191,6 +224,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             f"Pair weight: mean {weight['mean']:.4f}, min {weight['min']:.4f}, max {weight['max']:.4f}."
         )
     lines += ["", "## Train", "", f"Status: {train['status']}."]
+    evaluated = report.get("evaluate")
     if train.get("curve"):
         lines += [
             f"Run: `{train['run']}`, {train['steps']} optimizer steps.",
@@ -201,14 +235,22 @@ def render_markdown(report: dict[str, Any]) -> str:
         for point in train["curve"]:
             loss, accuracy, margin, weight = (point.get(key, float("nan")) for key in CURVE_METRICS)
             lines.append(f"| {point['step']} | {loss:.5f} | {accuracy:.3f} | {margin:.4g} | {weight:.4f} |")
+    if evaluated:
+        low, high = evaluated["win_rate_ci95"]
+        lines += [
+            "", "## Evaluate (held-out prompts and seeds)", "",
+            f"Win rate {evaluated['win_rate']:.3f} (95% CI [{low:.3f}, {high:.3f}]) over {evaluated['num_prompts']} "
+            f"prompts; OmniScore {evaluated['omniscore_before']:.4f} -> {evaluated['omniscore_after']:.4f} (gain "
+            f"{evaluated['omniscore_gain_mean']:+.4f} +/- {evaluated['omniscore_gain_se']:.4f}). "
+            f"Report: `{evaluated['report']}`.",
+        ]
     return "\n".join(lines) + "\n"
 
 
-def pipeline_prompts(config: PipelineConfig) -> tuple[list[PromptRow], str]:
-    """The pipeline's prompts and the URL the generate stage records: the prompts file, or (prompts given inline)
-    `{out}/prompts.jsonl`, written here."""
-    if isinstance(config.prompts, str):
-        return read_prompts(config.prompts), config.prompts
-    prompts, url = prompt_rows(config.prompts, "config prompts"), storage.join(config.out, "prompts.jsonl")
-    storage.write_bytes_atomic(url, prompts_jsonl(prompts))
-    return prompts, url
+def materialise_prompts(prompts: str | list[str], url: str) -> tuple[list[PromptRow], str]:
+    """Prompts and the URL a stage records: the prompts file itself, or (prompts given inline) `url`, written here."""
+    if isinstance(prompts, str):
+        return read_prompts(prompts), prompts
+    rows = prompt_rows(prompts, "config prompts")
+    storage.write_bytes_atomic(url, prompts_jsonl(rows))
+    return rows, url
