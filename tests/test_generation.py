@@ -232,3 +232,16 @@ def test_json_prompt_files_list_dict_and_vbench_info(tmp_path: Path):
     (tmp_path / "empty.json").write_text(json.dumps({"x.mp4": " "}))
     with pytest.raises(PromptFileError, match=r"empty.json key 'x.mp4': empty prompt"):
         read_prompts(str(tmp_path / "empty.json"))
+
+
+def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path: Path):
+    from videodpo_ray.stages.generate import plan_generate
+
+    config = _config(str(tmp_path / "out"))
+    plan_generate(config, PROMPTS)  # records generation.json
+    plan_generate(config, PROMPTS)  # the same settings resume
+    other = config.model_copy(update={"sampler_pool": config.sampler_pool.model_copy(update={"batch_size": 4})})
+    with pytest.raises(ConfigError, match=r"sampler_batch_size: recorded 2, now 4"):
+        plan_generate(other, PROMPTS)
+    more_actors = config.model_copy(update={"sampler_pool": config.sampler_pool.model_copy(update={"max_actors": 3})})
+    plan_generate(more_actors, PROMPTS)  # actor counts do not change the numbers

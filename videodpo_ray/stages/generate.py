@@ -137,7 +137,9 @@ def model_label(model: ModelConfig) -> str:
 
 
 def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) -> dict[str, Any]:
-    """What fixes the content and keys of the samples/scores shards (resources and pool sizes may change)."""
+    """Every setting that changes the content or keys of the samples/scores shards. Batch sizes are among them (a
+    video depends on its sampler batch through float rounding in batched kernels; scorers batch frames); actor
+    counts and resources are not."""
     prompt_hash = hashlib.sha256(prompts_jsonl(prompts)).hexdigest()
     return {
         "num_prompts": len(prompts),
@@ -149,7 +151,9 @@ def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) ->
         "model_init_seed": config.model_init_seed,
         "tuned": config.tuned,
         "sampling": config.sampling.model_dump(mode="json"),
+        "sampler_batch_size": config.sampler_pool.batch_size,
         "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
+        "scorer_batch_size": config.scorer_pool.batch_size,
     }
 
 
