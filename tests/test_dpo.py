@@ -31,7 +31,8 @@ def reference_dpo(model, ref, target, weights, beta):
     for k in range(num_pairs):
         mw, ml = _sample_mse(model[k], target[k]), _sample_mse(model[k + num_pairs], target[k + num_pairs])
         rw, rl = _sample_mse(ref[k], target[k]), _sample_mse(ref[k + num_pairs], target[k + num_pairs])
-        inside = -0.5 * beta * ((mw - ml) - (rw - rl))
+        pair_beta = beta[k] if isinstance(beta, list) else beta  # a list: one beta per pair
+        inside = -0.5 * pair_beta * ((mw - ml) - (rw - rl))
         insides.append(inside)
         terms.append(-weights[k] * _logsigmoid(inside))
         for key, value in zip(errors, (mw, ml, rw, rl)):
@@ -194,3 +195,101 @@ def test_bad_inputs_raise_clear_errors(shapes, weights, reduction, message):
     model, ref, target = (torch.zeros(shape) for shape in shapes)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         diffusion_dpo_loss(model, ref, target, weights, beta_dpo=1.0, reduction=reduction)
+
+
+# --- Flow-DPO: constant vs timestep-scaled beta ---------------------------------------------------------------------
+def _flow_target(rng: np.random.Generator, shape):
+    """A stacked flow-matching target: the velocity eps - x0, one eps per pair (winner and loser share it)."""
+    x0 = rng.standard_normal(shape)
+    eps = np.concatenate([rng.standard_normal((shape[0] // 2, *shape[1:]))] * 2)
+    return eps - x0
+
+
+@pytest.mark.parametrize("beta_schedule", ["constant", "timestep_scaled"])
+def test_flow_dpo_matches_float64_reference(beta_schedule):
+    rng = np.random.default_rng(11)
+    shape = (6, 4, 3, 2, 5)
+    noise_levels = [0.05, 0.4, 0.7]
+    target = _flow_target(rng, shape)
+    model = target + 0.2 * rng.standard_normal(shape)
+    ref = target + 0.2 * rng.standard_normal(shape)
+    weights, beta = [0.5, 1.7, 2.0], 100.0
+    betas = [beta * (1 - s) ** 2 for s in noise_levels] if beta_schedule == "timestep_scaled" else beta
+    expected = reference_dpo(model, ref, target, weights, betas)
+    assert all(0.01 < abs(x) < 20 for x in expected.pop("insides")), beta_schedule
+
+    model_t, ref_t, target_t = _as_tensors(model, ref, target)
+    levels = torch.tensor(noise_levels, dtype=torch.float64) if beta_schedule == "timestep_scaled" else None
+    out = diffusion_dpo_loss(model_t, ref_t, target_t, torch.tensor(weights, dtype=torch.float64), beta_dpo=beta,
+                             beta_schedule=beta_schedule, noise_levels=levels)
+    assert out.loss.item() == pytest.approx(expected["loss"], rel=1e-12, abs=1e-12)
+    for key, value in expected.items():
+        if key != "loss":
+            assert float(out.metrics[key]) == pytest.approx(value, rel=1e-12, abs=1e-12), key
+    other = reference_dpo(model, ref, target, weights, beta if beta_schedule == "timestep_scaled" else
+                          [beta * (1 - s) ** 2 for s in noise_levels])["loss"]
+    assert abs(other - expected["loss"]) > 1e-3  # the two schedules really differ on this batch
+
+
+@pytest.mark.parametrize("reduction", ["mean", "videodpo_reference"])
+def test_timestep_scaled_beta_is_ln2_times_mean_weight_at_init(reduction):
+    generator = torch.Generator().manual_seed(5)
+    pred = torch.randn(4, 2, 3, 4, 5, generator=generator)
+    target = torch.randn(4, 2, 3, 4, 5, generator=generator)
+    out = diffusion_dpo_loss(pred, pred.clone(), target, torch.tensor([0.5, 2.5]), beta_dpo=100.0, reduction=reduction,
+                             beta_schedule="timestep_scaled", noise_levels=torch.tensor([0.2, 0.7]))
+    assert out.loss.item() == pytest.approx(math.log(2) * 1.5, rel=1e-6)
+    assert float(out.metrics["reward_margin"]) == 0.0
+
+
+def test_timestep_scaled_beta_per_pair_and_per_width_column():
+    """beta (1 - s)^2: s = 0 is the constant beta, s = 1 switches the pair off (ln 2, no gradient); in the
+    reproduction reduction each pair's beta applies to all of its width columns."""
+    generator = torch.Generator().manual_seed(6)
+    target = torch.randn(2, 2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    ref = target + 0.05 * torch.randn(target.shape, generator=generator, dtype=torch.float64)
+    model = (target + 0.05 * torch.randn(target.shape, generator=generator, dtype=torch.float64)).requires_grad_()
+    for reduction in ("mean", "videodpo_reference"):
+        constant = diffusion_dpo_loss(model, ref, target, beta_dpo=400.0, reduction=reduction)
+        at_zero = diffusion_dpo_loss(model, ref, target, beta_dpo=400.0, reduction=reduction,
+                                     beta_schedule="timestep_scaled", noise_levels=torch.tensor([0.0]))
+        at_half = diffusion_dpo_loss(model, ref, target, beta_dpo=1600.0, reduction=reduction,
+                                     beta_schedule="timestep_scaled", noise_levels=torch.tensor([0.5]))
+        assert at_zero.loss.item() == constant.loss.item() == pytest.approx(at_half.loss.item(), rel=1e-12)
+        assert constant.loss.item() != pytest.approx(math.log(2), rel=1e-3)
+        at_one = diffusion_dpo_loss(model, ref, target, beta_dpo=400.0, reduction=reduction,
+                                    beta_schedule="timestep_scaled", noise_levels=torch.tensor([1.0]))
+        assert at_one.loss.item() == pytest.approx(math.log(2), rel=1e-12)
+        (gradient,) = torch.autograd.grad(at_one.loss, model)
+        assert gradient.abs().max() == 0.0
+
+
+def test_timestep_scaled_gradient_sign():
+    generator = torch.Generator().manual_seed(4)
+    target = torch.randn(4, 2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    delta = torch.randn(4, 2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    ref = target + 0.05 * torch.randn(4, 2, 3, 4, 5, generator=generator, dtype=torch.float64)
+    win_scale = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    lose_scale = torch.tensor(0.05, dtype=torch.float64, requires_grad=True)
+    scales = torch.stack([win_scale, win_scale, lose_scale, lose_scale]).reshape(4, 1, 1, 1, 1)
+    out = diffusion_dpo_loss(target + scales * delta, ref, target, beta_dpo=500.0, beta_schedule="timestep_scaled",
+                             noise_levels=torch.tensor([0.3, 0.8]))
+    out.loss.backward()
+    assert win_scale.grad > 0 and lose_scale.grad < 0
+
+
+@pytest.mark.parametrize(
+    "schedule, levels, message",
+    [
+        ("timestep_scaled", None, r"needs noise_levels of shape \(2,\), got None"),
+        ("timestep_scaled", torch.tensor([0.5]), r"needs noise_levels of shape \(2,\), got \(1,\)"),
+        ("timestep_scaled", torch.tensor([0.5, 1.5]), r"must lie in \[0, 1\]"),
+        ("timestep_scaled", torch.tensor([-0.1, 0.5]), r"must lie in \[0, 1\]"),
+        ("constant", torch.tensor([0.5, 0.5]), "only used by beta_schedule='timestep_scaled'"),
+        ("linear", torch.tensor([0.5, 0.5]), "unknown beta_schedule 'linear'"),
+    ],
+)
+def test_bad_beta_schedule_inputs_raise(schedule, levels, message):
+    pred = torch.zeros(4, 3)
+    with pytest.raises(ValueError, match=message):
+        diffusion_dpo_loss(pred, pred, pred, beta_dpo=1.0, beta_schedule=schedule, noise_levels=levels)

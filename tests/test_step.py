@@ -9,9 +9,13 @@ import pytest
 import torch
 from torch import nn
 
+from videodpo_ray.config import build_config
 from videodpo_ray.dpo import diffusion_dpo_loss
+from videodpo_ray.errors import ConfigError
 from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
 from videodpo_ray.training import dpo_step, sft_step
+from videodpo_ray.training.config import DPOConfig
+from videodpo_ray.training.step import DPOObjective
 
 CHANNELS, FRAMES, HEIGHT, WIDTH, TEXT_DIM = 2, 3, 4, 4, 6
 
@@ -252,3 +256,78 @@ def test_mismatched_inputs_raise():
         dpo_step(model, win, lose, text[:1], None, beta_dpo=1.0, generator=generator)
     with pytest.raises(ValueError, match="expected 2"):
         sft_step(model, win, text[:1], generator=generator)
+
+
+class TinyFlowModel(TinyEpsilonModel):
+    """The test double as a flow-matching family: x_t = (1 - s) x0 + s eps with s = t / 1000, target eps - x0."""
+
+    family = "wan"
+    prediction_type = "flow_prediction"
+
+    def noise_level(self, timesteps):
+        return timesteps.to(torch.float32) / 1000
+
+    def add_noise(self, latents, noise, timesteps):
+        self.calls.append({"op": "add_noise", "latents": latents, "noise": noise, "timesteps": timesteps})
+        s = self.noise_level(timesteps).reshape(-1, 1, 1, 1, 1)
+        return (1 - s) * latents + s * noise
+
+    def training_target(self, latents, noise, timesteps):
+        return noise - latents
+
+
+@pytest.mark.parametrize("beta_schedule", ["constant", "timestep_scaled"])
+def test_flow_dpo_step_feeds_the_pair_noise_levels_to_the_loss(beta_schedule):
+    model = TinyFlowModel()
+    _perturb_policy(model)
+    win, lose, text = _pair_batch(num_pairs=3)
+    weights = torch.tensor([0.5, 1.5, 1.0])
+    out = dpo_step(model, win, lose, text, weights, beta_dpo=100.0, generator=torch.Generator().manual_seed(3),
+                   beta_schedule=beta_schedule)
+    (noising,) = [call for call in model.calls if call["op"] == "add_noise"]
+    latents, noise, timesteps = noising["latents"], noising["noise"], noising["timesteps"]
+    s = (timesteps.double() / 1000).reshape(-1, 1, 1, 1, 1)
+    noisy = ((1 - s) * latents.double() + s * noise.double()).float()
+    embeddings = torch.cat([text, text])
+    with torch.no_grad():
+        policy = model.predict(noisy, timesteps, embeddings)
+        reference = model.predict(noisy, timesteps, embeddings, reference=True)
+    target = noise - latents
+    levels = timesteps[:3].double() / 1000
+    for schedule, expected_levels in (("constant", None), ("timestep_scaled", levels)):
+        expected = diffusion_dpo_loss(policy, reference, target, weights, beta_dpo=100.0, beta_schedule=schedule,
+                                      noise_levels=expected_levels)
+        if schedule == beta_schedule:
+            assert out.loss.item() == pytest.approx(expected.loss.item(), rel=1e-6)
+        else:
+            assert out.loss.item() != pytest.approx(expected.loss.item(), rel=1e-3)
+
+
+def test_timestep_scaled_beta_is_refused_where_it_has_no_meaning():
+    win, lose, text = _pair_batch()
+    generator = torch.Generator().manual_seed(0)
+    with pytest.raises(ConfigError, match="needs a flow-matching family, not 'vc2'"):
+        dpo_step(TinyEpsilonModel(), win, lose, text, None, beta_dpo=1.0, generator=generator,
+                 beta_schedule="timestep_scaled")
+    with pytest.raises(ConfigError, match="needs dpo.shared_noise=true"):
+        dpo_step(TinyFlowModel(), win, lose, text, None, beta_dpo=1.0, generator=generator, shared_noise=False,
+                 beta_schedule="timestep_scaled")
+    with pytest.raises(ConfigError, match="needs a flow-matching family, not 'vc2'"):
+        DPOObjective(TinyEpsilonModel(), DPOConfig(beta_schedule="timestep_scaled"))
+    message = r"dpo: invalid config\n  <root>: Value error, beta_schedule='timestep_scaled' needs shared_noise=true"
+    with pytest.raises(ConfigError, match=message):
+        build_config(DPOConfig, {"beta_schedule": "timestep_scaled", "shared_noise": False}, source="dpo")
+
+
+def test_dpo_objective_passes_the_beta_schedule():
+    model = TinyFlowModel()
+    _perturb_policy(model)
+    win, lose, text = _pair_batch()
+    config = build_config(DPOConfig, {"beta_dpo": 100.0, "beta_schedule": "timestep_scaled"})
+    assert DPOConfig().beta_schedule == "constant"
+    loss, _ = DPOObjective(model, config)(win, lose, text, torch.ones(2), torch.Generator().manual_seed(4))
+    expected = dpo_step(model, win, lose, text, torch.ones(2), beta_dpo=100.0, beta_schedule="timestep_scaled",
+                        generator=torch.Generator().manual_seed(4))
+    constant = dpo_step(model, win, lose, text, torch.ones(2), beta_dpo=100.0,
+                        generator=torch.Generator().manual_seed(4))
+    assert loss.item() == expected.loss.item() != constant.loss.item()

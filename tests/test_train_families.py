@@ -18,7 +18,12 @@ from videodpo_ray.training.synthetic import TINY_VIDEO_SIZES, synthetic_pair_row
 
 # (family, finetune, latents): "stored" = every pair carries latents; "mixed" = shard 0 has only the mp4s, which the
 # workers encode with the model's VAE each step
-FAMILIES = [("vc2", "full", "stored"), ("t2v_turbo", "lora", "mixed"), ("cogvideox", "lora", "stored")]
+FAMILIES = [
+    ("vc2", "full", "stored"),
+    ("t2v_turbo", "lora", "mixed"),
+    ("cogvideox", "lora", "stored"),
+    ("wan", "lora", "mixed"),  # flow matching: Flow-DPO through the same dpo_step
+]
 
 
 @pytest.mark.parametrize("family,finetune,latents", FAMILIES, ids=[f"{f}-{t}-{s}" for f, t, s in FAMILIES])

@@ -68,7 +68,7 @@ def score(
 
 @app.command()
 def sample(
-    model: str = typer.Option(..., help="model family: vc2, t2v_turbo, cogvideox (any registered family)"),
+    model: str = typer.Option(..., help="model family: vc2, t2v_turbo, cogvideox, wan (any registered family)"),
     weights: str = typer.Option("tiny", help="weights directory, checkpoint or URL; 'tiny' = random-init preset"),
     prompts: str = typer.Option(..., help="prompt file: .txt (a line each), .json (list or {name: prompt}), .jsonl"),
     out: str = typer.Option(..., help="output directory or URL for the mp4 files and index.jsonl"),

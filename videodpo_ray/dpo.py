@@ -6,7 +6,11 @@ Predictions and targets are stacked as one batch ``[winners..., losers...]`` of 
     inside    = -0.5 * beta_dpo * ((err_policy(w) - err_policy(l)) - (err_ref(w) - err_ref(l)))
     loss      = mean over pairs of -weight * logsigmoid(inside)
 
-The target is whatever the family trains on (epsilon or the velocity v); the loss does not care.
+The target is whatever the family trains on (epsilon, the velocity v, or the flow-matching velocity eps - x0); the
+loss does not care. Flow-DPO (VideoAlign, arXiv 2501.13918; flow_grpo's SD3 DPO) is this loss on v-MSE errors with a
+constant beta (`beta_schedule="constant"`, the default). `beta_schedule="timestep_scaled"` uses
+beta_t = beta_dpo * (1 - s)^2 per pair at the flow noise level s in [0, 1], which turns v-errors into the
+epsilon-errors of Diffusion-DPO; VideoAlign found it reward-hacks, so it is offered for comparison only.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 DPOReduction = Literal["mean", "videodpo_reference"]
+BetaSchedule = Literal["constant", "timestep_scaled"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +50,8 @@ def diffusion_dpo_loss(
     *,
     beta_dpo: float,
     reduction: DPOReduction = "mean",
+    beta_schedule: BetaSchedule = "constant",
+    noise_levels: torch.Tensor | None = None,
 ) -> DPOLossOutput:
     """Re-weighted Diffusion-DPO loss for a stacked ``[winners..., losers...]`` batch of 2B predictions.
 
@@ -59,6 +66,9 @@ def diffusion_dpo_loss(
             (2B, C, T, H, W) latent it averages over dims [1, 2, 3] only, leaving the width axis, so the loss is
             the mean of W per-column DPO terms and `implicit_accuracy` is the count of positive columns per pair
             (0..W, as the reference logs it) instead of a 0..1 fraction. Never use it for real training.
+        beta_schedule: "constant" (default): beta_dpo for every pair. "timestep_scaled" (flow matching only):
+            beta_dpo * (1 - s)^2 for a pair noised to level s (`noise_levels`).
+        noise_levels: per-pair flow noise levels s in [0, 1] (B,); required by "timestep_scaled" only.
 
     Returns:
         DPOLossOutput with metrics implicit_accuracy, reward_margin (mean of `inside`), model_mse_win,
@@ -88,7 +98,8 @@ def diffusion_dpo_loss(
     ref_error = per_sample_mse(ref_pred.detach(), target, dims)
     model_win, model_lose = model_error.chunk(2)
     ref_win, ref_lose = ref_error.chunk(2)
-    inside = -0.5 * beta_dpo * ((model_win - model_lose) - (ref_win - ref_lose))
+    beta = _beta(beta_dpo, beta_schedule, noise_levels, model_win)
+    inside = -0.5 * beta * ((model_win - model_lose) - (ref_win - ref_lose))
 
     if weights is None:
         pair_weights = torch.ones(num_pairs, dtype=inside.dtype, device=inside.device)
@@ -115,3 +126,23 @@ def diffusion_dpo_loss(
             "mean_weight": pair_weights.mean(),
         }
     return DPOLossOutput(loss=loss, metrics=metrics)
+
+
+def _beta(
+    beta_dpo: float, beta_schedule: BetaSchedule, noise_levels: torch.Tensor | None, like: torch.Tensor
+) -> float | torch.Tensor:
+    """beta_dpo (constant), or beta_dpo * (1 - s)^2 per pair shaped to broadcast against `like` (B, ...)."""
+    if beta_schedule == "constant":
+        if noise_levels is not None:
+            raise ValueError("noise_levels are only used by beta_schedule='timestep_scaled'")
+        return beta_dpo
+    if beta_schedule != "timestep_scaled":
+        raise ValueError(f"unknown beta_schedule {beta_schedule!r}; expected 'constant' or 'timestep_scaled'")
+    num_pairs = like.shape[0]
+    if noise_levels is None or noise_levels.shape != (num_pairs,):
+        shape = None if noise_levels is None else tuple(noise_levels.shape)
+        raise ValueError(f"beta_schedule='timestep_scaled' needs noise_levels of shape ({num_pairs},), got {shape}")
+    levels = noise_levels.detach().to(device=like.device, dtype=like.dtype)
+    if levels.min() < 0 or levels.max() > 1:
+        raise ValueError("noise_levels must lie in [0, 1]")
+    return (beta_dpo * (1.0 - levels) ** 2).reshape((num_pairs,) + (1,) * (like.ndim - 1))

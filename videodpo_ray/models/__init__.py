@@ -17,6 +17,7 @@ FAMILIES: dict[str, str] = {
     "vc2": "videodpo_ray.models.vc2:VideoCrafter2",
     "t2v_turbo": "videodpo_ray.models.t2v_turbo:T2VTurbo",
     "cogvideox": "videodpo_ray.models.cogvideox:CogVideoX",
+    "wan": "videodpo_ray.models.wan:Wan",
 }
 """Family name -> "module:class" of its VideoDiffusionModel subclass."""
 

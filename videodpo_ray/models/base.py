@@ -2,9 +2,7 @@
 
 Jobs and actors only ever talk to `VideoDiffusionModel`; every family difference (latent layout, noising,
 prediction target, sampler, text encoder) stays in that family's module. This module owns what all families do
-the same way:
-- strict weight loading: `describe_key_mismatch`, `check_state_dict`, `load_state_dict_strict` and
-  `raise_on_loading_info` (for diffusers / transformers `from_pretrained(..., output_loading_info=True)`);
+the same way (strict weight loading lives beside it, in `models/loading.py`):
 - LoRA through peft: `inject_lora_adapter` (returns the tuner layers, cached once) and `adapters_disabled`, the
   adapters-off DPO reference;
 - the finetune modes and their frozen reference (`configure_training`), the trainable weights (copies, loaded
@@ -23,7 +21,7 @@ import copy
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, ClassVar, Iterable, Iterator, Literal, Mapping, Sequence, TypeVar
+from typing import Any, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
 
 import torch
 from peft import LoraConfig as PeftLoraConfig
@@ -33,95 +31,13 @@ from pydantic import field_validator
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.errors import CheckpointError, ConfigError
+from videodpo_ray.errors import ConfigError
+from videodpo_ray.models.loading import check_state_dict
 
-PredictionType = Literal["epsilon", "v_prediction"]
+PredictionType = Literal["epsilon", "v_prediction", "flow_prediction"]
 FinetuneMode = Literal["full", "lora", "temporal"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-# --- strict loading -------------------------------------------------------------------------------------------------
-def describe_key_mismatch(
-    source: str,
-    missing: Iterable[str] = (),
-    unexpected: Iterable[str] = (),
-    mis_shaped: Iterable[str] = (),
-    *,
-    target: str = "the model",
-    limit: int = 20,
-) -> str:
-    """ "{source}: weights do not match {target}" and the sorted missing / unexpected / mis-shaped keys (up to
-    `limit` of each, with a count)."""
-    message = f"{source}: weights do not match {target}"
-    for title, keys in (
-        ("missing keys", missing),
-        ("unexpected keys", unexpected),
-        ("shape mismatches (checkpoint != model)", mis_shaped),
-    ):
-        keys = sorted(keys)
-        if keys:
-            more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-            message += f"\n  {title} ({len(keys)}): {', '.join(keys[:limit])}{more}"
-    return message
-
-
-def check_state_dict(
-    expected: Mapping[str, torch.Tensor],
-    state_dict: Mapping[str, torch.Tensor],
-    source: str,
-    *,
-    target: str = "the model",
-    allow_missing: Iterable[str] = (),
-    error: type[CheckpointError] = CheckpointError,
-) -> None:
-    """Raise `error` naming every key of `expected` absent from `state_dict` (except `allow_missing`), every key
-    `expected` lacks, and every shape that differs."""
-    allowed = set(allow_missing)
-    missing = [key for key in expected if key not in state_dict and key not in allowed]
-    unexpected = [key for key in state_dict if key not in expected]
-    mis_shaped = [
-        f"{key} {tuple(value.shape)} != {tuple(expected[key].shape)}"
-        for key, value in state_dict.items()
-        if key in expected and value.shape != expected[key].shape
-    ]
-    if missing or unexpected or mis_shaped:
-        raise error(describe_key_mismatch(source, missing, unexpected, mis_shaped, target=target))
-
-
-def load_state_dict_strict(
-    module: ModuleT,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str,
-    *,
-    zero_missing: Sequence[str] = (),
-    error: type[CheckpointError] = CheckpointError,
-) -> ModuleT:
-    """`module.load_state_dict` that first names every missing, unexpected or mis-shaped key in one `error`;
-    `zero_missing` keys may be absent and are then loaded as zeros."""
-    expected = module.state_dict()
-    check_state_dict(
-        expected, state_dict, source, target=type(module).__name__, allow_missing=zero_missing, error=error
-    )
-    full = dict(state_dict)
-    for key in zero_missing:
-        full.setdefault(key, torch.zeros_like(expected[key]))
-    module.load_state_dict(full, strict=True)
-    return module
-
-
-def raise_on_loading_info(source: str | Path, info: Mapping[str, Any], target: str = "the model") -> None:
-    """Raise CheckpointError if a `from_pretrained(..., output_loading_info=True)` info dict reports any missing,
-    unexpected or mis-shaped key (or an error message)."""
-    mis_shaped = [
-        f"{item[0]} {tuple(item[1])} != {tuple(item[2])}" if isinstance(item, tuple) and len(item) == 3 else str(item)
-        for item in info.get("mismatched_keys") or ()
-    ]
-    missing, unexpected = info.get("missing_keys") or (), info.get("unexpected_keys") or ()
-    errors = [f"\n  {message}" for message in info.get("error_msgs") or ()]
-    if missing or unexpected or mis_shaped or errors:
-        message = describe_key_mismatch(str(source), missing, unexpected, mis_shaped, target=target)
-        raise CheckpointError(message + "".join(errors))
 
 
 # --- LoRA (peft) ----------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -25,7 +25,7 @@ from transformers import T5Config, T5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel, raise_on_loading_info
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
 from videodpo_ray.models.cogvideox_presets import (
     PRESETS,
     SCHEDULE_KEYS,
@@ -33,22 +33,9 @@ from videodpo_ray.models.cogvideox_presets import (
     TRANSFORMER_ARCHITECTURE_KEYS,
     VAE_ARCHITECTURE_KEYS,
     CogVideoXPreset,
-    check_preset_config,
 )
+from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.t5_prompt_encoder import T5PromptEncoder
-
-
-def _load_component(model_class: Any, directory: Path, subfolder: str) -> Any:
-    """A diffusers model from `directory`/`subfolder`, strictly, in float32 (the released weights are fp16/bf16)."""
-    source = directory / subfolder
-    if not (source / "config.json").is_file():
-        raise CheckpointError(f"{source}: no config.json (expected a diffusers-format model directory)")
-    try:
-        model, info = model_class.from_pretrained(str(source), output_loading_info=True, dtype=torch.float32)
-    except (OSError, RuntimeError, ValueError) as error:
-        raise CheckpointError(f"{source}: cannot load {model_class.__name__}: {error}") from error
-    raise_on_loading_info(source, info, target=model_class.__name__)
-    return model
 
 
 class CogVideoX(VideoDiffusionModel):
@@ -127,7 +114,7 @@ class CogVideoX(VideoDiffusionModel):
             vae = AutoencoderKLCogVideoX.from_config(preset.vae)
         else:
             directory = storage.local_directory(config.path)
-            transformer = _load_component(CogVideoXTransformer3DModel, directory, "transformer")
+            transformer = load_pretrained_component(CogVideoXTransformer3DModel, directory, "transformer")
             check_preset_config(
                 directory / "transformer",
                 transformer.config,
@@ -135,7 +122,7 @@ class CogVideoX(VideoDiffusionModel):
                 TRANSFORMER_ARCHITECTURE_KEYS,
                 config.variant,
             )
-            vae = _load_component(AutoencoderKLCogVideoX, directory, "vae")
+            vae = load_pretrained_component(AutoencoderKLCogVideoX, directory, "vae")
             check_preset_config(directory / "vae", vae.config, preset.vae, VAE_ARCHITECTURE_KEYS, config.variant)
             scheduler_directory = directory / "scheduler"
             if (scheduler_directory / "scheduler_config.json").is_file():

@@ -1,18 +1,16 @@
 """The CogVideoX presets (`ModelConfig.variant`): "tiny" (random, CPU tests), "2b" and "5b" (the released configs).
 
 A preset fixes the component configs (transformer, VAE, scheduler, T5 text encoder) and the sampling defaults; a
-loaded checkpoint directory must agree with its variant on the architecture keys (`check_preset_config`).
+loaded checkpoint directory must agree with its variant on the architecture keys (`loading.check_preset_config`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 from transformers import PreTrainedTokenizerBase
 
-from videodpo_ray.errors import CheckpointError
 from videodpo_ray.models.t5_prompt_encoder import tiny_t5_tokenizer
 
 _TRANSFORMER_2B: dict[str, Any] = {
@@ -172,18 +170,3 @@ PRESETS: dict[str, CogVideoXPreset] = {
     "2b": CogVideoXPreset(_TRANSFORMER_2B, _VAE_2B, _SCHEDULER_2B, _T5_XXL),
     "5b": CogVideoXPreset(_TRANSFORMER_5B, _VAE_5B, _SCHEDULER_5B, _T5_XXL),
 }
-
-
-def check_preset_config(source: Path, loaded: Any, expected: dict[str, Any], keys: Sequence[str], variant: str) -> None:
-    """Raise if the loaded component config disagrees with the variant's preset on any of `keys`."""
-    differences = []
-    for key in keys:
-        have, want = loaded.get(key), expected.get(key)
-        if isinstance(have, (list, tuple)) and isinstance(want, (list, tuple)):
-            have, want = list(have), list(want)
-        if have != want:
-            differences.append(f"{key} = {have!r}, variant {variant!r} expects {want!r}")
-    if differences:
-        raise CheckpointError(
-            f"{source}: checkpoint does not match ModelConfig.variant={variant!r}: " + "; ".join(differences)
-        )

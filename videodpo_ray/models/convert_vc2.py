@@ -31,7 +31,7 @@ from transformers import CLIPTextConfig, CLIPTextModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import describe_key_mismatch, load_state_dict_strict
+from videodpo_ray.models.loading import describe_key_mismatch, load_state_dict_strict
 from videodpo_ray.models.lvdm_layout import (
     UNET_PREFIX,
     LvdmUNetConfig,

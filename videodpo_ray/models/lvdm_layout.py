@@ -17,7 +17,7 @@ import torch
 
 from videodpo_ray.config import StrictConfig
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import describe_key_mismatch
+from videodpo_ray.models.loading import describe_key_mismatch
 
 UNET_PREFIX = "model.diffusion_model."
 ModuleKind = Literal["linear", "conv1d", "conv2d", "conv3d", "norm"]

@@ -15,7 +15,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import describe_key_mismatch
+from videodpo_ray.models.loading import describe_key_mismatch
 
 OPENCLIP_HEAD_WIDTH = 64  # every OpenCLIP text tower uses 64-wide heads (ViT-H-14: 1024 / 16)
 

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from transformers import PreTrainedTokenizerBase, T5EncoderModel, T5Tokenizer
 
-from videodpo_ray.models.base import raise_on_loading_info
+from videodpo_ray.models.loading import raise_on_loading_info
 
 # The offline tokenizer of the tiny preset: one unigram piece per character (ids stay below the tiny T5 vocab).
 _TINY_TOKENIZER_PIECES = tuple("abcdefghijklmnopqrstuvwxyz0123456789.,'-")

@@ -15,7 +15,7 @@ from safetensors.torch import load_file as load_safetensors_file
 
 from videodpo_ray import storage
 from videodpo_ray.errors import WeightsError
-from videodpo_ray.models.base import load_state_dict_strict
+from videodpo_ray.models.loading import load_state_dict_strict
 
 ModuleT = TypeVar("ModuleT", bound=torch.nn.Module)
 

@@ -9,7 +9,7 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.dpo import DPOReduction
+from videodpo_ray.dpo import BetaSchedule, DPOReduction
 from videodpo_ray.models.base import ModelConfig
 
 
@@ -26,11 +26,25 @@ class DataConfig(StrictConfig):
 
 
 class DPOConfig(StrictConfig):
-    """Diffusion-DPO loss settings (method.md section 1)."""
+    """Diffusion-DPO loss settings (method.md section 1).
+
+    beta_dpo is per loss space: 5000 for the epsilon / v-prediction families (VideoDPO); flow-matching families
+    (Wan) train on v = eps - x0 errors, where flow_grpo uses 100 (SD3.5) with this same loss normalisation.
+    beta_schedule: "constant" (default; Flow-DPO as VideoAlign recommends) or "timestep_scaled", flow-matching
+    families only: beta_t = beta_dpo * (1 - s)^2 at the pair's noise level s in [0, 1] (VideoAlign found it
+    reward-hacks; offered for comparison, needs shared_noise).
+    """
 
     beta_dpo: float = Field(5000.0, gt=0.0)
+    beta_schedule: BetaSchedule = "constant"
     reduction: DPOReduction = "mean"  # "videodpo_reference" is a reproduction mode only
     shared_noise: bool = True  # False reproduces VideoDPO's independent winner/loser noise
+
+    @model_validator(mode="after")
+    def _timestep_scaled_needs_one_timestep_per_pair(self) -> "DPOConfig":
+        if self.beta_schedule == "timestep_scaled" and not self.shared_noise:
+            raise ValueError("beta_schedule='timestep_scaled' needs shared_noise=true (one timestep per pair)")
+        return self
 
 
 class OptimConfig(StrictConfig):

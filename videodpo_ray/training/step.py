@@ -7,11 +7,13 @@ same step on every run. Optimizer, DeepSpeed and Ray stay outside: these functio
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
 
 import torch
 from torch import nn
 
-from videodpo_ray.dpo import DPOReduction, diffusion_dpo_loss, per_sample_mse
+from videodpo_ray.dpo import BetaSchedule, DPOReduction, diffusion_dpo_loss, per_sample_mse
+from videodpo_ray.errors import ConfigError
 from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.training.config import DPOConfig
 
@@ -22,6 +24,24 @@ class StepOutput:
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
+
+
+@runtime_checkable
+class FlowMatchingModel(Protocol):
+    """A flow-matching family: exposes the noise level s in [0, 1] of its timesteps (x_t = (1 - s) x0 + s eps),
+    which the timestep-scaled Flow-DPO beta needs."""
+
+    def noise_level(self, timesteps: torch.Tensor) -> torch.Tensor: ...
+
+
+def check_beta_schedule(model: VideoDiffusionModel, beta_schedule: BetaSchedule, shared_noise: bool) -> None:
+    """ConfigError unless `beta_schedule` can be used with this model and noise sharing."""
+    if beta_schedule != "timestep_scaled":
+        return
+    if not isinstance(model, FlowMatchingModel):
+        raise ConfigError(f"dpo.beta_schedule='timestep_scaled' needs a flow-matching family, not {model.family!r}")
+    if not shared_noise:
+        raise ConfigError("dpo.beta_schedule='timestep_scaled' needs dpo.shared_noise=true (one timestep per pair)")
 
 
 def _draw_noise(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -47,6 +67,7 @@ def dpo_step(
     generator: torch.Generator,
     shared_noise: bool = True,
     reduction: DPOReduction = "mean",
+    beta_schedule: BetaSchedule = "constant",
 ) -> StepOutput:
     """Diffusion-DPO loss for B pairs.
 
@@ -62,7 +83,10 @@ def dpo_step(
             winner and the loser. False reproduces the released VideoDPO code, which draws the timestep and
             the noise independently for all 2B samples (more variance; reproduction switch only).
         reduction: see `diffusion_dpo_loss`.
+        beta_schedule: "constant" (default) or "timestep_scaled" (flow-matching families, shared noise only):
+            beta_dpo * (1 - s)^2 with s = `model.noise_level(t)` of each pair; see `diffusion_dpo_loss`.
     """
+    check_beta_schedule(model, beta_schedule, shared_noise)
     if win_latents.shape != lose_latents.shape:
         raise ValueError(
             f"winner latents {tuple(win_latents.shape)} and loser latents {tuple(lose_latents.shape)} differ in shape"
@@ -86,7 +110,17 @@ def dpo_step(
         ref_pred = model.predict(noisy_latents, timesteps, embeddings, reference=True)
     model_pred = model.predict(noisy_latents, timesteps, embeddings)
 
-    output = diffusion_dpo_loss(model_pred, ref_pred, target, weights, beta_dpo=beta_dpo, reduction=reduction)
+    noise_levels = model.noise_level(timesteps[:num_pairs]) if beta_schedule == "timestep_scaled" else None
+    output = diffusion_dpo_loss(
+        model_pred,
+        ref_pred,
+        target,
+        weights,
+        beta_dpo=beta_dpo,
+        reduction=reduction,
+        beta_schedule=beta_schedule,
+        noise_levels=noise_levels,
+    )
     metrics = dict(output.metrics)
     metrics["timestep"] = timesteps.to(torch.float32).mean()
     return StepOutput(loss=output.loss, metrics=metrics)
@@ -119,6 +153,7 @@ class DPOObjective(nn.Module):
 
     def __init__(self, model: VideoDiffusionModel, dpo: DPOConfig) -> None:
         super().__init__()
+        check_beta_schedule(model, dpo.beta_schedule, dpo.shared_noise)
         self.model = model
         self.dpo = dpo
 
@@ -140,5 +175,6 @@ class DPOObjective(nn.Module):
             generator=generator,
             shared_noise=self.dpo.shared_noise,
             reduction=self.dpo.reduction,
+            beta_schedule=self.dpo.beta_schedule,
         )
         return output.loss, output.metrics

@@ -89,7 +89,7 @@ def write_synthetic_pairs(
     return infos
 
 
-TINY_VIDEO_SIZES = {"vc2": (4, 16, 16), "t2v_turbo": (4, 16, 16), "cogvideox": (9, 16, 16)}  # frames, height, width
+TINY_VIDEO_SIZES = {"vc2": (4, 16, 16), "t2v_turbo": (4, 16, 16), "cogvideox": (9, 16, 16), "wan": (5, 16, 16)}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
