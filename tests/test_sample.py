@@ -10,7 +10,7 @@ import torch
 from typer.testing import CliRunner
 
 from videodpo_ray.cli import app
-from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.models import ModelConfig, build_model, families
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.video import decode_mp4, encode_mp4
 
@@ -42,7 +42,7 @@ def read_index(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "index.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("family", ["vc2", "t2v_turbo", "cogvideox"])
+@pytest.mark.parametrize("family", families())
 def test_every_family_samples_from_every_prompt_format(family, tmp_path, single_torch_thread):
     for kind, (path, ids) in prompt_files(tmp_path / "prompts").items():
         out = tmp_path / kind
@@ -104,7 +104,7 @@ def test_a_tuned_export_samples_the_tuned_weights(tmp_path, single_torch_thread)
     assert read_index(tmp_path / "tuned")[0]["tuned"] == str(run / "export")
 
 
-def test_an_interrupted_run_resumes_with_only_the_missing_files(tmp_path, monkeypatch, single_torch_thread):
+def test_an_interrupted_ray_run_resumes_with_only_the_missing_files(ray_cluster, tmp_path, monkeypatch):
     import jobs.sample
 
     path, _ = prompt_files(tmp_path / "prompts")["txt"]
@@ -133,9 +133,9 @@ def test_an_interrupted_run_resumes_with_only_the_missing_files(tmp_path, monkey
         )
     monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", real_write)
     assert len(list((tmp_path / "out").glob("*.mp4"))) == 3
-    code, output = sample(*arguments, "--out", str(tmp_path / "out"))
+    code, output = sample(*arguments, "--out", str(tmp_path / "out"), "--ray")
     assert code == 0, output
-    assert "3 video(s) written, 3 already there" in output
+    assert "3 video(s) written, 3 already there (ray)" in output
     for name in sorted(p.name for p in (tmp_path / "whole").glob("*.mp4")):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
 
@@ -162,7 +162,7 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("family", ["vc2", "t2v_turbo", "cogvideox"])
+@pytest.mark.parametrize("family", families())
 def test_merged_and_unmerged_exports_give_the_same_videos(family, tmp_path, single_torch_thread):
     config = ModelConfig(family=family, variant="tiny", finetune="lora", lora={"rank": 4})
     model = build_model(config, seed=5)
