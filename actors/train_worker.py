@@ -9,6 +9,7 @@ A checkpoint restores weights, optimizer and LR scheduler (DeepSpeed), the data 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 import time
@@ -45,6 +46,9 @@ LOG_METRICS = (
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=config.model_dump())`)."""
+    # Quiet by default: Ray Train's worker logs each report with its whole metrics dict at INFO on the root logger;
+    # the driver prints one progress line per step instead.
+    logging.getLogger().setLevel(logging.WARNING)
     DPOWorker(TrainConfig.model_validate(config)).run()
 
 

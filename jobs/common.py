@@ -32,15 +32,21 @@ def setup_logging(level: int = logging.INFO) -> None:
 
 
 def connect_ray(num_cpus: int | None = None) -> None:
-    """Join the running cluster (inside `ray job submit`, or with RAY_ADDRESS set), else start a local one."""
+    """Join the running cluster (inside `ray job submit`, or with RAY_ADDRESS set), else start a local one; quiet:
+    Ray's own logs at WARNING on the driver and in every worker, no Ray Data progress or execution-plan lines."""
     import ray
 
     if ray.is_initialized():
         return
+    quiet = {"logging_level": logging.WARNING, "logging_config": ray.LoggingConfig(log_level="WARNING")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        ray.init(**quiet)
     else:
-        ray.init(num_cpus=num_cpus)  # with its dashboard: Ray Train's state queries go through it
+        ray.init(num_cpus=num_cpus, **quiet)  # with its dashboard: Ray Train's state queries go through it
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 def pool_options(pool: ActorPoolConfig) -> dict[str, Any]:

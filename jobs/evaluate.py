@@ -57,7 +57,7 @@ def summary_line(summary: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     return job_main(
         argv, __doc__, lambda path, overrides: load_config(EvaluateConfig, path, overrides),
-        lambda config: summary_line(evaluate(config)),
+        lambda config: summary_line(evaluate(config)), connect=False,
     )
 
 

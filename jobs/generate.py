@@ -22,7 +22,7 @@ import ray
 
 from actors.sampler import SamplerActor
 from actors.scorer import OmniScorer
-from jobs.common import commit_chunks, job_main, pool_options
+from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
@@ -51,6 +51,7 @@ def generate(
     plan = plan_generate(config, prompts)
     report = plan.report
     if plan.to_sample or plan.to_score:
+        connect_ray()  # only now: bad input fails before any cluster work
         sources = []
         if plan.to_sample:
             sources.append(
@@ -92,7 +93,7 @@ def generate(
 def main(argv: Sequence[str] | None = None) -> int:
     return job_main(
         argv, __doc__, lambda path, overrides: load_config(GenerateConfig, path, overrides),
-        lambda config: generate(config).summary(),
+        lambda config: generate(config).summary(), connect=False,
     )
 
 

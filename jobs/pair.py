@@ -16,7 +16,7 @@ import pyarrow as pa
 import ray
 
 from actors.latent_encoder import LatentEncoderActor
-from jobs.common import commit_chunks, job_main, pool_options
+from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
@@ -32,6 +32,7 @@ def make_pairs(config: PairConfig) -> PairReport:
     plan = plan_pair_shards(config)
     report = plan.report
     if plan.pending:
+        connect_ray()  # only now: bad input fails before any cluster work
         encoded = (
             ray.data.from_arrow(list(plan.pending.values()))
             .map_batches(attach_videos, batch_format="pyarrow", batch_size=None, fn_kwargs={"samples": plan.samples})
@@ -61,7 +62,7 @@ def make_pairs(config: PairConfig) -> PairReport:
 def main(argv: Sequence[str] | None = None) -> int:
     return job_main(
         argv, __doc__, lambda path, overrides: load_config(PairConfig, path, overrides),
-        lambda config: make_pairs(config).summary(),
+        lambda config: make_pairs(config).summary(), connect=False,
     )
 
 

@@ -99,7 +99,7 @@ def run_demo(out: str = "demo-output", num_cpus: int = 4) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return job_main(argv, __doc__, load_pipeline_config, run_and_summarise)
+    return job_main(argv, __doc__, load_pipeline_config, run_and_summarise, connect=False)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from videodpo_ray.training.inputs import validate_inputs, with_absolute_paths
 
 def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
     """The TorchTrainer of a run (RunConfig name + storage_path make resubmissions resume)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     return TorchTrainer(
@@ -42,6 +42,7 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.num_to_keep),
             callbacks=[ProgressPrinter(config.run.name)],
+            logging_config=LoggingConfig(log_level="WARNING"),  # our progress line replaces Train's INFO logs
         ),
     )
 

@@ -27,6 +27,43 @@ def train(
     raise typer.Exit(code=train_main([str(config), *(overrides or [])]))
 
 
+def _job(module: str, config: Path, overrides: list[str] | None) -> None:
+    """Run `jobs.<module>.main([CONFIG, *overrides])` and exit with its code."""
+    import importlib
+
+    raise typer.Exit(code=importlib.import_module(f"jobs.{module}").main([str(config), *(overrides or [])]))
+
+
+CONFIG = typer.Argument(..., help="the job's YAML config")
+OVERRIDES = typer.Argument(None, help="key.sub=value overrides")
+
+
+@app.command()
+def generate(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Generate + score: N samples per prompt on sampler actors, OmniScore on scorer actors (GenerateConfig)."""
+    _job("generate", config, overrides)
+
+
+@app.command()
+def pair(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """Pair: best-worst (or rank) pairs, filters and weights, VAE latents in pair shards (PairConfig)."""
+    _job("pair", config, overrides)
+
+
+@app.command()
+def run(config: Path = CONFIG, overrides: Optional[list[str]] = OVERRIDES) -> None:
+    """The whole pipeline: generate -> pair -> train -> evaluate -> report (PipelineConfig); resumable as a whole."""
+    _job("pipeline", config, overrides)
+
+
+@app.command()
+def status(run_url: str = typer.Argument(..., metavar="RUN", help="an output root or a training run (path or URL)")):
+    """What a run on storage has committed: shards, pairs, checkpoints, the last step's metrics, the evaluation."""
+    from videodpo_ray.stages.status import render_status, run_status
+
+    typer.echo(render_status(run_status(run_url)))
+
+
 @app.command()
 def evaluate(
     config: Path = typer.Argument(..., help="evaluate YAML (EvaluateConfig: out, prompts, model, tuned, scorer, ...)"),
@@ -45,7 +82,7 @@ def demo(
         4, min=1, help="logical CPUs of the local Ray cluster (ignored when RAY_ADDRESS is set)"
     ),
 ) -> None:
-    """Generate -> score -> pair -> train on a tiny model with local Ray; writes {out}/report.md (a few minutes)."""
+    """Generate -> score -> pair -> train -> evaluate on a tiny model with local Ray; writes {out}/report.md."""
     from jobs.pipeline import run_demo
 
     raise typer.Exit(code=run_demo(out, num_cpus=num_cpus))

@@ -1,0 +1,91 @@
+"""The command line: one command per job, bad input refused before Ray starts, and `status` of a run on storage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from videodpo_ray.cli import app
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.training.synthetic import write_synthetic_pairs
+
+COMMANDS = ("generate", "pair", "train", "evaluate", "run", "score", "sample", "status", "export", "import-videodpo",
+            "convert", "runs", "demo")
+
+
+def invoke(*arguments: str):
+    return CliRunner().invoke(app, list(arguments))
+
+
+def test_there_is_one_command_per_job():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in COMMANDS:
+        assert f" {command} " in result.output, command
+
+
+@pytest.fixture()
+def no_ray(monkeypatch):
+    """Fail the test if a job connects to Ray: bad input must be refused before any cluster work."""
+    import jobs.common
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a job connected to Ray before refusing bad input")
+
+    monkeypatch.setattr(jobs.common, "connect_ray", refuse)
+    for module in ("generate", "pair", "train", "sample", "score"):
+        job = __import__(f"jobs.{module}", fromlist=["connect_ray"])
+        if hasattr(job, "connect_ray"):
+            monkeypatch.setattr(job, "connect_ray", refuse)
+
+
+def test_bad_input_exits_2_before_ray_starts(tmp_path: Path, no_ray):
+    bad_prompts = tmp_path / "generate.yaml"
+    bad_prompts.write_text(f"prompts: {tmp_path}/missing.txt\nout: {tmp_path}/out\nscorer: {{tiny: true}}\n")
+    no_scores = tmp_path / "pair.yaml"
+    no_scores.write_text(f"data: {tmp_path}/nothing\n")
+    unknown_key = tmp_path / "run.yaml"
+    unknown_key.write_text("prompts: [a fox]\ngenerate: {scorer: {tiny: true}}\nunknown_section: 1\n")
+    no_pairs = tmp_path / "train.yaml"
+    no_pairs.write_text(f"data: {{pairs_url: {tmp_path}/none}}\nrun: {{name: r, storage_path: {tmp_path}/runs}}\n")
+    cases = [
+        (("generate", str(bad_prompts)), "missing.txt: prompts file not found"),
+        (("pair", str(no_scores)), "no committed scores shards to pair"),
+        (("run", str(unknown_key)), "unknown_section"),
+        (("train", str(no_pairs)), "no committed pair shards"),
+        (("generate", str(tmp_path / "absent.yaml")), "cannot read config"),
+    ]
+    for arguments, message in cases:
+        result = invoke(*arguments)
+        assert result.exit_code == 2, (arguments, result.output)
+        assert message in result.output, (arguments, result.output)
+
+
+def test_status_reports_what_a_run_committed(tmp_path: Path):
+    root = tmp_path / "root"
+    model = build_model(ModelConfig(family="vc2", variant="tiny"), seed=0)
+    write_synthetic_pairs(model, str(root), num_pairs=3, pairs_per_shard=2, num_frames=4, height=16, width=16)
+    run = root / "train" / "dpo"
+    state = ckpt.TrainState(2, 0, 2, 4, 1, 2, 1, 1, 0, [])
+    (run / ckpt.checkpoint_dir_name(2)).mkdir(parents=True)
+    (run / ckpt.checkpoint_dir_name(2) / ckpt.TRAIN_STATE).write_text(state.to_json())
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(run / "tensorboard")) as writer:
+        for step, loss in enumerate([0.69, 0.61]):
+            writer.add_scalar("train/loss", loss, step)
+            writer.add_scalar("train/implicit_accuracy", 0.5 + step / 4, step)
+    (root / "evaluate").mkdir()
+    (root / "evaluate" / "summary.json").write_text(
+        json.dumps({"num_prompts": 64, "win_rate": 0.625, "omniscore_gain_mean": 0.0123})
+    )
+    result = invoke("status", str(root))
+    assert result.exit_code == 0, result.output
+    assert "pairs: 2 shard(s), 3 rows committed" in result.output
+    assert f"run {run}: checkpoint at step 2/4; step 2: loss 0.61, implicit_accuracy 0.75" in result.output
+    assert "evaluate: win rate 0.625 over 64 prompts, OmniScore gain +0.0123" in result.output
+    assert "nothing committed" in invoke("status", str(tmp_path / "empty")).output
