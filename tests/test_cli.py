@@ -31,16 +31,17 @@ def test_there_is_one_command_per_job():
 @pytest.fixture()
 def no_ray(monkeypatch):
     """Fail the test if a job connects to Ray: bad input must be refused before any cluster work."""
-    import jobs.common
+    import importlib
 
     def refuse(*args, **kwargs):
         raise AssertionError("a job connected to Ray before refusing bad input")
 
-    monkeypatch.setattr(jobs.common, "connect_ray", refuse)
-    for module in ("generate", "pair", "train", "sample", "score"):
-        job = __import__(f"jobs.{module}", fromlist=["connect_ray"])
-        if hasattr(job, "connect_ray"):
-            monkeypatch.setattr(job, "connect_ray", refuse)
+    # import every job first: a module imported while jobs.common is patched would keep the patched function
+    modules = [importlib.import_module(f"jobs.{name}") for name in ("common", "generate", "pair", "train", "sample",
+                                                                     "score", "evaluate", "pipeline")]
+    for module in modules:
+        if hasattr(module, "connect_ray"):
+            monkeypatch.setattr(module, "connect_ray", refuse)
 
 
 def test_bad_input_exits_2_before_ray_starts(tmp_path: Path, no_ray):
