@@ -36,6 +36,9 @@ MODEL = ModelConfig(family="cogvideox", variant="tiny", finetune="full")
 NUM_PAIRS = 12  # 2 workers x 1 pair x accumulation 2 = 4 pairs per step: 3 steps per epoch, 2 epochs = 6 steps
 
 
+pytestmark = pytest.mark.slow  # ~5 min of killed and restarted Ray Train runs: `make test-all` and CI run them
+
+
 @pytest.fixture(scope="module")
 def pairs_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fault-pairs")
