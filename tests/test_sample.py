@@ -93,9 +93,11 @@ def test_a_tuned_export_samples_the_tuned_weights(tmp_path, single_torch_thread)
         sample(*common, "--out", str(tmp_path / "base"), "init_seed=3", "model.finetune=lora", "model.lora.rank=4")[0]
         == 0
     )
-    code, output = sample(*common, "--out", str(tmp_path / "tuned"), "--tuned", str(run))
+    code, output = sample(*common, "--out", str(tmp_path / "tuned"), "--tuned", str(run), "gif=true")
     assert code == 0, output
     name = "000000-seed123.mp4"
+    gif = (tmp_path / "tuned" / "000000-seed123.gif").read_bytes()
+    assert gif.startswith(b"GIF89a") and read_index(tmp_path / "tuned")[0]["gif"] == "000000-seed123.gif"
     assert (tmp_path / "tuned" / name).read_bytes() != (tmp_path / "base" / name).read_bytes()
     model.load_trainable_state_dict(tuned)
     with torch.no_grad():
