@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -45,10 +47,10 @@ def chromium() -> str:
 
 def render(page: Path, screenshot: Path, timeout: float = 60.0) -> Rendered:
     """Open `page` (file://), wait for its load event, report what loaded and save a full-page screenshot."""
-    with tempfile.TemporaryDirectory(prefix="videodpo-chromium-") as profile:
+    with tempfile.TemporaryDirectory(prefix="videodpo-chromium-", ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen(
             [chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )
         try:
             port_file = Path(profile, "DevToolsActivePort")
@@ -59,7 +61,7 @@ def render(page: Path, screenshot: Path, timeout: float = 60.0) -> Rendered:
             port = int(port_file.read_text().split()[0])
             return asyncio.run(asyncio.wait_for(_drive(port, page.resolve().as_uri(), screenshot), timeout))
         finally:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)  # chromium and its helper processes, before the profile goes
             process.wait()
 
 
