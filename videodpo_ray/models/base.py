@@ -234,6 +234,23 @@ class VideoDiffusionModel(nn.Module, ABC):
         self._tuner_layers, self._trainable_names = [], []
         self.config = self.config.model_copy(update={"finetune": "full"})
 
+    # --- sampling helpers ---------------------------------------------------------------------------------------
+    @contextmanager
+    def eval_mode(self) -> Iterator[None]:
+        """The denoiser in eval mode for the duration (sampling), then back in the mode it was in."""
+        was_training = self.denoiser.training
+        self.denoiser.eval()
+        try:
+            yield
+        finally:
+            self.denoiser.train(was_training)
+
+    def seeded_noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+        """Starting latents (B, *shape) on the model's device: item i is N(0, 1) from a CPU generator seeded with
+        seeds[i], so a video depends on its own seed only, on any device."""
+        noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
+        return torch.stack(noise).to(self.device)
+
     # --- text ---------------------------------------------------------------------------------------------------
     @abstractmethod
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:

@@ -13,9 +13,8 @@ subfolders, loaded strictly; `save_pretrained` writes that layout. Finetune mode
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -302,22 +301,7 @@ class CogVideoX(VideoDiffusionModel):
             )[0]
         return output.float()
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            yield
-        finally:
-            self.transformer.train(was_training)
-
     # --- sampling -----------------------------------------------------------------------------------------------
-    def initial_noise(self, seeds: Sequence[int], num_frames: int, height: int, width: int) -> torch.Tensor:
-        """The starting latents (B, F, C, H, W): item i is N(0, 1) from a CPU generator seeded with seeds[i]."""
-        shape = self.latent_shape(num_frames, height, width)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(noise).to(self.device)
-
     @torch.no_grad()
     def denoise(
         self,
@@ -336,7 +320,7 @@ class CogVideoX(VideoDiffusionModel):
         if use_guidance:
             empty = self.empty_prompt_embedding().to(text_embeddings)
             text_embeddings = torch.cat([empty.expand_as(text_embeddings), text_embeddings])
-        with self._eval_mode():
+        with self.eval_mode():
             for timestep in scheduler.timesteps:
                 model_input = torch.cat([latents, latents]) if use_guidance else latents
                 velocity = self.predict(model_input, timestep.expand(model_input.shape[0]), text_embeddings)
@@ -361,9 +345,8 @@ class CogVideoX(VideoDiffusionModel):
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         default_frames, default_height, default_width = self.video_size
-        noise = self.initial_noise(
-            seeds, num_frames or default_frames, height or default_height, width or default_width
-        )
+        shape = self.latent_shape(num_frames or default_frames, height or default_height, width or default_width)
+        noise = self.seeded_noise(seeds, shape)
         latents = self.denoise(
             noise,
             self.encode_prompts(prompts),

@@ -16,9 +16,8 @@ loaded strictly; `save_pretrained` writes that layout. Finetune modes "full" and
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 from diffusers import (
@@ -318,22 +317,7 @@ class Wan(VideoDiffusionModel):
             )[0]
         return output.float()
 
-    @contextlib.contextmanager
-    def _eval_mode(self) -> Iterator[None]:
-        was_training = self.transformer.training
-        self.transformer.eval()
-        try:
-            yield
-        finally:
-            self.transformer.train(was_training)
-
     # --- sampling -----------------------------------------------------------------------------------------------
-    def initial_noise(self, seeds: Sequence[int], num_frames: int, height: int, width: int) -> torch.Tensor:
-        """The starting latents (B, C, F, H, W): item i is N(0, 1) from a CPU generator seeded with seeds[i]."""
-        shape = self.latent_shape(num_frames, height, width)
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(noise).to(self.device)
-
     @torch.no_grad()
     def denoise(
         self,
@@ -352,7 +336,7 @@ class Wan(VideoDiffusionModel):
         if guidance_scale > 1.0:
             unconditional_embeddings = self.empty_prompt_embedding().to(text_embeddings).expand_as(text_embeddings)
         latents = noise
-        with self._eval_mode():
+        with self.eval_mode():
             for timestep in scheduler.timesteps:
                 timesteps = timestep.expand(latents.shape[0])
                 velocity = self.predict(latents, timesteps, text_embeddings)
@@ -377,9 +361,8 @@ class Wan(VideoDiffusionModel):
         if len(prompts) != len(seeds):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         default_frames, default_height, default_width = self.video_size
-        noise = self.initial_noise(
-            seeds, num_frames or default_frames, height or default_height, width or default_width
-        )
+        shape = self.latent_shape(num_frames or default_frames, height or default_height, width or default_width)
+        noise = self.seeded_noise(seeds, shape)
         latents = self.denoise(
             noise,
             self.encode_prompts(prompts),
