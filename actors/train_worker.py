@@ -85,6 +85,8 @@ class DPOWorker:
         if self.device.type == "cpu":  # bit-identical resumes; on GPU the deterministic kernels cost speed
             torch.use_deterministic_algorithms(True, warn_only=True)
         model = build_model(config.model, seed=config.run.seed)
+        if config.compile:
+            model.compile_denoiser()
         objective = DPOObjective(model, config.dpo)
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
@@ -96,9 +98,7 @@ class DPOWorker:
                 pairs_per_worker=config.data.pairs_per_worker,
                 grad_accum=config.optim.grad_accum,
             )
-            self.total_steps = self.plan.steps_per_epoch * config.data.epochs
-            if config.data.max_steps is not None:
-                self.total_steps = min(self.total_steps, config.data.max_steps)
+            self.total_steps = self.plan.total_steps(config.data.epochs, config.data.max_steps)
             optim = config.optim
             self.engine, _, _, self.scheduler = deepspeed.initialize(
                 model=objective,

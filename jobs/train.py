@@ -17,7 +17,7 @@ from jobs.common import connect_ray, job_main
 from videodpo_ray.config import load_config
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.inputs import validate_inputs, with_absolute_paths
+from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs, with_absolute_paths
 
 
 def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
@@ -70,9 +70,19 @@ class ProgressPrinter(UserCallback):
 
 
 def run_training(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
-    """Validate inputs, then join Ray (or start a local one) and train; returns the ray.train Result."""
+    """Validate inputs, then join Ray (or start a local one) and train; returns the ray.train Result.
+
+    A run that already finished (its final checkpoint is on storage) is recognised here, before Ray or any worker
+    starts: its Result is read back from storage and nothing is trained.
+    """
     config = with_absolute_paths(config)
     plan = validate_inputs(config)
+    final = completed_checkpoint(config)
+    if final is not None:
+        from ray.train import Result
+
+        print(f"[train {config.run.name}] already complete: {final} is the final step; nothing to train", flush=True)
+        return Result.from_path(ckpt.run_dir(config))
     print(
         f"[train {config.run.name}] {plan.num_pairs} pairs in {len(plan.shards)} shard(s), {plan.steps_per_epoch} "
         f"steps/epoch of {plan.pairs_per_step} pairs, {config.scaling.num_workers} workers, "

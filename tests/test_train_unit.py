@@ -25,7 +25,7 @@ from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
 from videodpo_ray.training.data import DataPosition, PairLoader, PairPlan, RowRef
-from videodpo_ray.training.inputs import validate_inputs
+from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -237,6 +237,26 @@ def test_resume_with_another_world_size_is_refused_before_start(tmp_path, pair_r
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match="scaling.num_workers is 1 but the checkpoint was saved with 2.*not resharded"):
         validate_inputs(train_config(tmp_path, tmp_path, "scaling.num_workers=1", "data.pairs_per_worker=2"))
+
+
+def test_a_finished_run_is_recognised_from_storage_before_any_worker(tmp_path, pair_rows):
+    """Finished = the last checkpoint is at the step count the config asks for over the run's frozen shards."""
+    shards.write_shard(shards.make_table("pairs", pair_rows), str(tmp_path), "pairs", 0)
+    layout = ["data.pairs_per_worker=1", "optim.grad_accum=1", "data.max_steps=null"]  # 2 steps per epoch of 4 pairs
+    config = train_config(tmp_path, tmp_path, *layout, "data.epochs=1")
+    assert completed_checkpoint(config) is None  # no checkpoint yet
+    frozen = PairPlan(shards.list_shards(str(tmp_path), "pairs"), seed=0, num_workers=2, pairs_per_worker=1,
+                      grad_accum=1).to_json()
+    for step in (1, 2):
+        directory = tmp_path / "runs" / "unit" / ckpt.checkpoint_dir_name(step)
+        directory.mkdir(parents=True)
+        state = ckpt.TrainState(global_step=step, epoch=step // 2, step_in_epoch=step % 2, total_steps=2,
+                                world_size=2, zero_stage=2, pairs_per_worker=1, grad_accum=1, seed=0, shards=frozen)
+        (directory / ckpt.TRAIN_STATE).write_text(state.to_json())
+        final = completed_checkpoint(config)
+        assert final == (str(directory) if step == 2 else None)
+    assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout, "data.epochs=2")) is None  # continues
+    assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout[:2], "data.epochs=2", "data.max_steps=2"))
 
 
 def test_train_cli_reports_bad_input_and_exits_2(tmp_path, capsys):

@@ -84,6 +84,11 @@ class PairPlan:
                 f"{self.pairs_per_step})"
             )
 
+    def total_steps(self, epochs: int, max_steps: int | None) -> int:
+        """Optimizer steps of a run over `epochs` epochs of this plan, capped at `max_steps`."""
+        total = self.steps_per_epoch * epochs
+        return total if max_steps is None else min(total, max_steps)
+
     def epoch_order(self, epoch: int) -> list[RowRef]:
         """All pairs of the data set in this epoch's order (shards shuffled, rows shuffled within each shard)."""
         rng = np.random.default_rng([self.seed, epoch])

@@ -63,3 +63,24 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
         url, state = latest
         ckpt.check_resumable(state, config, url)
     return plan
+
+
+def completed_checkpoint(config: TrainConfig) -> str | None:
+    """The URL of the run's final checkpoint when the run already finished, else None (storage reads only).
+
+    Finished: the last committed checkpoint is at the step count this config asks for over the run's frozen shard
+    list, so a resubmission with more epochs or a higher data.max_steps continues instead. Call after
+    `validate_inputs` (which checks that the checkpoint's layout matches the config).
+    """
+    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+    if latest is None:
+        return None
+    url, state = latest
+    plan = PairPlan(
+        PairPlan.shards_from_json(state.shards),
+        seed=state.seed,
+        num_workers=state.world_size,
+        pairs_per_worker=state.pairs_per_worker,
+        grad_accum=state.grad_accum,
+    )
+    return url if state.global_step >= plan.total_steps(config.data.epochs, config.data.max_steps) else None
