@@ -77,8 +77,13 @@ def test_prompt_files_in_every_format_read_the_same(tmp_path: Path):
         ("p.jsonl", '{"prompt_id": "a", "prompt": "x"}\n{"prompt_id": "a", "prompt": "y"}\n',
          "p.jsonl line 2: duplicate prompt_id 'a' (first at line 1)"),
         ("p.parquet", None, "p.parquet row 1: empty prompt"),
-        ("p.csv", "prompt\nx\n", "unknown prompts file type '.csv'"),
+        ("p.yaml", "- x\n", "unknown prompts file type '.yaml'"),
         ("p.txt", "\n\n", "p.txt: no prompts"),
+        ("p.txt", "", "p.txt: no prompts"),
+        ("p.csv", "uuid,caption\n1,x\n", "p.csv: no 'prompt' column in the CSV header (columns: uuid, caption)"),
+        ("p.csv", "uuid,prompt\n1,x\n2,\n", "p.csv line 3: empty prompt"),
+        ("p.json", '[{"prompt": "x"}', "p.json: not valid JSON"),
+        ("p.txt", "ok\n" + "y" * 5000 + "\n", "p.txt line 2: prompt of 5000 characters, over the limit of 4096"),
     ],
 )
 def test_bad_prompt_rows_are_named(tmp_path: Path, name: str, content: str | None, message: str):
@@ -90,6 +95,34 @@ def test_bad_prompt_rows_are_named(tmp_path: Path, name: str, content: str | Non
     with pytest.raises(PromptFileError) as error:
         read_prompts(str(path))
     assert message in str(error.value)
+
+
+def test_prompt_file_bytes_and_paths_that_are_not_prompt_files(tmp_path: Path):
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(PromptFileError, match=r"latin1.txt: not UTF-8 text"):
+        read_prompts(str(tmp_path / "latin1.txt"))
+    (tmp_path / "folder.txt").mkdir()
+    with pytest.raises(PromptFileError, match=r"folder.txt: is a directory, not a prompts file"):
+        read_prompts(str(tmp_path / "folder.txt"))
+    with pytest.raises(PromptFileError, match=r"missing.txt: prompts file not found"):
+        read_prompts(str(tmp_path / "missing.txt"))
+    (tmp_path / "long.txt").write_text("z" * 10_000_000 + "\n")
+    with pytest.raises(PromptFileError, match=r"prompt of 10000000 characters"):
+        read_prompts(str(tmp_path / "long.txt"))
+    assert read_prompts(str(tmp_path / "long.txt"), max_chars=10_000_000)[0].prompt == "z" * 10_000_000
+
+
+def test_vidprom_csv_uuid_is_the_prompt_id_and_exact_duplicates_are_dropped(tmp_path: Path, caplog):
+    (tmp_path / "vidprom.csv").write_text(
+        'uuid,prompt,nsfw\n9a1,"a cat, sleeping",0.1\n7f2,a dog,0.0\n0c3,"a cat, sleeping",0.2\n'
+    )
+    with caplog.at_level("WARNING"):
+        rows = read_prompts(str(tmp_path / "vidprom.csv"))
+    assert rows == [PromptRow("9a1", "a cat, sleeping"), PromptRow("7f2", "a dog")]
+    assert "dropped 1 exact duplicate prompt(s); 2 remain" in caplog.text
+    (tmp_path / "plain.csv").write_text("prompt\nx\ny\nx\n")
+    assert read_prompts(str(tmp_path / "plain.csv")) == [PromptRow("000000", "x"), PromptRow("000001", "y")]
+    assert prompt_rows(["a", "b", "a"]) == [PromptRow("000000", "a"), PromptRow("000001", "b")]
 
 
 def test_missing_prompt_column_in_parquet(tmp_path: Path):

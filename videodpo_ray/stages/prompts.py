@@ -1,13 +1,17 @@
 """Prompt files: read, checked row by row, with stable prompt ids.
 
 Prompts are read in file order; a missing `prompt_id` is the 0-based row number `{row:06d}`. Every problem raises
-PromptFileError naming the file, the row and the field, before any cluster work starts.
+PromptFileError naming the file, the row and the field, before any cluster work starts. A prompt repeated exactly
+(same text, another id) is dropped with a warning giving the count: sampling it twice would double its weight in
+training.
 """
 
 from __future__ import annotations
 
+import csv
 import io
 import json
+import logging
 import posixpath
 from dataclasses import dataclass
 from typing import Any, Iterator, Sequence
@@ -18,6 +22,10 @@ import pyarrow.parquet as pq
 from videodpo_ray import storage
 from videodpo_ray.errors import PromptFileError
 
+logger = logging.getLogger(__name__)
+MAX_PROMPT_CHARS = 4096  # default limit: a longer "prompt" is almost surely a broken file (CLIP reads 77 tokens)
+ID_COLUMNS = ("prompt_id", "uuid")  # csv: VidProM's `uuid` column becomes the prompt id
+
 
 @dataclass(frozen=True)
 class PromptRow:
@@ -25,20 +33,23 @@ class PromptRow:
     prompt: str
 
 
-def read_prompts(url: str) -> list[PromptRow]:
-    """Prompts from a .txt (one per non-blank line), .json, .jsonl or .parquet file.
+def read_prompts(url: str, max_chars: int = MAX_PROMPT_CHARS) -> list[PromptRow]:
+    """Prompts from a .txt (one per non-blank line), .json, .jsonl, .csv or .parquet file.
 
-    Records have `prompt` (or VBench's `prompt_en`) and an optional `prompt_id`. A .json file is a list (of strings
-    or records: VBench's `VBench_full_info.json` too) or a `{name: prompt}` object, as the original VideoCrafter
-    prompt files (`{"clip.mp4": "a prompt"}`): the name without its .mp4 is the prompt id.
-    Ids default to the 0-based row number `{row:06d}` (txt: the number of the prompt among non-blank lines).
-    Raises PromptFileError naming the file and row for an empty prompt, a missing or non-string field, a duplicate
-    id, an unreadable file or an unknown extension.
+    Records have `prompt` (or VBench's `prompt_en`) and an optional `prompt_id` (csv: `prompt_id` or VidProM's
+    `uuid`). A .json file is a list (of strings or records: VBench's `VBench_full_info.json` too) or a
+    `{name: prompt}` object, as the original VideoCrafter prompt files (`{"clip.mp4": "a prompt"}`): the name without
+    its .mp4 is the prompt id. Ids default to the 0-based row number `{row:06d}` (txt: the number of the prompt among
+    non-blank lines). Raises PromptFileError naming the file and row for an empty prompt, one over `max_chars`, a
+    missing or non-string field, a duplicate id, a missing file, a directory, bytes that are not UTF-8 or not valid
+    JSON, and an unknown extension.
     """
     try:
         data = storage.read_bytes(url)
     except FileNotFoundError:
         raise PromptFileError(f"{url}: prompts file not found") from None
+    except IsADirectoryError:
+        raise PromptFileError(f"{url}: is a directory, not a prompts file") from None
     extension = posixpath.splitext(url.rstrip("/"))[1].lower()
     if extension == ".txt":
         records = [(f"line {number}", {"prompt": line}) for number, line in _lines(url, data) if line.strip()]
@@ -54,21 +65,44 @@ def read_prompts(url: str) -> list[PromptRow]:
         except pa.ArrowException as error:
             raise PromptFileError(f"{url}: not a readable parquet file ({error})") from error
         records = [(f"row {row}", record) for row, record in enumerate(table.to_pylist())]
+    elif extension == ".csv":
+        records = _csv_records(url, data)
     else:
-        raise PromptFileError(f"{url}: unknown prompts file type {extension!r}; use .txt, .json, .jsonl or .parquet")
-    prompts = [_prompt_row(url, where, index, record) for index, (where, record) in enumerate(records)]
+        raise PromptFileError(
+            f"{url}: unknown prompts file type {extension!r}; use .txt, .json, .jsonl, .csv or .parquet"
+        )
+    prompts = [_prompt_row(url, where, index, record, max_chars) for index, (where, record) in enumerate(records)]
     if not prompts:
         raise PromptFileError(f"{url}: no prompts")
     _check_unique_ids(url, prompts, [where for where, _ in records])
-    return prompts
+    return drop_duplicate_prompts(url, prompts)
 
 
-def prompt_rows(prompts: Sequence[str], source: str = "<prompts>") -> list[PromptRow]:
+def prompt_rows(
+    prompts: Sequence[str], source: str = "<prompts>", max_chars: int = MAX_PROMPT_CHARS
+) -> list[PromptRow]:
     """Prompts given inline (e.g. in a pipeline YAML): ids are the positions `{index:06d}`."""
-    rows = [_prompt_row(source, f"item {index}", index, {"prompt": prompt}) for index, prompt in enumerate(prompts)]
+    rows = [
+        _prompt_row(source, f"item {index}", index, {"prompt": prompt}, max_chars)
+        for index, prompt in enumerate(prompts)
+    ]
     if not rows:
         raise PromptFileError(f"{source}: no prompts")
-    return rows
+    return drop_duplicate_prompts(source, rows)
+
+
+def drop_duplicate_prompts(source: str, prompts: Sequence[PromptRow]) -> list[PromptRow]:
+    """The prompts without exact repeats of an earlier prompt's text (a warning gives the count)."""
+    seen: set[str] = set()
+    kept = []
+    for row in prompts:
+        if row.prompt not in seen:
+            seen.add(row.prompt)
+            kept.append(row)
+    if len(kept) < len(prompts):
+        dropped = len(prompts) - len(kept)
+        logger.warning("%s: dropped %d exact duplicate prompt(s); %d remain", source, dropped, len(kept))
+    return kept
 
 
 def prompts_jsonl(prompts: Sequence[PromptRow]) -> bytes:
@@ -114,7 +148,32 @@ def _json_records(url: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
     return records
 
 
-def _prompt_row(url: str, where: str, index: int, record: dict[str, Any]) -> PromptRow:
+def _csv_records(url: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
+    """Rows of a CSV with a header naming a `prompt` column (and optionally `prompt_id` or `uuid`)."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise PromptFileError(f"{url}: not UTF-8 text ({error})") from None
+    try:
+        reader = csv.DictReader(io.StringIO(text))
+        columns = reader.fieldnames or []
+        if "prompt" not in columns:
+            raise PromptFileError(
+                f"{url}: no 'prompt' column in the CSV header (columns: {', '.join(columns) or 'none'})"
+            )
+        id_column = next((name for name in ID_COLUMNS if name in columns), None)
+        records = []
+        for row in reader:
+            record = {"prompt": row["prompt"]}
+            if id_column is not None:
+                record["prompt_id"] = row[id_column]
+            records.append((f"line {reader.line_num}", record))
+        return records
+    except csv.Error as error:
+        raise PromptFileError(f"{url}: not a readable CSV file ({error})") from None
+
+
+def _prompt_row(url: str, where: str, index: int, record: dict[str, Any], max_chars: int) -> PromptRow:
     if "prompt" not in record:
         raise PromptFileError(f"{url} {where}: missing field 'prompt'")
     prompt = record["prompt"]
@@ -122,6 +181,8 @@ def _prompt_row(url: str, where: str, index: int, record: dict[str, Any]) -> Pro
         raise PromptFileError(f"{url} {where}: field 'prompt' must be a string, got {type(prompt).__name__}")
     if not prompt.strip():
         raise PromptFileError(f"{url} {where}: empty prompt")
+    if len(prompt) > max_chars:
+        raise PromptFileError(f"{url} {where}: prompt of {len(prompt)} characters, over the limit of {max_chars}")
     prompt_id = record.get("prompt_id")
     if prompt_id is None:
         prompt_id = f"{index:06d}"
