@@ -24,7 +24,7 @@ from transformers import T5Config, T5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel, weight_dtype
 from videodpo_ray.models.cogvideox_presets import (
     PRESETS,
     SCHEDULE_KEYS,
@@ -289,9 +289,9 @@ class CogVideoX(VideoDiffusionModel):
         text_embeddings: torch.Tensor,
         rotary: tuple[torch.Tensor, torch.Tensor] | None,
     ) -> torch.Tensor:
-        dtype = transformer.dtype
+        dtype = weight_dtype(transformer)
         device = noisy_latents.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
+        with self.autocast(device):
             output = transformer(
                 hidden_states=noisy_latents.to(dtype),
                 encoder_hidden_states=text_embeddings.to(device=device, dtype=dtype),

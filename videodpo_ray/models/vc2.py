@@ -17,7 +17,7 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel, weight_dtype
 from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.openclip_text import OpenCLIPTextEncoder, clip_text_config
@@ -103,6 +103,7 @@ class VideoCrafter2(VideoDiffusionModel):
     default_num_inference_steps: ClassVar[int] = 50
     default_guidance_scale: ClassVar[float] = 12.0
     ddim_eta: ClassVar[float] = 1.0
+    vae_decode_frames: int = 16  # frames per VAE decoder call (frames of every video in the batch are pooled)
 
     def __init__(
         self,
@@ -180,7 +181,7 @@ class VideoCrafter2(VideoDiffusionModel):
             )
         return self.text_encoder(prompts).float()
 
-    # --- VAE (frames one by one, as lvdm's encode_first_stage_2DAE) --------------------------------------------
+    # --- VAE (a 2D VAE: frame by frame, as lvdm's encode_first_stage_2DAE; decoding pools frames) --------------
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
@@ -188,17 +189,21 @@ class VideoCrafter2(VideoDiffusionModel):
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         pixels = videos.to(self.vae.device, torch.float32).permute(0, 1, 4, 2, 3) / 127.5 - 1.0  # B, T, 3, H, W
+        pixels = pixels.to(weight_dtype(self.vae))
         frames = []
         for index in range(pixels.shape[1]):
             posterior = self.vae.encode(pixels[:, index]).latent_dist
             frames.append(posterior.mean if generator is None else posterior.sample(generator))
-        return torch.stack(frames, dim=2) * self.scale_factor  # B, C, T, h, w
+        return torch.stack(frames, dim=2).float() * self.scale_factor  # B, C, T, h, w
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        latents = latents.to(self.vae.device, torch.float32) / self.scale_factor
-        frames = [self.vae.decode(latents[:, :, index]).sample for index in range(latents.shape[2])]
-        pixels = torch.stack(frames, dim=1).clamp(-1.0, 1.0)  # B, T, 3, H, W
+        """Every frame of every video through the 2D decoder, `vae_decode_frames` frames per call."""
+        batch, _, num_frames = latents.shape[:3]
+        flat = latents.to(self.vae.device, torch.float32).transpose(1, 2).flatten(0, 1) / self.scale_factor
+        flat = flat.to(weight_dtype(self.vae))  # (B * T, C, h, w), video-major
+        frames = torch.cat([self.vae.decode(chunk).sample for chunk in flat.split(self.vae_decode_frames)])
+        pixels = frames.float().clamp(-1.0, 1.0).unflatten(0, (batch, num_frames))  # B, T, 3, H, W
         return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
 
     # --- diffusion --------------------------------------------------------------------------------------------
@@ -226,8 +231,8 @@ class VideoCrafter2(VideoDiffusionModel):
         fps: int,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        dtype = unet.dtype
-        with torch.autocast(latents.device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
+        dtype = weight_dtype(unet)
+        with self.autocast(latents.device):
             output = unet(
                 latents.to(dtype),
                 timesteps,

@@ -100,9 +100,11 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
             return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False, **kwargs)
         return block(*args, **kwargs)
 
-    def _embed(self, values: torch.Tensor | int | float, batch: int, device: torch.device) -> torch.Tensor:
+    def _embed(
+        self, values: torch.Tensor | int | float, batch: int, device: torch.device, dtype: torch.dtype
+    ) -> torch.Tensor:
         values = torch.as_tensor(values, device=device)
-        return self.time_proj(values.reshape(-1).expand(batch)).to(dtype=self.dtype)
+        return self.time_proj(values.reshape(-1).expand(batch)).to(dtype=dtype)
 
     def forward(
         self,
@@ -114,11 +116,12 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
         return_dict: bool = True,
     ) -> UNet3DConditionOutput | tuple[torch.Tensor]:
         batch, _, num_frames = sample.shape[:3]
-        emb = self.time_embedding(self._embed(timestep, batch, sample.device), timestep_cond)
+        dtype = self.conv_in.weight.dtype  # = self.dtype, which walks every submodule on each call
+        emb = self.time_embedding(self._embed(timestep, batch, sample.device, dtype), timestep_cond)
         if self.fps_embedding is not None:
             if fps is None:
                 raise ValueError("this UNet is fps-conditioned (fps_cond=True): pass fps")
-            emb = emb + self.fps_embedding(self._embed(fps, batch, sample.device))
+            emb = emb + self.fps_embedding(self._embed(fps, batch, sample.device, dtype))
         emb = emb.repeat_interleave(num_frames, dim=0)
         context = encoder_hidden_states.repeat_interleave(num_frames, dim=0)
 

@@ -7,7 +7,7 @@
 - diffusion: rectified flow. With s = t / 1000 (`noise_level`), x_t = (1 - s) x0 + s eps and the target is the
   velocity v = eps - x0; t is drawn logit-normal or uniform (`FlowTimestepSampling`). Sampling: the directory's
   flow scheduler (UniPC with flow sigmas and flow_shift by default) with CFG against the empty prompt, the loop of
-  diffusers' `WanPipeline`.
+  diffusers' `WanPipeline` with the conditional and unconditional rows in one denoiser call.
 
 Weights come from a diffusers-format directory (`ModelConfig.path`: local path or fsspec URL, through
 `storage.local_directory`) with transformer/, vae/, optional scheduler/ and optional text_encoder/ + tokenizer/,
@@ -31,7 +31,7 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel, weight_dtype
 from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.wan_presets import (
     PRESETS,
@@ -100,18 +100,6 @@ class Wan(VideoDiffusionModel):
         self._prompt_encoder_directory = prompt_encoder_directory
         self.video_size = preset.video_size
         self.configure_training()
-        if self.reference_denoiser is not None and config.mixed_precision == "bf16":
-            self._keep_reference_fp32_modules()
-
-    def _keep_reference_fp32_modules(self) -> None:
-        """The bf16 reference keeps diffusers' `_keep_in_fp32_modules` (RoPE tables, time embedder, modulation
-        tables, norms) in float32, as `from_pretrained(torch_dtype=torch.bfloat16)` does: copied from the policy."""
-        keep = set(WanTransformer3DModel._keep_in_fp32_modules)
-        policy = dict(self.transformer.named_parameters()) | dict(self.transformer.named_buffers())
-        reference = self.reference_denoiser
-        for name, tensor in [*reference.named_parameters(), *reference.named_buffers()]:
-            if keep & set(name.split(".")):
-                tensor.data = policy[name].detach().clone()
 
     @property
     def transformer(self) -> WanTransformer3DModel:
@@ -306,9 +294,9 @@ class Wan(VideoDiffusionModel):
         timesteps: torch.Tensor,
         text_embeddings: torch.Tensor,
     ) -> torch.Tensor:
-        dtype = transformer.dtype
+        dtype = weight_dtype(transformer)
         device = noisy_latents.device
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.config.mixed_precision == "bf16"):
+        with self.autocast(device):
             output = transformer(
                 hidden_states=noisy_latents.to(dtype),
                 timestep=timesteps.to(device),
@@ -328,21 +316,23 @@ class Wan(VideoDiffusionModel):
         guidance_scale: float,
     ) -> torch.Tensor:
         """From `noise` to clean latents with the policy and a fresh copy of the sampling scheduler; classifier-free
-        guidance against the empty prompt when guidance_scale > 1 (separate passes, the WanPipeline loop)."""
+        guidance against the empty prompt when guidance_scale > 1, conditional and unconditional rows in one
+        denoiser call (the WanPipeline loop runs them as two)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
         scheduler.set_begin_index(0)
-        unconditional_embeddings = None
-        if guidance_scale > 1.0:
-            unconditional_embeddings = self.empty_prompt_embedding().to(text_embeddings).expand_as(text_embeddings)
+        use_guidance = guidance_scale > 1.0
+        if use_guidance:
+            empty = self.empty_prompt_embedding().to(text_embeddings)
+            text_embeddings = torch.cat([text_embeddings, empty.expand_as(text_embeddings)])
         latents = noise
         with self.eval_mode():
             for timestep in scheduler.timesteps:
-                timesteps = timestep.expand(latents.shape[0])
-                velocity = self.predict(latents, timesteps, text_embeddings)
-                if unconditional_embeddings is not None:
-                    unconditional = self.predict(latents, timesteps, unconditional_embeddings)
-                    velocity = unconditional + guidance_scale * (velocity - unconditional)
+                model_input = torch.cat([latents, latents]) if use_guidance else latents
+                velocity = self.predict(model_input, timestep.expand(model_input.shape[0]), text_embeddings)
+                if use_guidance:
+                    conditional, unconditional = velocity.chunk(2)
+                    velocity = unconditional + guidance_scale * (conditional - unconditional)
                 latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
         return latents
 

@@ -211,10 +211,11 @@ def export_url_of(run_or_export: str) -> str:
     raise ConfigError(f"{run_or_export}: neither a training run with an export/ nor an export (no export.json)")
 
 
-def load_exported_model(export_url: str) -> VideoDiffusionModel:
-    """Build the exported run's model (base weights from its ModelConfig) and load the trained weights strictly."""
+def load_exported_model(export_url: str, **overrides: Any) -> VideoDiffusionModel:
+    """Build the exported run's model (base weights from its ModelConfig, with `overrides`) and load the trained
+    weights strictly."""
     model_config, weights, info = load_export(export_url)
-    model = build_model(model_config, seed=info["init_seed"])
+    model = build_model(model_config.model_copy(update=overrides), seed=info["init_seed"])
     model.load_trainable_state_dict(weights)
     return model
 
@@ -222,7 +223,7 @@ def load_exported_model(export_url: str) -> VideoDiffusionModel:
 def write_merged_export(export_url: str, out: str) -> str:
     """The exported model with its trained weights folded in (LoRA merged into the base weights), written in the
     model layer's format: `ModelConfig(family, variant, path=out)` loads it like any base model. Returns `out`."""
-    model = load_exported_model(export_url)
+    model = load_exported_model(export_url, mixed_precision="no")  # base weights in float32, not bf16
     if model.config.finetune == "lora":
         model.merge_lora()
     with tempfile.TemporaryDirectory(prefix="videodpo-merged-") as directory:

@@ -108,6 +108,7 @@ class TrainConfig(StrictConfig):
     scaling: ScalingConfig = ScalingConfig()
     run: RunConfig
     export: ExportConfig = ExportConfig()
+    compile: bool = False  # torch.compile the policy denoiser (and a reference copy); eager with a warning on failure
 
     @model_validator(mode="after")
     def _check_combinations(self) -> "TrainConfig":

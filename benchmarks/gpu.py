@@ -1,0 +1,530 @@
+"""GPU efficiency benchmark: baseline path vs fast path, side by side in one run, for sampling and DPO training.
+
+Cases, most important first (`--cases` filters by name prefix; `--budget-s` skips what no longer fits):
+- sampling (per denoiser step at a fixed batch, VAE decode, text encoding; extrapolated to the family's steps):
+  VC2 (50 DDIM steps, CFG 12, 16x320x512, batch 8 = 16 rows), T2V-Turbo (4 LCM steps, no CFG pass, batch 8),
+  CogVideoX-2B (50 steps, CFG, 49x480x720) and Wan-1.3B (50 steps, CFG, 81x480x832) at batch 2 = 4 rows (long
+  sequences: throughput per row is flat there; their T5 encoders are not built, text embeddings are random);
+  baseline = float32 weights + bf16 autocast (the reference figures' setting; Wan: CFG as two denoiser calls, VC2:
+  one VAE call per frame index), fast = every weight in bf16 (`freeze_for_sampling`), CFG in one call, VAE frames
+  pooled, then + channels-last convolutions;
+- DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
+  checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
+  and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
+  frozen LoRA base + foreach AdamW, fast = bf16 frozen base + fused AdamW;
+- torch.compile of the VC2 UNet forward (bf16 weights, batch 8 rows) in a subprocess with a hard time cap.
+MFU: FLOPs counted once per case with `torch.utils.flop_counter.FlopCounterMode` (a denoiser call; a whole
+training step, so checkpointing's recompute counts) against a dense bf16 peak of 989 TFLOP/s (H100/H200 SXM),
+also shown as a fraction of the bf16 matmul rate measured first. Results go to `--json` after every measurement
+(a timeout loses nothing) and a markdown table ends the run. Without CUDA (or with --tiny) the same code runs the
+tiny presets on the CPU in well under a minute, in float32 (sizes, steps and iterations cut; no MFU).
+
+Run: `python benchmarks/gpu.py --json gpu.json --budget-s 420` (needs torch, diffusers, transformers, peft,
+pydantic, open_clip_torch; no Ray, DeepSpeed or PyAV).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
+from videodpo_ray.models.base import hold_frozen_in, weight_dtype
+from videodpo_ray.training.step import dpo_step
+
+PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (the spec sheet's 1979 is with 2:4 sparsity)
+LORA = {"rank": 64}
+VARIANTS = {"vc2": "full", "t2v_turbo": "full", "cogvideox": "2b", "wan": "1.3b"}
+LABELS = {"vc2": "VC2", "t2v_turbo": "T2V-Turbo", "cogvideox": "CogVideoX-2B", "wan": "Wan-1.3B"}
+SAMPLING = {  # family: (steps, guidance, batch on the GPU)
+    "vc2": (50, 12.0, 8),
+    "t2v_turbo": (4, 7.5, 8),
+    "cogvideox": (50, 6.0, 2),
+    "wan": (50, 5.0, 2),
+}
+PROMPT = "a red panda climbing a tree in the rain"
+RESULT = "RESULT "  # the compile child's result line
+
+
+# --- the run: budget, results, output --------------------------------------------------------------------------------
+@dataclass
+class Bench:
+    device: torch.device
+    tiny: bool
+    deadline: float
+    json_path: Path | None
+    results: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def precision(self) -> str:
+        """ModelConfig.mixed_precision: bf16; float32 on the tiny CPU run (bf16 is emulated there, ~7x slower; the
+        bf16 paths' correctness is tests/test_fast_paths.py's)."""
+        return "no" if self.tiny else "bf16"
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return torch.float32 if self.tiny else torch.bfloat16
+
+    def remaining(self) -> float:
+        return self.deadline - time.monotonic()
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+
+    def timed(self, function: Callable[[], Any], warmup: int, repeats: int) -> float:
+        """Median seconds of `repeats` calls after `warmup` calls (fewer on the tiny presets)."""
+        if self.tiny:  # the tiny run exercises the code, its times mean nothing
+            warmup, repeats = 0, 1
+        for _ in range(warmup):
+            function()
+        self.sync()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            function()
+            self.sync()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def reset_peak(self) -> None:
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+
+    def peak_gib(self) -> float | None:
+        return torch.cuda.max_memory_allocated() / 2**30 if self.cuda else None
+
+    def mfu(self, flops: float | None, seconds: float) -> float | None:
+        return flops / seconds / (PEAK_TFLOPS * 1e12) if flops and self.cuda else None
+
+    def record(self, row: dict[str, Any]) -> None:
+        self.results.setdefault("rows", []).append(row)
+        print(format_row(row), flush=True)
+        self.write()
+
+    def note(self, kind: str, case: str, text: str) -> None:
+        """Record a skipped case or variant (kind "skipped") or a failed one ("errors")."""
+        self.results.setdefault(kind, []).append({"case": case, "reason": text})
+        print(f"[{case}] {'SKIPPED' if kind == 'skipped' else 'FAILED'}: {text}", flush=True)
+        self.write()
+
+    def write(self) -> None:
+        if self.json_path is None:
+            return
+        temporary = self.json_path.with_suffix(".tmp")
+        temporary.write_text(json.dumps(self.results, indent=2, default=str))
+        temporary.replace(self.json_path)
+
+
+def format_row(row: dict[str, Any]) -> str:
+    parts = [f"[{row['case']}] {row['variant']}"]
+    for key, unit in (("batch", ""), ("step_s", " s/step"), ("decode_s", " s decode"), ("s_per_video", " s/video"),
+                      ("videos_per_s", " videos/s"), ("pairs", " pairs"), ("pairs_per_s", " pairs/s"),
+                      ("peak_gib", " GiB peak")):
+        if row.get(key) is not None:
+            value = row[key]
+            parts.append(f"{key}={value:.3f}{unit}" if isinstance(value, float) else f"{key}={value}{unit}")
+    if row.get("mfu") is not None:
+        parts.append(f"MFU {row['mfu']:.1%} ({row['mfu_of_matmul']:.1%} of measured matmul)")
+    if row.get("speedup") is not None:
+        parts.append(f"x{row['speedup']:.2f} vs baseline")
+    if row.get("note"):
+        parts.append(f"({row['note']})")
+    return " ".join(parts)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| case | variant | batch | s/video or s/step | videos/s or pairs/s | peak GiB | MFU | x baseline |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def number(value: Any, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    for row in rows:
+        if "s_per_video" in row:
+            seconds, rate, batch = row["s_per_video"], row["videos_per_s"], row.get("batch")
+        elif "pairs_per_s" in row:
+            seconds, rate, batch = row["step_s"], row["pairs_per_s"], row.get("pairs")
+        else:
+            seconds, rate, batch = row.get("step_s"), None, row.get("batch")
+        lines.append(
+            f"| {row['case']} | {row['variant']} | {number(batch, 'd')} | {number(seconds, '.3f')} | "
+            f"{number(rate, '.3f')} | {number(row.get('peak_gib'), '.1f')} | {number(row.get('mfu'), '.1%')} | "
+            f"{number(row.get('speedup'), '.2f')} |"
+        )
+    return "\n".join(lines)
+
+
+# --- models and shapes -----------------------------------------------------------------------------------------------
+def build(bench: Bench, family: str, **overrides: Any) -> VideoDiffusionModel:
+    """A random-init model on the device (weights created there: no minutes of CPU init at full size)."""
+    config = ModelConfig(family=family, variant="tiny" if bench.tiny else VARIANTS[family], **overrides)
+    with bench.device:
+        model = build_model(config, seed=0)
+    return model.to(bench.device)
+
+
+def latent_shape(model: VideoDiffusionModel) -> tuple[int, ...]:
+    """One video's latents at the model's default video size, in the family's layout."""
+    frames, height, width = model.video_size
+    if hasattr(model, "latent_shape"):
+        return tuple(model.latent_shape(frames, height, width))
+    return (model.unet.config.in_channels, frames, height // model.vae_scale, width // model.vae_scale)
+
+
+def text_shape(model: VideoDiffusionModel) -> tuple[int, int]:
+    """(L, D) of the text embeddings the denoiser takes."""
+    config = model.denoiser.config
+    if model.family == "cogvideox":
+        return config.max_text_seq_length, config.text_embed_dim
+    if model.family == "wan":
+        return model.preset.text_length, config.text_dim
+    return 77, config.cross_attention_dim
+
+
+def random_inputs(bench: Bench, model: VideoDiffusionModel, rows: int) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator(bench.device).manual_seed(0)
+    latents = torch.randn((rows, *latent_shape(model)), generator=generator, device=bench.device)
+    text = torch.randn((rows, *text_shape(model)), generator=generator, device=bench.device)
+    return latents, torch.full((rows,), 500, dtype=torch.long, device=bench.device), text
+
+
+def count_flops(bench: Bench, case: str, function: Callable[[], Any]) -> float | None:
+    """FLOPs `function` executes (on the GPU only: MFU has no meaning for the tiny CPU run); None if counting fails."""
+    if not bench.cuda:
+        return None
+    try:
+        with FlopCounterMode(display=False) as counter:
+            function()
+    except Exception as error:  # no MFU for this case, but its times still count
+        bench.note("errors", case, f"FLOP counting failed, no MFU: {type(error).__name__}: {error}")
+        return None
+    flops = float(counter.get_total_flops())
+    bench.results.setdefault("flops", {})[case] = flops
+    return flops
+
+
+def with_mfu(bench: Bench, row: dict[str, Any], flops: float | None, seconds: float) -> dict[str, Any]:
+    row["mfu"] = bench.mfu(flops, seconds)
+    if row["mfu"] is not None:
+        row["mfu_of_matmul"] = row["mfu"] * PEAK_TFLOPS / bench.results["matmul_tflops"]
+    return row
+
+
+# --- cases: matmul ---------------------------------------------------------------------------------------------------
+def matmul_rate(bench: Bench) -> None:
+    size = 512 if bench.tiny else 8192
+    a = torch.randn((size, size), device=bench.device, dtype=torch.bfloat16)
+    b = torch.randn((size, size), device=bench.device, dtype=torch.bfloat16)
+    seconds = bench.timed(lambda: a @ b, warmup=3, repeats=20)
+    tflops = 2 * size**3 / seconds / 1e12
+    bench.results["matmul_tflops"] = tflops
+    bench.record({"case": "bf16 matmul", "variant": f"{size}^3", "step_s": seconds,
+                  "note": f"{tflops:.0f} TFLOP/s = {tflops / PEAK_TFLOPS:.0%} of the {PEAK_TFLOPS:.0f} peak"})
+
+
+# --- cases: sampling -------------------------------------------------------------------------------------------------
+def sampling_case(bench: Bench, family: str) -> None:
+    """Baseline vs fast sampling, per denoiser step at a fixed batch + VAE decode (+ text), extrapolated."""
+    steps, guidance, batch = SAMPLING[family]
+    batch = min(batch, 2) if bench.tiny else batch
+    case = f"{LABELS[family]} sampling"
+    model = build(bench, family, mixed_precision=bench.precision).eval()
+    model.reference_denoiser = None  # the sampler's model never needs the DPO reference copy
+    cfg = family != "t2v_turbo"  # T2V-Turbo feeds w to the UNet: no unconditional pass
+    rows = 2 * batch if cfg else batch
+    latents, timesteps, text = random_inputs(bench, model, rows)
+    frames, height, width = model.video_size
+    pooled_3d_vae = family in ("cogvideox", "wan")  # 3D VAEs decode one video per call: timed on 1, scaled
+    decode_videos = 1 if pooled_3d_vae else batch
+    size = f"{frames}x{height}x{width}, {steps} steps" + (f", CFG {guidance:g}" if cfg else ", no CFG pass")
+    prompts = [f"{PROMPT} {index}" for index in range(batch)]
+
+    text_encoding = family in ("vc2", "t2v_turbo")  # CogVideoX / Wan: T5-XXL not built, random embeddings
+
+    def predict(rows_in: slice) -> torch.Tensor:
+        with torch.no_grad():
+            return model.predict(latents[rows_in], timesteps[rows_in], text[rows_in])
+
+    flops_step = count_flops(bench, case, lambda: predict(slice(None)))  # one denoiser call of `rows` rows
+
+    def measure(variant: str, step: Callable[[], Any], note: str) -> dict[str, Any]:
+        bench.reset_peak()
+        step_s = bench.timed(step, warmup=1, repeats=3 if family in ("vc2", "t2v_turbo") else 2)
+        with torch.no_grad():
+            decode_s = bench.timed(lambda: model.decode_latents(latents[:decode_videos]), warmup=0, repeats=1)
+        decode_s *= batch / decode_videos
+        text_s = 0.0
+        if text_encoding:
+            with torch.no_grad():
+                text_s = bench.timed(lambda: (model.encode_prompts(prompts), model.empty_prompt_embedding()), 1, 2)
+        total = steps * step_s + decode_s + text_s
+        row = {"case": case, "variant": variant, "batch": batch, "rows_per_step": rows, "step_s": step_s,
+               "decode_s": decode_s, "text_s": text_s, "s_per_video": total / batch, "videos_per_s": batch / total,
+               "peak_gib": bench.peak_gib(), "extrapolated": True,
+               "note": f"{size}; {steps} x step + decode + text, extrapolated; {note}"}
+        if baseline:
+            row["speedup"] = row["videos_per_s"] / baseline[0]["videos_per_s"]
+        bench.record(with_mfu(bench, row, flops_step, step_s))
+        return row
+
+    baseline: list[dict[str, Any]] = []
+    two_calls = family == "wan"  # the previous Wan loop: conditional and unconditional rows in two calls
+    frame_pooling = hasattr(model, "vae_decode_frames")
+    if frame_pooling:
+        model.vae_decode_frames = batch  # the previous VC2 decode: one VAE call per frame index (B frames each)
+    halves = slice(0, batch), slice(batch, rows)
+    baseline.append(measure(
+        "baseline: fp32 weights + autocast",
+        (lambda: (predict(halves[0]), predict(halves[1]))) if two_calls else (lambda: predict(slice(None))),
+        "fp32 VAE" + (", CFG in 2 calls" if two_calls else "") + (", 1 VAE call per frame" if frame_pooling else ""),
+    ))
+    if bench.remaining() <= 0:
+        return
+    model.freeze_for_sampling()
+    if frame_pooling:
+        model.vae_decode_frames = type(model).vae_decode_frames
+    last = measure("fast: bf16 weights", lambda: predict(slice(None)),
+                   "bf16 denoiser/VAE/text encoder" + (", CFG in 1 call" if two_calls else "")
+                   + (f", {model.vae_decode_frames} frames per VAE call" if frame_pooling else ""))
+    if family in ("vc2", "t2v_turbo") and bench.remaining() > 0:
+        model.use_channels_last()
+        last = measure("fast + channels-last", lambda: predict(slice(None)), "conv weights NHWC")
+    if family == "vc2" and bench.remaining() > 0:
+        check_steps = 2 if bench.tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
+        seconds = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps), 0, 1)
+        predicted = check_steps * last["step_s"] + last["decode_s"] + last["text_s"]
+        bench.record({"case": case, "variant": f"check: sample() end to end, {check_steps} steps", "batch": batch,
+                      "step_s": seconds, "note": f"the step + decode + text split predicts {predicted:.2f} s "
+                                                 f"(measured / predicted = {seconds / predicted:.2f})"})
+
+
+# --- cases: DPO training ---------------------------------------------------------------------------------------------
+def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, ...]) -> None:
+    """One DPO step (reference forward + policy forward/backward + AdamW), baseline vs fast, at 1..N pairs."""
+    pair_counts = pair_counts[:2] if bench.tiny else pair_counts
+    case = f"{LABELS[family]} {'LoRA r64' if finetune == 'lora' else 'full'} DPO"
+    model = build(bench, family, finetune=finetune, lora=LORA, mixed_precision=bench.precision,
+                  gradient_checkpointing=True)
+    lora = finetune == "lora"
+    generator = torch.Generator(bench.device).manual_seed(0)
+    shape = latent_shape(model)
+    pairs_max = max(pair_counts)
+    win = torch.randn((pairs_max, *shape), generator=generator, device=bench.device)
+    lose = torch.randn((pairs_max, *shape), generator=generator, device=bench.device)
+    text = torch.randn((pairs_max, *text_shape(model)), generator=generator, device=bench.device)
+    latents = "x".join(map(str, shape))
+    if lora:
+        info_lora_overhead(bench, model, case)
+
+    def step(pairs: int, optimizer: torch.optim.Optimizer | None) -> None:
+        output = dpo_step(model, win[:pairs], lose[:pairs], text[:pairs], None, beta_dpo=5000.0, generator=generator)
+        output.loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    flops_pair = count_flops(bench, case, lambda: step(1, None))  # executed FLOPs of a 1-pair step (incl. recompute)
+    for parameter in model.trainable_parameters():
+        parameter.grad = None
+    variants = [("baseline: " + ("fp32 frozen base" if lora else "fp32 master") + " + autocast, foreach AdamW",
+                 1, False)]
+    variants += [(f"fast: {'bf16 frozen base, ' if lora else ''}fused AdamW", pairs, True) for pairs in pair_counts]
+    heavy = family in ("wan", "cogvideox")  # seconds per step: 1 timed step (the FLOP count warmed up)
+
+    def measure(label: str, pairs: int, fast: bool) -> dict[str, Any]:
+        # the frozen LoRA base in float32 (baseline) or the compute dtype (fast); a no-op for a full finetune
+        hold_frozen_in(model.denoiser, bench.compute_dtype if fast else torch.float32)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6, weight_decay=0.01,
+                                      fused=fast and bench.cuda)
+        if not heavy:
+            step(pairs, optimizer)  # warm-up; allocates the AdamW states
+        bench.reset_peak()
+        seconds = bench.timed(lambda: step(pairs, optimizer), warmup=0, repeats=1 if heavy else 3 if pairs == 1 else 2)
+        row = {"case": case, "variant": label, "pairs": pairs, "step_s": seconds, "pairs_per_s": pairs / seconds,
+               "peak_gib": bench.peak_gib(), "note": f"latents {latents} per video, bf16 autocast + checkpointing"}
+        return with_mfu(bench, row, flops_pair and flops_pair * pairs, seconds)
+
+    baseline_rate = None
+    for label, pairs, fast in variants:
+        if bench.remaining() <= 0:
+            bench.note("skipped", case, f"{label}, {pairs} pairs: budget spent")
+            continue
+        try:
+            row = measure(label, pairs, fast)
+        except torch.OutOfMemoryError:
+            bench.note("errors", case, f"{label}, {pairs} pairs: out of memory")
+            continue
+        finally:
+            for parameter in model.trainable_parameters():
+                parameter.grad = None
+            bench.reset_peak()
+        if baseline_rate is None:
+            baseline_rate = row["pairs_per_s"]
+        else:
+            row["speedup"] = row["pairs_per_s"] / baseline_rate
+        bench.record(row)
+
+
+def info_lora_overhead(bench: Bench, model: VideoDiffusionModel, case: str) -> None:
+    """CPU time a LoRA step spends outside the passes: the adapters-off toggle and diffusers' dtype walk."""
+    def toggle() -> None:
+        with model.reference_adapters():
+            pass
+
+    toggle_ms = 1e3 * bench.timed(toggle, 1, 10)
+    walk_ms = 1e3 * bench.timed(lambda: model.denoiser.dtype, 1, 10)
+    direct_ms = 1e3 * bench.timed(lambda: weight_dtype(model.denoiser), 1, 10)
+    bench.record({"case": case, "variant": "info: per-call CPU overheads", "note":
+                  f"adapters off/on {toggle_ms:.1f} ms per reference pass; ModelMixin.dtype {walk_ms:.1f} ms "
+                  f"(3 calls per VC2 forward before, now weight_dtype {direct_ms:.3f} ms)"})
+
+
+# --- cases: torch.compile --------------------------------------------------------------------------------------------
+def compile_case(bench: Bench) -> None:
+    """The VC2 UNet forward, eager vs torch.compile, in a subprocess killed at the cap (compiling takes minutes)."""
+    case = "VC2 UNet forward, torch.compile"
+    cap = min(240.0, bench.remaining() - 5.0)
+    if cap < (20.0 if bench.tiny else 90.0):
+        bench.note("skipped", case, f"{cap:.0f} s left: not enough to compile")
+        return
+    command = [sys.executable, os.path.abspath(__file__), "--compile-child"] + (["--tiny"] if bench.tiny else [])
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        output, _ = process.communicate(timeout=cap)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        bench.note("skipped", case, f"compilation did not finish within the {cap:.0f} s cap (killed)")
+        return
+    lines = [line.removeprefix(RESULT) for line in output.splitlines() if line.startswith(RESULT)]
+    if process.returncode != 0 or not lines:
+        bench.note("errors", case, f"child exited {process.returncode}: {output[-800:]}")
+        return
+    result = json.loads(lines[-1])
+    backend = "eager backend (tiny: dynamo capture only)" if bench.tiny else "inductor"
+    weights = "fp32" if bench.tiny else "bf16"
+    note = f"batch {result['rows']} rows, {weights} weights, {backend}; compile took {result['compile_s']:.0f} s"
+    if result["fell_back"]:
+        note += "; COMPILATION FAILED, ran eager"
+    bench.record({"case": case, "variant": "eager", "batch": result["rows"], "step_s": result["eager_s"]})
+    bench.record({"case": case, "variant": "compiled", "batch": result["rows"], "step_s": result["compiled_s"],
+                  "speedup": result["eager_s"] / result["compiled_s"], "note": note})
+
+
+def compile_child(tiny: bool) -> None:
+    """Subprocess body: eager and compiled forward times of the bf16 VC2 UNet; prints one JSON line."""
+    device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
+    bench = Bench(device, tiny, time.monotonic() + 1e9, None)
+    model = build(bench, "vc2", mixed_precision=bench.precision)
+    model.freeze_for_sampling()
+    rows = 2 if tiny else 8
+    latents, timesteps, text = random_inputs(bench, model, rows)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model.predict(latents, timesteps, text)
+
+    eager_s = bench.timed(forward, 2, 5)
+    warnings: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("videodpo_ray.models.base").addHandler(handler)
+    model.compile_denoiser(backend="eager" if tiny else "inductor")
+    start = time.perf_counter()
+    forward()
+    bench.sync()
+    compile_s = time.perf_counter() - start
+    compiled_s = bench.timed(forward, 1, 5)
+    print(RESULT + json.dumps({"rows": rows, "eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s,
+                      "fell_back": bool(warnings)}), flush=True)
+
+
+# --- main ------------------------------------------------------------------------------------------------------------
+CASES: list[tuple[str, float, Callable[[Bench], None]]] = [  # name, H200 estimate (s), body; most important first
+    ("vc2-sampling", 60, lambda bench: sampling_case(bench, "vc2")),
+    ("vc2-dpo-full", 60, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
+    ("vc2-dpo-lora", 55, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
+    ("wan-dpo-lora", 40, lambda bench: dpo_case(bench, "wan", "lora", (1,))),
+    ("wan-dpo-full", 45, lambda bench: dpo_case(bench, "wan", "full", (1,))),
+    ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
+    ("cogvideox-sampling", 35, lambda bench: sampling_case(bench, "cogvideox")),
+    ("wan-sampling", 50, lambda bench: sampling_case(bench, "wan")),
+    ("cogvideox-dpo-lora", 30, lambda bench: dpo_case(bench, "cogvideox", "lora", (1,))),
+    ("vc2-compile", 100, compile_case),
+]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json", type=Path, help="write the results here after every measurement")
+    parser.add_argument("--cases", help=f"comma-separated name prefixes of: {', '.join(name for name, *_ in CASES)}")
+    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the cases that no longer fit")
+    parser.add_argument("--tiny", action="store_true", help="tiny presets (automatic without CUDA)")
+    parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    tiny = args.tiny or not torch.cuda.is_available()
+    if tiny:
+        torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
+    if args.compile_child:
+        compile_child(tiny)
+        return
+    started = time.monotonic()
+    device = torch.device("cpu" if tiny else "cuda")
+    bench = Bench(device, tiny, started + args.budget_s, args.json)
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
+    bench.results.update(device=name, torch=torch.__version__, tiny=tiny, peak_tflops=PEAK_TFLOPS,
+                         budget_s=args.budget_s)
+    print(f"{name}, torch {torch.__version__}{', tiny presets on the CPU' if tiny else ''}; MFU against a dense "
+          f"bf16 peak of {PEAK_TFLOPS:.0f} TFLOP/s; budget {args.budget_s:.0f} s", flush=True)
+    matmul_rate(bench)
+    prefixes = [prefix.strip() for prefix in args.cases.split(",")] if args.cases else None
+    for case, estimate, body in CASES:
+        if prefixes and not any(case.startswith(prefix) for prefix in prefixes):
+            continue
+        if bench.remaining() < (estimate if not tiny else 1.0):
+            bench.note("skipped", case, f"{bench.remaining():.0f} s left, needs about {estimate:.0f} s")
+            continue
+        start = time.monotonic()
+        try:
+            body(bench)
+        except Exception as error:  # one case failing (OOM, a missing API) must not stop the others
+            detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+            bench.note("errors", case, f"{detail[:600]}\n{traceback.format_exc(limit=-3)[-1200:]}")
+        finally:
+            bench.reset_peak()
+        print(f"[{case}] took {time.monotonic() - start:.0f} s", flush=True)
+    bench.results["elapsed_s"] = time.monotonic() - started
+    bench.write()
+    print(f"\n{name}: {bench.results['elapsed_s']:.0f} s; sampling rows are extrapolated from per-step and decode "
+          "times; MFU = counted FLOPs / time / peak\n")
+    print(markdown_table(bench.results.get("rows", [])))
+    for kind in ("skipped", "errors"):
+        for item in bench.results.get(kind, []):
+            print(f"{kind}: {item['case']}: {item['reason'].splitlines()[0]}")
+
+
+if __name__ == "__main__":
+    main()

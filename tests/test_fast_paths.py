@@ -1,0 +1,204 @@
+"""Every fast path gives what the plain path gives, on the tiny presets (CPU, random init).
+
+Tolerances (videos are uint8, latents float32):
+- float32 paths (batched CFG, batched VAE decode, channels-last weights, dynamo capture): the same videos up to
+  float rounding of batched kernels: latents within 1e-5, videos within 1 level of 255;
+- bf16 frozen weights (sampling-only models, LoRA base weights) against float32 weights + bf16 autocast: the same
+  DPO losses and MSEs within 2% (bf16 keeps 8 mantissa bits; autocast already rounds every GEMM input to bf16);
+- a seed fixes its video whatever its batch (batch of 1 and of 4): within 1 level in float32, 2 levels in bf16.
+`torch.compile` with inductor generates C++ on the CPU (minutes even for the tiny presets): here the "eager" backend
+checks that dynamo captures the denoiser unchanged, a failing backend checks the eager fallback, and
+`benchmarks/gpu.py` measures inductor on the GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pyarrow as pa
+import pytest
+import torch
+from torch import nn
+
+from actors.sampler import SamplerActor
+from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model, families
+from videodpo_ray.models.base import compile_module, hold_frozen_in, weight_dtype
+from videodpo_ray.stages.common import SamplingConfig
+from videodpo_ray.training import dpo_step
+
+pytestmark = pytest.mark.usefixtures("single_torch_thread")
+PROMPTS = ["a red fox in the snow", "a city at night", "waves on a beach", "a cat on a sofa"]
+SEEDS = [3, 5, 7, 11]
+STEPS = 2
+
+
+def build(family: str, **overrides) -> VideoDiffusionModel:
+    return build_model(ModelConfig(family=family, variant="tiny", **overrides), seed=0)
+
+
+def sampler(family: str, mixed_precision: str = "no") -> VideoDiffusionModel:
+    model = build(family, mixed_precision=mixed_precision)
+    model.freeze_for_sampling()
+    return model
+
+
+def max_level_difference(a: torch.Tensor, b: torch.Tensor) -> int:
+    assert a.shape == b.shape and a.dtype == b.dtype == torch.uint8
+    return int((a.int() - b.int()).abs().max())
+
+
+# --- bf16 frozen weights ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", families())
+def test_sampling_only_models_hold_every_weight_in_bf16(family: str):
+    model = sampler(family, "bf16")
+    assert model.reference_denoiser is None and model.trainable_parameters() == []
+    assert not any(p.requires_grad for p in model.parameters())
+    keep = set(getattr(model.denoiser, "_keep_in_fp32_modules", None) or ())
+    for name, parameter in model.named_parameters():
+        kept = name.startswith("denoiser.") and keep & set(name.split("."))
+        assert parameter.dtype == (torch.float32 if kept else torch.bfloat16), name
+    videos = model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS)
+    assert videos.dtype == torch.uint8 and videos.shape[1:4] == model.video_size
+
+
+@pytest.mark.parametrize("family", families())
+def test_lora_base_weights_are_bf16_and_the_adapter_float32(family: str):
+    model = build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16")
+    trainable = {id(p) for p in model.trainable_parameters()}
+    assert trainable and all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    frozen = [p for p in model.denoiser.parameters() if id(p) not in trainable]
+    assert frozen and {p.dtype for p in frozen} <= {torch.bfloat16, torch.float32}
+    assert sum(p.numel() for p in frozen if p.dtype == torch.bfloat16) > 0.9 * sum(p.numel() for p in frozen)
+
+
+def autocast_baseline(model: VideoDiffusionModel) -> VideoDiffusionModel:
+    """The plain bf16 path the fast one replaces: frozen denoiser weights back in float32, under the same autocast."""
+    hold_frozen_in(model.denoiser, torch.float32)
+    return model
+
+
+def perturb(model: VideoDiffusionModel) -> None:
+    generator = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for parameter in model.trainable_parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+
+
+@pytest.mark.parametrize("family", ["vc2", "cogvideox", "wan"])  # t2v_turbo has VC2's UNet
+def test_dpo_loss_with_bf16_lora_base_matches_float32_base_under_autocast(family: str):
+    outputs = []
+    for fast in (False, True):
+        model = build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16")
+        model = model if fast else autocast_baseline(model)
+        perturb(model)
+        generator = torch.Generator().manual_seed(1)
+        frames, height, width = model.video_size
+        videos = torch.randint(0, 256, (2, frames, height, width, 3), dtype=torch.uint8, generator=generator)
+        latents = model.encode_videos(videos)
+        text = model.encode_prompts(PROMPTS[:1])
+        output = dpo_step(model, latents[:1], latents[1:], text, None, beta_dpo=10.0,
+                          generator=torch.Generator().manual_seed(0))
+        outputs.append({"loss": output.loss.detach(), **output.metrics})
+    plain, fast = outputs
+    for name in ("loss", "model_mse_win", "model_mse_lose", "ref_mse_win", "ref_mse_lose"):
+        torch.testing.assert_close(fast[name], plain[name], rtol=0.02, atol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("family", ["vc2", "wan"])  # a plain UNet; a transformer with `_keep_in_fp32_modules`
+def test_weight_dtype_is_diffusers_dtype_without_the_walk(family: str):
+    for overrides in ({}, {"finetune": "lora", "lora": {"rank": 4}, "mixed_precision": "bf16"}):
+        denoiser = build(family, **overrides).denoiser
+        assert weight_dtype(denoiser) == denoiser.dtype, overrides
+
+
+# --- sampler: batched CFG, batched VAE decode, channels-last, compile ------------------------------------------------
+def test_wan_guidance_in_one_call_equals_two_passes():
+    model = sampler("wan")
+    noise = model.seeded_noise(SEEDS[:2], model.latent_shape(*model.video_size))
+    text = model.encode_prompts(PROMPTS[:2])
+    batched = model.denoise(noise, text, num_inference_steps=3, guidance_scale=5.0)
+
+    scheduler = type(model.scheduler).from_config(model.scheduler.config)
+    scheduler.set_timesteps(3)
+    scheduler.set_begin_index(0)
+    empty = model.empty_prompt_embedding().expand_as(text)
+    latents = noise
+    with torch.no_grad():
+        for timestep in scheduler.timesteps:
+            t = timestep.expand(latents.shape[0])
+            conditional, unconditional = model.predict(latents, t, text), model.predict(latents, t, empty)
+            velocity = unconditional + 5.0 * (conditional - unconditional)
+            latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
+    torch.testing.assert_close(batched, latents, rtol=0, atol=1e-5)
+
+
+def per_frame_decode(model: VideoDiffusionModel, latents: torch.Tensor) -> torch.Tensor:
+    """VC2's plain decode: one decoder call per frame index."""
+    latents = latents / model.scale_factor
+    frames = [model.vae.decode(latents[:, :, index]).sample for index in range(latents.shape[2])]
+    pixels = torch.stack(frames, dim=1).clamp(-1.0, 1.0)
+    return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+
+
+@pytest.mark.parametrize("frames_per_call", [1, 3, 16])
+def test_vc2_decode_pooling_frames_equals_frame_by_frame(frames_per_call: int):
+    model = sampler("vc2")
+    model.vae_decode_frames = frames_per_call
+    latents = torch.randn((3, 4, 4, 2, 2), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert max_level_difference(model.decode_latents(latents), per_frame_decode(model, latents)) <= 1
+
+
+@pytest.mark.parametrize("family", families())
+def test_channels_last_weights_give_the_same_videos(family: str):
+    model = sampler(family)
+    plain = model.sample(PROMPTS[:2], SEEDS[:2], num_inference_steps=STEPS)
+    model.use_channels_last()
+    convolutions = [p for p in model.parameters() if p.dim() == 4]
+    assert all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert max_level_difference(model.sample(PROMPTS[:2], SEEDS[:2], num_inference_steps=STEPS), plain) <= 1
+
+
+def test_dynamo_captures_the_denoiser_unchanged():
+    model = sampler("wan")
+    plain = model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS)
+    model.compile_denoiser(backend="eager")
+    assert torch.equal(model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS), plain)
+    assert "denoiser.patch_embedding.weight" in dict(model.named_parameters())  # names unchanged
+
+
+def test_a_failing_compiler_falls_back_to_eager_with_a_warning(caplog):
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    module = nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    expected = module(x)
+    compile_module(module, backend=broken_backend)
+    with caplog.at_level(logging.WARNING, logger="videodpo_ray.models.base"):
+        assert torch.equal(module(x), expected)
+    assert "torch.compile of Linear failed, running eager" in caplog.text
+    assert torch.equal(module(x), expected) and list(module.state_dict()) == ["weight", "bias"]
+
+
+# --- a seed fixes its video whatever its batch -----------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "family, mixed_precision", [(family, "no") for family in families()] + [("vc2", "bf16"), ("wan", "bf16")]
+)
+def test_a_seed_fixes_its_video_in_a_batch_of_one_or_four(family: str, mixed_precision: str):
+    model = sampler(family, mixed_precision)
+    alone = model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS)
+    batched = model.sample(PROMPTS, SEEDS, num_inference_steps=STEPS)
+    assert max_level_difference(batched[:1], alone) <= (1 if mixed_precision == "no" else 2)
+    assert max_level_difference(batched[1:2], alone) > 2  # another seed and prompt: another video
+
+
+def test_the_sampler_actor_samples_with_the_frozen_bf16_model():
+    sampling = SamplingConfig(num_inference_steps=STEPS, channels_last=True)
+    actor = SamplerActor(ModelConfig(family="vc2", variant="tiny", mixed_precision="bf16"), sampling)
+    assert actor.model.reference_denoiser is None
+    assert {p.dtype for p in actor.model.parameters()} == {torch.bfloat16}
+    rows = actor(pa.table({"prompt": PROMPTS[:2], "seed": SEEDS[:2]}))
+    assert rows.num_rows == 2 and all(rows.column("video").to_pylist())
+    assert sampling.sample_kwargs() == {"num_frames": None, "height": None, "width": None,
+                                        "num_inference_steps": STEPS, "guidance_scale": None}
