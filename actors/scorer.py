@@ -7,7 +7,7 @@ A Ray Data callable class:
 
 Input columns: `sample_id`, `prompt_id`, `prompt`, `video` (mp4 bytes); every input column is passed through.
 Added: every output of every configured dimension (raw values; dynamic_degree adds `dynamic_degree_vbench`),
-`omniscore` (when all OmniScore dimensions are configured) and `failed_reason` (None on success).
+`omniscore` (when every dimension of `config.omniscore` is configured) and `failed_reason` (None on success).
 
 Failures: a video that cannot be used (`VideoDataError`: undecodable, too short, too small) is recorded as a failed
 row (NaN scores and the reason) and the rest of the batch is scored. Anything else (CUDA, out of memory, a missing
@@ -21,7 +21,6 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import VideoDataError
 from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, dimension_outputs, load_scorer_model, score_outputs
@@ -41,7 +40,7 @@ class OmniScorer:
             name: load_scorer_model(name, self.config.spec(name), self.device) for name in self.config.dimensions
         }
         self.output_names = [key for name in self.config.dimensions for key in dimension_outputs(name)]
-        self.computes_omniscore = set(OMNISCORE_DIMENSIONS) <= set(self.config.dimensions)
+        self.computes_omniscore = set(self.config.omniscore.dimensions) <= set(self.output_names)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         sample_ids = [str(s) for s in batch["sample_id"]]
@@ -67,7 +66,9 @@ class OmniScorer:
                 outputs[i] = {}
             elif self.computes_omniscore:
                 try:
-                    totals[i] = omniscore(outputs[i], sample_id)
+                    totals[i] = omniscore(
+                        outputs[i], sample_id, self.config.omniscore.quality, self.config.omniscore.semantic
+                    )
                 except ValueError as error:  # a dimension gave no finite value for this video
                     failures[i], outputs[i] = f"omniscore: {error}", {}
         if failures:

@@ -1,5 +1,6 @@
 """The whole loop on one output root: `python -m jobs.pipeline configs/pipeline_demo.yaml [key.sub=value ...]`.
 
+toy world (when configured: pretrain the toy base model and classifier once, `stages.toy`) ->
 generate + score (jobs/generate.py) -> pair + encode latents (jobs/pair.py) -> DPO training (jobs/train.py) ->
 before/after evaluation on held-out prompts (jobs/evaluate.py, when configured) -> `{out}/report.json` and
 `{out}/report.md` (`stages.pipeline`). Every stage skips what an earlier run committed, so rerunning the same
@@ -33,6 +34,7 @@ from videodpo_ray.stages.pipeline import (
     train_section,
     write_report,
 )
+from videodpo_ray.stages.toy import prepare_toy_world
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
 EVALUATE_KEYS = ("num_prompts", "win_rate", "win_rate_ci95", "omniscore_before", "omniscore_after",
@@ -45,6 +47,15 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
     report: dict[str, Any] = {"out": config.out, "model": config.model.model_dump(mode="json"), "seconds": {}}
     trained = train_config(config) if config.train is not None else None  # config errors before any work
+
+    if config.toy is not None:
+        stage = time.monotonic()
+        print("toy world: base model and classifier (built once, cached under the output root) ...", flush=True)
+        toy = prepare_toy_world(config.toy, config.out)
+        report["toy"] = {"base_model": toy.base_model, "classifier": toy.classifier, "built": list(toy.built)}
+        report["seconds"]["toy"] = time.monotonic() - stage
+        print(f"toy world: {'built ' + ' and '.join(toy.built) if toy.built else 'cached'} "
+              f"({report['seconds']['toy']:.0f} s): {toy.base_model}", flush=True)
 
     stage = time.monotonic()
     prompts, prompts_url = materialise_prompts(config.prompts, storage.join(config.out, "prompts.jsonl"))

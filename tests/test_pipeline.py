@@ -11,31 +11,32 @@ import pytest
 from videodpo_ray import shards
 from videodpo_ray.errors import ConfigError
 
+TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_tiny.yaml"
 
-def test_demo_config_is_valid_and_on_policy():
-    from jobs.pipeline import DEMO_CONFIG
+
+def test_tiny_config_is_valid_and_on_policy():
     from videodpo_ray.stages.pipeline import load_pipeline_config, train_config
 
-    config = load_pipeline_config(DEMO_CONFIG, ["out=/tmp/elsewhere"])
+    config = load_pipeline_config(TINY_CONFIG, ["out=/tmp/elsewhere"])
     assert len(config.prompts) == 6 and config.generate.samples_per_prompt == 4
     trained = train_config(config)
     assert trained.data.pairs_url == "/tmp/elsewhere"
     assert trained.run.storage_path == "/tmp/elsewhere/train" and trained.run.name == "dpo"
     assert (trained.model.family, trained.model.variant) == ("vc2", "tiny")
 
-    off_policy = load_pipeline_config(DEMO_CONFIG, ["train.overrides=[model.variant=full]"])
+    off_policy = load_pipeline_config(TINY_CONFIG, ["train.overrides=[model.variant=full]"])
     with pytest.raises(ConfigError, match=r"train model differs from the pipeline model \(variant: 'full' vs 'tiny'\)"):
         train_config(off_policy)
     with pytest.raises(ConfigError, match="generate.samples_per_prompt"):
-        load_pipeline_config(DEMO_CONFIG, ["generate.samples_per_prompt=1"])
+        load_pipeline_config(TINY_CONFIG, ["generate.samples_per_prompt=1"])
 
 
 def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
-    from jobs.pipeline import DEMO_CONFIG, run_pipeline
+    from jobs.pipeline import run_pipeline
     from videodpo_ray.stages.pipeline import load_pipeline_config
 
     config = load_pipeline_config(
-        DEMO_CONFIG,
+        TINY_CONFIG,
         [
             f"out={tmp_path / 'run'}",
             "prompts=[a corgi on the beach, a red car at night]",

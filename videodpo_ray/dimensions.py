@@ -2,7 +2,8 @@
 
 The vocabulary shared by the scores shard schema (`shards.py`), the OmniScore / VBench math (`omniscore.py`) and
 the scorers (`scoring/`). Constants are VBench's (scoring.md); OmniScore uses the quality dimensions without
-background consistency plus overall consistency (method.md section 3).
+background consistency plus overall consistency (method.md section 3). `toy_*` are the toy world's semantic
+dimensions (a classifier's probabilities, already 0..1): never part of VBench's aggregates.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class DimensionSpec:
     max: float
     weight: float
     group: Group
+    vbench: bool = True  # False: not a VBench dimension (excluded from VBench Quality / Semantic / Total)
 
 
 DIMENSIONS: dict[str, DimensionSpec] = {
@@ -42,10 +44,18 @@ DIMENSIONS: dict[str, DimensionSpec] = {
     "appearance_style": DimensionSpec(0.0009, 0.2855, 1.0, "semantic"),
     "temporal_style": DimensionSpec(0.0, 0.364, 1.0, "semantic"),
     "overall_consistency": DimensionSpec(0.0, 0.364, 1.0, "semantic"),
+    # the toy world (never VBench)
+    "toy_semantic": DimensionSpec(0.0, 1.0, 1.0, "semantic", vbench=False),  # mean of the two below
+    "toy_colour": DimensionSpec(0.0, 1.0, 1.0, "semantic", vbench=False),  # P(the prompt's colour)
+    "toy_direction": DimensionSpec(0.0, 1.0, 1.0, "semantic", vbench=False),  # P(the prompt's direction)
 }
 
-VBENCH_QUALITY_DIMENSIONS: tuple[str, ...] = tuple(n for n, s in DIMENSIONS.items() if s.group == "quality")
-VBENCH_SEMANTIC_DIMENSIONS: tuple[str, ...] = tuple(n for n, s in DIMENSIONS.items() if s.group == "semantic")
+VBENCH_QUALITY_DIMENSIONS: tuple[str, ...] = tuple(
+    n for n, s in DIMENSIONS.items() if s.vbench and s.group == "quality"
+)
+VBENCH_SEMANTIC_DIMENSIONS: tuple[str, ...] = tuple(
+    n for n, s in DIMENSIONS.items() if s.vbench and s.group == "semantic"
+)
 OMNISCORE_QUALITY_DIMENSIONS: tuple[str, ...] = tuple(
     n for n in VBENCH_QUALITY_DIMENSIONS if n != "background_consistency"
 )

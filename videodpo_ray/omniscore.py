@@ -68,10 +68,17 @@ def blend(quality: float, semantic: float) -> float:
     return (4.0 * quality + semantic) / 5.0
 
 
-def omniscore(raw: Mapping[str, float], video_id: str = "?") -> float:
-    """VideoDPO's OmniScore of one video from its raw dimension scores (extra dimensions are ignored)."""
-    quality = weighted_mean(raw, OMNISCORE_QUALITY_DIMENSIONS, video_id)
-    semantic = weighted_mean(raw, OMNISCORE_SEMANTIC_DIMENSIONS, video_id)
+def omniscore(
+    raw: Mapping[str, float],
+    video_id: str = "?",
+    quality_dimensions: Sequence[str] = OMNISCORE_QUALITY_DIMENSIONS,
+    semantic_dimensions: Sequence[str] = OMNISCORE_SEMANTIC_DIMENSIONS,
+) -> float:
+    """VideoDPO's OmniScore of one video from its raw dimension scores (extra dimensions are ignored):
+    blend(weighted_mean(quality dimensions), weighted_mean(semantic dimensions)). The dimension sets default to the
+    paper's; the toy world passes its own (the same formula over the dimensions it has)."""
+    quality = weighted_mean(raw, quality_dimensions, video_id)
+    semantic = weighted_mean(raw, semantic_dimensions, video_id)
     return blend(quality, semantic)
 
 

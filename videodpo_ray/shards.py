@@ -50,7 +50,9 @@ SAMPLES_SCHEMA = _schema(
     pa.field("model", pa.string(), nullable=False),
 )
 # Scorer outputs kept beside the OmniScore dimensions (null unless the scorer config computes them).
-EXTRA_SCORE_COLUMNS: tuple[str, ...] = ("background_consistency", "dynamic_degree_vbench", "clip_score")
+EXTRA_SCORE_COLUMNS: tuple[str, ...] = (
+    "background_consistency", "dynamic_degree_vbench", "clip_score", "toy_semantic", "toy_colour", "toy_direction"
+)
 SCORES_SCHEMA = _schema(
     "scores",
     pa.field("sample_id", pa.string(), nullable=False),

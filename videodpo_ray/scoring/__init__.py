@@ -38,10 +38,17 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
+from videodpo_ray.dimensions import (
+    DIMENSIONS as DIMENSION_TABLE,
+)
+from videodpo_ray.dimensions import (
+    OMNISCORE_DIMENSIONS,
+    OMNISCORE_QUALITY_DIMENSIONS,
+    OMNISCORE_SEMANTIC_DIMENSIONS,
+)
 
 DIMENSIONS: dict[str, str] = {
     "subject_consistency": "videodpo_ray.scoring.subject_consistency",
@@ -53,6 +60,7 @@ DIMENSIONS: dict[str, str] = {
     "imaging_quality": "videodpo_ray.scoring.imaging_quality",
     "overall_consistency": "videodpo_ray.scoring.overall_consistency",
     "clip_score": "videodpo_ray.scoring.clip_score",
+    "toy_semantic": "videodpo_ray.scoring.toy_semantic",
 }
 """Dimension name -> module implementing the contract above."""
 
@@ -75,10 +83,32 @@ class ModelSpec(StrictConfig):
     """On CUDA: "auto" is the dimension's CUDA_DTYPE (what VBench used); CPU always runs float32."""
 
 
+class OmniScoreConfig(StrictConfig):
+    """The dimensions OmniScore blends, (4 Q + S) / 5 with Q and S the weighted means of `quality` and `semantic`
+    (`omniscore.omniscore`). The default is the paper's; the toy world uses its own (never VBench)."""
+
+    quality: list[str] = Field(default_factory=lambda: list(OMNISCORE_QUALITY_DIMENSIONS), min_length=1)
+    semantic: list[str] = Field(default_factory=lambda: list(OMNISCORE_SEMANTIC_DIMENSIONS), min_length=1)
+
+    @model_validator(mode="after")
+    def _known(self) -> "OmniScoreConfig":
+        unknown = [d for d in (*self.quality, *self.semantic) if d not in DIMENSION_TABLE]
+        if unknown:
+            known = ", ".join(DIMENSION_TABLE)
+            raise ValueError(f"omniscore: unknown dimension(s) {', '.join(unknown)}; known: {known}")
+        return self
+
+    @property
+    def dimensions(self) -> list[str]:
+        return [*self.quality, *self.semantic]
+
+
 class ScorerConfig(StrictConfig):
     """Which dimensions a scorer computes and where each model's weights are."""
 
     dimensions: list[str] = list(OMNISCORE_DIMENSIONS)
+    omniscore: OmniScoreConfig = OmniScoreConfig()
+    """What the `omniscore` column blends; computed when every one of its dimensions is configured."""
     models: dict[str, ModelSpec] = {}
     tiny: bool = False
     """Every model random-init tiny (overrides `models.*.tiny`)."""

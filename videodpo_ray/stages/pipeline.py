@@ -4,6 +4,11 @@ The training stage takes a train YAML (`train.config`) and sets its data and run
 `run.storage_path` = {out}/train, `run.name` = train.run_name. Its model must be the pipeline's model (on-policy
 data, method.md section 4); a mismatch is a config error, not a silent override.
 
+With a `toy` section (the embedded default, `stages.toy`), the toy world supplies what a real run configures:
+the training and held-out prompts, the base model (`model.path`, pretrained by the pipeline under `{out}/toy/`) and
+the scorer (the model-free quality dimension plus the toy classifier's `toy_semantic`, blended by the real
+OmniScore formula). Setting any of those beside `toy` is a config error.
+
 The report is `{out}/report.json` and `{out}/report.md`: prompts, samples, OmniScores, pairs made, score gaps,
 weights and the training loss / implicit-accuracy curve.
 """
@@ -25,6 +30,7 @@ from videodpo_ray.stages.evaluate import EvaluateConfig
 from videodpo_ray.stages.generate import GenerateConfig, GenerateReport, GenerationSettings
 from videodpo_ray.stages.pair import PairConfig, PairReport, PairSettings
 from videodpo_ray.stages.prompts import PromptRow, prompt_rows, prompts_jsonl, read_prompts
+from videodpo_ray.stages.toy import ToyWorldConfig, toy_prompts
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 
@@ -45,7 +51,7 @@ class PipelineTrainConfig(StrictConfig):
 class PipelineEvaluateConfig(StrictConfig):
     """The pipeline's evaluate stage: held-out prompts and seeds; model, sampling and scorer are the pipeline's."""
 
-    prompts: str | list[str]  # a prompts file/URL, or the prompts themselves (not the training prompts)
+    prompts: str | list[str]  # a prompts file/URL, or the prompts themselves (not the training prompts); toy: set
     samples_per_prompt: int = Field(2, ge=1)
     prompts_per_chunk: int = Field(16, ge=1)
     base_seed: int = Field(20250, ge=0)
@@ -56,12 +62,43 @@ class PipelineConfig(StrictConfig):
     """generate -> pair -> train -> evaluate -> report, all under one output root."""
 
     out: str = "demo-output"
+    toy: ToyWorldConfig | None = None  # the toy world: sets prompts, model.path, generate.scorer, evaluate.prompts
     prompts: str | list[str]  # a prompts file/URL, or the prompts themselves
     model: ModelConfig = ModelConfig()
     generate: GenerationSettings
     pair: PairSettings = PairSettings()
     train: PipelineTrainConfig | None = None  # None: stop after the pair stage
     evaluate: PipelineEvaluateConfig | None = None  # None: no before/after evaluation after training
+
+    @model_validator(mode="before")
+    @classmethod
+    def _toy_world(cls, data: Any) -> Any:
+        """Fill in what the `toy` section supplies (see the module docstring); refuse other values set by hand."""
+        if not isinstance(data, dict) or data.get("toy") is None or isinstance(data.get("generate"), StrictConfig):
+            return data  # no toy world, or an assignment to an already validated config
+        toy = ToyWorldConfig.model_validate(data["toy"])
+        out = storage.absolute_url(str(data.get("out", cls.model_fields["out"].default)))
+        model, generate = dict(data.get("model") or {}), dict(data.get("generate") or {})
+        evaluate = dict(data["evaluate"]) if isinstance(data.get("evaluate"), dict) else data.get("evaluate")
+        train_prompts, held_out = toy_prompts(toy)
+        supplied = {
+            "prompts": (data, "prompts", train_prompts),
+            "model.path": (model, "path", toy.base_model_url(out)),
+            "generate.scorer": (generate, "scorer", toy.scorer_config(out)),
+        }
+        if isinstance(evaluate, dict):
+            supplied["evaluate.prompts"] = (evaluate, "prompts", held_out)
+        differing = [
+            name for name, (section, key, value) in supplied.items()
+            if section.get(key) is not None and _as_plain(section[key]) != _as_plain(value)
+        ]
+        if differing:
+            raise ValueError(f"the toy world supplies {', '.join(differing)}: remove them, or remove the `toy` section")
+        model["path"], generate["scorer"] = supplied["model.path"][2], supplied["generate.scorer"][2]
+        data = {**data, "out": out, "prompts": train_prompts, "model": model, "generate": generate}
+        if isinstance(evaluate, dict):
+            data["evaluate"] = {**evaluate, "prompts": held_out}
+        return data
 
     @model_validator(mode="after")
     def _check_pairs_possible(self) -> "PipelineConfig":
@@ -103,6 +140,11 @@ class PipelineConfig(StrictConfig):
         )
 
 
+def _as_plain(value: Any) -> Any:
+    """A config value as plain data, for comparing a given value with a derived one."""
+    return value.model_dump(mode="json") if isinstance(value, StrictConfig) else value
+
+
 def load_pipeline_config(path: str | Path, overrides: Sequence[str] = ()) -> PipelineConfig:
     """Load a pipeline YAML; a relative `train.config` is resolved against the YAML's directory."""
     config = load_config(PipelineConfig, path, overrides)
@@ -120,6 +162,8 @@ def train_config(config: PipelineConfig) -> TrainConfig:
         f"run.storage_path={json.dumps(storage.join(config.out, 'train'))}",
         f"run.name={config.train.run_name}",
     ]
+    if config.toy is not None:  # the toy base model the pipeline pretrains
+        placed.append(f"model.path={json.dumps(config.model.path)}")
     trained = load_config(TrainConfig, config.train.config, [*config.train.overrides, *placed])
     differing = [key for key in MODEL_IDENTITY if getattr(trained.model, key) != getattr(config.model, key)]
     if differing:
