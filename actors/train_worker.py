@@ -173,6 +173,7 @@ class DPOWorker:
                 start_step=self.step_in_epoch,
                 latent_family=config.model.family,
                 prefetch=config.data.prefetch_batches,
+                swap_winner_loser=config.data.swap_winner_loser,
             )
             batches = iter(loader)
             try:

@@ -44,7 +44,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
-from videodpo_ray.models.base import hold_frozen_in, weight_dtype
+from videodpo_ray.models.modules import hold_frozen_in, weight_dtype
 from videodpo_ray.training.step import dpo_step
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (the spec sheet's 1979 is with 2:4 sparsity)

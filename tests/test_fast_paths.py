@@ -22,7 +22,7 @@ from torch import nn
 
 from actors.sampler import SamplerActor
 from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model, families
-from videodpo_ray.models.base import compile_module, hold_frozen_in, weight_dtype
+from videodpo_ray.models.modules import compile_module, hold_frozen_in, weight_dtype
 from videodpo_ray.stages.common import SamplingConfig
 from videodpo_ray.training import dpo_step
 

@@ -81,8 +81,8 @@ def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
 
     evaluated = report["evaluate"]  # the demo's held-out prompts: base vs the trained run, same seeds
     assert evaluated["num_prompts"] == 2 and 0.0 <= evaluated["win_rate"] <= 1.0
-    assert evaluated["report"] == str(tmp_path / "run" / "evaluate" / "index.html")
-    page = (tmp_path / "run" / "evaluate" / "index.html").read_text()
+    assert evaluated["report"] == str(tmp_path / "run" / "evaluate" / "dpo" / "index.html")
+    page = (tmp_path / "run" / "evaluate" / "dpo" / "index.html").read_text()
     assert "curves.png" in page and "analysis.png" in page  # the run's curves and its training data's panels
-    assert (tmp_path / "run" / "evaluate" / "analysis.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "evaluate" / "dpo" / "analysis.png").stat().st_size > 1000
     assert f"Win rate {evaluated['win_rate']:.3f}" in markdown

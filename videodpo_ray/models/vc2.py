@@ -17,9 +17,10 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel, weight_dtype
+from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
 from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
+from videodpo_ray.models.modules import weight_dtype
 from videodpo_ray.models.openclip_text import OpenCLIPTextEncoder, clip_text_config
 from videodpo_ray.models.vc2_schedule import VC2NoiseSchedule, VC2ScheduleConfig
 from videodpo_ray.models.vc2_unet import VC2UNet3DConditionModel

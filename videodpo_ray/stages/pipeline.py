@@ -119,11 +119,12 @@ class PipelineConfig(StrictConfig):
         return PairConfig(data=self.out, model=self.model, model_init_seed=model_init_seed, **config_fields(self.pair))
 
     def evaluate_config(self, prompts_url: str, model_init_seed: int, run_url: str) -> EvaluateConfig:
-        """The evaluate stage of the trained run: `{out}/evaluate`, generated with the pipeline's settings."""
-        assert self.evaluate is not None
+        """The evaluate stage of the trained run: `{out}/evaluate/{run_name}`, with the pipeline's settings (a run
+        of the same data under another `train.run_name`, e.g. a control, gets its own evaluation)."""
+        assert self.evaluate is not None and self.train is not None
         settings = self.evaluate
         return EvaluateConfig(
-            out=storage.join(self.out, "evaluate"),
+            out=storage.join(self.out, "evaluate", self.train.run_name),
             prompts=prompts_url,
             model=self.model,
             model_init_seed=model_init_seed,

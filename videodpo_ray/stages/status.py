@@ -26,11 +26,15 @@ def run_status(url: str) -> dict[str, Any]:
             status[kind] = {"shards": len(committed), "rows": sum(info.num_rows for info in committed)}
     runs = [url] if _is_run(url) else [e.url for e in storage.list_entries(storage.join(url, "train")) if e.is_dir]
     status["runs"] = {run: training_status(run) for run in runs if _is_run(run)}
-    try:
-        summary = json.loads(storage.read_bytes(storage.join(url, "evaluate", "summary.json")))
-        status["evaluate"] = {key: summary[key] for key in ("num_prompts", "win_rate", "omniscore_gain_mean")}
-    except FileNotFoundError:
-        pass
+    evaluations = [e.url for e in storage.list_entries(storage.join(url, "evaluate")) if e.is_dir]
+    status["evaluate"] = {}
+    for evaluation in evaluations:  # the pipeline's {out}/evaluate/{run_name}
+        try:
+            summary = json.loads(storage.read_bytes(storage.join(evaluation, "summary.json")))
+        except FileNotFoundError:
+            continue
+        keys = ("num_prompts", "win_rate", "omniscore_gain_mean")
+        status["evaluate"][evaluation] = {key: summary[key] for key in keys}
     return status
 
 
@@ -59,10 +63,9 @@ def render_status(status: dict[str, Any]) -> str:
         metrics = ", ".join(f"{key} {value:.4g}" for key, value in state["metrics"].items())
         lines.append(f"  run {run}: {done}{'; exported' if state['exported'] else ''}"
                      + (f"; step {state['last_step'] + 1}: {metrics}" if metrics else ""))
-    if "evaluate" in status:
-        evaluated = status["evaluate"]
-        lines.append(f"  evaluate: win rate {evaluated['win_rate']:.3f} over {evaluated['num_prompts']} prompts, "
-                     f"OmniScore gain {evaluated['omniscore_gain_mean']:+.4f}")
+    for evaluation, evaluated in status["evaluate"].items():
+        lines.append(f"  evaluate {evaluation}: win rate {evaluated['win_rate']:.3f} over {evaluated['num_prompts']} "
+                     f"prompts, OmniScore gain {evaluated['omniscore_gain_mean']:+.4f}")
     if len(lines) == 1:
         lines.append("  nothing committed")
     return "\n".join(lines)

@@ -16,7 +16,7 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from pydantic import Field
@@ -25,8 +25,10 @@ from videodpo_ray import storage
 from videodpo_ray import toy_world as world
 from videodpo_ray.config import StrictConfig
 from videodpo_ray.scoring import ModelSpec, OmniScoreConfig, ScorerConfig
-from videodpo_ray.scoring import toy_semantic as toy_classifier
-from videodpo_ray.stages import toy_pretrain
+
+if TYPE_CHECKING:
+    from videodpo_ray.scoring.toy_semantic import ClassifierSettings
+    from videodpo_ray.stages.toy_pretrain import PretrainSettings
 
 logger = logging.getLogger(__name__)
 TOY_DIRECTORY = "toy"
@@ -42,11 +44,16 @@ class ToyWorldConfig(StrictConfig):
     num_held_out: int = Field(world.NUM_HELD_OUT, ge=1)
     threads: int = Field(1, ge=1)
 
-    def pretrain_settings(self) -> toy_pretrain.PretrainSettings:
-        return toy_pretrain.PretrainSettings(seed=self.seed)
+    # the training modules import diffusers and torchvision: only when the toy world is used, not to parse a config
+    def pretrain_settings(self) -> PretrainSettings:
+        from videodpo_ray.stages.toy_pretrain import PretrainSettings
 
-    def classifier_settings(self) -> toy_classifier.ClassifierSettings:
-        return toy_classifier.ClassifierSettings(seed=self.seed)
+        return PretrainSettings(seed=self.seed)
+
+    def classifier_settings(self) -> ClassifierSettings:
+        from videodpo_ray.scoring.toy_semantic import ClassifierSettings
+
+        return ClassifierSettings(seed=self.seed)
 
     def base_model_url(self, out: str) -> str:
         """Where the pretrained base model is (or will be) under the output root."""
@@ -82,6 +89,9 @@ def toy_prompts(config: ToyWorldConfig) -> tuple[list[str], list[str]]:
 
 def prepare_toy_world(config: ToyWorldConfig, out: str, progress: bool = True) -> ToyWorld:
     """Pretrain the toy base model and classifier under `{out}/toy/` unless they are there already."""
+    from videodpo_ray.scoring import toy_semantic as toy_classifier
+    from videodpo_ray.stages import toy_pretrain
+
     base_url, classifier_url = config.base_model_url(out), config.classifier_url(out)
     built = []
     threads = torch.get_num_threads()

@@ -23,6 +23,7 @@ class DataConfig(StrictConfig):
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (None: run all epochs)
     shuffle_seed: int | None = None  # None -> run.seed
     prefetch_batches: int = Field(2, ge=0)  # micro-batches prepared ahead in a background thread
+    swap_winner_loser: bool = False  # negative control: train on (loser, winner); the gain must vanish or reverse
 
 
 class DPOConfig(StrictConfig):
@@ -50,7 +51,7 @@ class DPOConfig(StrictConfig):
 class OptimConfig(StrictConfig):
     """AdamW, learning-rate schedule, clipping and gradient accumulation."""
 
-    lr: float = Field(6e-6, gt=0.0)
+    lr: float = Field(6e-6, ge=0.0)  # 0: the control run in which nothing moves (the tuned model is the base)
     weight_decay: float = Field(0.01, ge=0.0)
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = Field(1e-8, gt=0.0)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections import OrderedDict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Iterator, Sequence
 
 import numpy as np
@@ -161,6 +161,17 @@ class MicroBatch:
         return [pair.pair_id for pair in self.pairs]
 
 
+def swapped(pair: PairRecord) -> PairRecord:
+    """The pair with winner and loser exchanged (the negative control `data.swap_winner_loser`)."""
+    return replace(
+        pair,
+        win_latents=pair.lose_latents,
+        lose_latents=pair.win_latents,
+        win_frames=pair.lose_frames,
+        lose_frames=pair.win_frames,
+    )
+
+
 def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_stored_latents: bool) -> PairRecord:
     """Decode one pair row. Stored latents are used when present (and made by `latent_family`), else the mp4s."""
     values = {name: table.column(name)[row].as_py() for name in table.column_names}
@@ -231,8 +242,10 @@ class PairLoader:
         latent_family: str,
         use_stored_latents: bool = True,
         prefetch: int = 2,
+        swap_winner_loser: bool = False,
     ) -> None:
         self.plan = plan
+        self.swap_winner_loser = swap_winner_loser
         self.epoch = epoch
         self.rank = rank
         self.start_step = start_step
@@ -246,7 +259,8 @@ class PairLoader:
         for ref in refs:
             table = self.cache.table(ref.shard)
             source = f"{self.plan.shards[ref.shard].url} row {ref.row}"
-            pairs.append(decode_row(table, ref.row, source, self.latent_family, self.use_stored_latents))
+            pair = decode_row(table, ref.row, source, self.latent_family, self.use_stored_latents)
+            pairs.append(swapped(pair) if self.swap_winner_loser else pair)
         return MicroBatch(step, micro, pairs)
 
     def __iter__(self) -> Iterator[MicroBatch]:

@@ -1,0 +1,116 @@
+"""What the model families do to their `nn.Module`s, the same way: dtypes, compilation and LoRA.
+
+- `weight_dtype`: diffusers' `ModelMixin.dtype` without its walk over every submodule;
+- `hold_frozen_in`: frozen weights stored in the compute dtype (diffusers' fp32 modules kept);
+- `compile_module`: `torch.compile` in place with an eager fallback;
+- LoRA through peft (imported on first use): `inject_lora_adapter` (returns the tuner layers, cached once) and
+  `adapters_disabled`, the adapters-off DPO reference.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # peft is imported where LoRA is used: parsing a config must not pay for it (seconds)
+    from peft import LoraConfig as PeftLoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+logger = logging.getLogger(__name__)
+
+
+# --- dtypes, layouts, compilation ------------------------------------------------------------------------------------
+def _keep_in_fp32(module: nn.Module) -> frozenset[str]:
+    return frozenset(getattr(module, "_keep_in_fp32_modules", None) or ())
+
+
+def weight_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of `module`'s first floating parameter outside diffusers' `_keep_in_fp32_modules`: what
+    `ModelMixin.dtype` returns, without its walk over every submodule (~10 ms per call on VC2's UNet, 20 with LoRA)."""
+    keep = _keep_in_fp32(module)
+    for name, parameter in module.named_parameters():
+        if parameter.is_floating_point() and not keep & set(name.split(".")):
+            return parameter.dtype
+    return torch.float32
+
+
+def hold_frozen_in(module: nn.Module, dtype: torch.dtype) -> None:
+    """Store `module`'s frozen floating weights in `dtype`: every parameter without requires_grad, and the buffers
+    when nothing in `module` trains. Diffusers' `_keep_in_fp32_modules` (RoPE tables, time embedders, modulation
+    tables, norms) stay as they are, as `from_pretrained(torch_dtype=...)` keeps them; trainable weights too."""
+    cast_buffers = not any(parameter.requires_grad for parameter in module.parameters())
+
+    def visit(owner: nn.Module, keep: frozenset[str], kept: bool) -> None:
+        keep = _keep_in_fp32(owner) or keep
+        for name, child in owner.named_children():
+            visit(child, keep, kept or name in keep)
+        if kept:
+            return
+        for name, parameter in owner.named_parameters(recurse=False):
+            if parameter.is_floating_point() and not parameter.requires_grad and name not in keep:
+                parameter.data = parameter.data.to(dtype)
+        for name, buffer in owner.named_buffers(recurse=False):
+            if cast_buffers and buffer.is_floating_point() and name not in keep:
+                owner._buffers[name] = buffer.to(dtype)
+
+    visit(module, frozenset(), False)
+
+
+CompileBackend = str | Callable[..., Any]  # a torch.compile backend: "inductor", "eager", ... or a callable
+
+
+def compile_module(module: nn.Module, backend: CompileBackend = "inductor") -> None:
+    """`torch.compile` `module`'s forward in place (same parameters, names and state dict). Compilation happens on
+    the first call; if that call fails, a warning is logged and the module runs eager from then on."""
+    eager = module.forward
+    compiled = torch.compile(eager, backend=backend)
+    checked = False
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        nonlocal checked
+        if checked:
+            return compiled(*args, **kwargs)
+        try:
+            output = compiled(*args, **kwargs)
+        except Exception as error:  # any compiler failure: eager gives the same outputs, only slower
+            logger.warning("torch.compile of %s failed, running eager: %s: %s", type(module).__name__,
+                           type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+            module.forward = eager
+            return eager(*args, **kwargs)
+        checked = True
+        return output
+
+    module.forward = forward
+
+
+# --- LoRA (peft) ----------------------------------------------------------------------------------------------------
+def inject_lora_adapter(
+    module: nn.Module, config: PeftLoraConfig, adapter_name: str = "default"
+) -> list[BaseTunerLayer]:
+    """Inject a peft LoRA adapter into `module` in place; return its tuner layers (to cache: no module walks later)."""
+    from peft import inject_adapter_in_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    inject_adapter_in_model(config, module, adapter_name=adapter_name)
+    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(layers: Sequence[BaseTunerLayer]) -> Iterator[None]:
+    """Every adapter of `layers` off (their forward is the base layer's, exactly); on exit, the layers that were on
+    are back on and every parameter's requires_grad is what it was."""
+    flags = [(parameter, parameter.requires_grad) for layer in layers for parameter in layer.parameters()]
+    enabled = [layer for layer in layers if not layer.disable_adapters]
+    for layer in enabled:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in enabled:
+            layer.enable_adapters(True)
+        for parameter, requires_grad in flags:
+            parameter.requires_grad_(requires_grad)
