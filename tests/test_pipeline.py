@@ -7,11 +7,10 @@ import math
 from pathlib import Path
 
 import pytest
+from tiny_pipeline import TINY_CONFIG, TINY_OVERRIDES
 
 from videodpo_ray import shards
 from videodpo_ray.errors import ConfigError
-
-TINY_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_tiny.yaml"
 
 
 def test_tiny_config_is_valid_and_on_policy():
@@ -35,21 +34,7 @@ def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
     from jobs.pipeline import run_pipeline
     from videodpo_ray.stages.pipeline import load_pipeline_config
 
-    config = load_pipeline_config(
-        TINY_CONFIG,
-        [
-            f"out={tmp_path / 'run'}",
-            "prompts=[a corgi on the beach, a red car at night]",
-            "generate.samples_per_prompt=2",
-            "generate.prompts_per_chunk=1",
-            "generate.sampling.num_frames=4",
-            "generate.sampling.num_inference_steps=2",
-            "train.overrides=[scaling.num_workers=1, optim.grad_accum=1, data.epochs=2, data.max_steps=2, "
-            "run.checkpoint_every=2]",
-            "evaluate.prompts=[a paper boat in the rain, a robot watering plants]",
-            "evaluate.samples_per_prompt=1",
-        ],
-    )
+    config = load_pipeline_config(TINY_CONFIG, [f"out={tmp_path / 'run'}", *TINY_OVERRIDES])
     report = run_pipeline(config)
 
     written = json.loads((tmp_path / "run" / "report.json").read_text())

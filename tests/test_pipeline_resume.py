@@ -16,28 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_pipeline import TINY_CONFIG, TINY_OVERRIDES
 
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-SMALL = [
-    "prompts=[a corgi on the beach, a red car at night]",
-    "generate.samples_per_prompt=2",
-    "generate.prompts_per_chunk=1",
-    "generate.sampling.num_frames=4",
-    "generate.sampling.num_inference_steps=2",
-    "train.overrides=[scaling.num_workers=1, optim.grad_accum=1, data.epochs=2, data.max_steps=2, "
-    "run.checkpoint_every=2]",
-    "evaluate.prompts=[a paper boat in the rain, a robot watering plants]",
-    "evaluate.samples_per_prompt=1",
-]
-
-
 def run_pipeline(out: Path, kill_after: str | None = None) -> str:
     """Run the tiny pipeline in a fresh driver; SIGKILL its process group on the first line containing
     `kill_after`. Returns everything it printed."""
-    config = REPO / "configs" / "pipeline_tiny.yaml"
-    command = [sys.executable, "-m", "jobs.pipeline", str(config), f"out={out}", *SMALL]
+    command = [sys.executable, "-m", "jobs.pipeline", str(TINY_CONFIG), f"out={out}", *TINY_OVERRIDES]
     process = subprocess.Popen(
         command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
