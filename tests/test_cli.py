@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -64,6 +67,22 @@ def test_bad_input_exits_2_before_ray_starts(tmp_path: Path, no_ray):
         result = invoke(*arguments)
         assert result.exit_code == 2, (arguments, result.output)
         assert message in result.output, (arguments, result.output)
+
+
+def test_bad_input_exits_2_within_5_seconds_from_a_fresh_process(tmp_path: Path):
+    """What a user sees: the installed command, a fresh interpreter (imports included), no Ray started."""
+    no_prompts = tmp_path / "generate.yaml"
+    no_prompts.write_text(f"prompts: {tmp_path}/missing.txt\nout: {tmp_path}/out\nscorer: {{tiny: true}}\n")
+    no_pairs = tmp_path / "train.yaml"
+    no_pairs.write_text(f"data: {{pairs_url: {tmp_path}/none}}\nrun: {{name: r, storage_path: {tmp_path}/runs}}\n")
+    command = str(Path(sys.executable).with_name("videodpo-ray"))
+    for arguments in (("run", str(tmp_path / "absent.yaml")), ("generate", str(no_prompts)), ("train", str(no_pairs))):
+        started = time.monotonic()
+        result = subprocess.run([command, *arguments], capture_output=True, text=True, timeout=60)
+        elapsed = time.monotonic() - started
+        assert result.returncode == 2, (arguments, result.stderr)
+        assert elapsed < 5.0, (arguments, f"{elapsed:.1f} s")
+        assert "Ray" not in result.stdout + result.stderr, (arguments, result.stderr)
 
 
 def test_status_reports_what_a_run_committed(tmp_path: Path):
