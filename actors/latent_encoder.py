@@ -1,11 +1,15 @@
 """Latent-encoder actor: VAE-encodes the winner and loser videos of pair rows, so training never runs the VAE.
 
 Used as `ds.map_batches(LatentEncoderActor, batch_format="pyarrow", fn_constructor_kwargs={"model": ..., "dtype":
-..., "init_seed": ...}, compute=...)` over pair rows with `win_video` / `lose_video` mp4 bytes. Every input column
-is passed through and the pair-shard latent columns are added: `win_latents`, `lose_latents`
-(`shards.latents_to_bytes`), `latent_shape` (one video, no batch dim), `latent_dtype` and `latent_model` (the
-family, which training checks). Latents are the posterior mean, so encoding is deterministic; the model is built
-under `init_seed` (training's `run.seed`) so random-init weights match the trainer's.
+..., "text_dtype": ..., "init_seed": ...}, compute=...)` over pair rows with `prompt` and `win_video` /
+`lose_video` mp4 bytes. Every input column is passed through and the pair-shard latent columns are added:
+`win_latents`, `lose_latents` (`shards.latents_to_bytes`), `latent_shape` (one video, no batch dim), `latent_dtype`
+and `latent_model` (the family, which training checks), and the prompt's text embedding (`text_embedding`,
+`text_embedding_shape` (L, D), `text_embedding_dtype`), so training needs no text encoder. Column
+`EMPTY_PROMPT_COLUMN` holds the empty prompt's embedding in a batch's first row (null in the others), for the
+driver to store once. Latents are the posterior mean, so encoding is deterministic; the model is built under
+`init_seed` (training's `run.seed`) so random-init weights match the trainer's. Prompts are encoded one per call,
+as the trainer does, so a stored embedding equals the trainer's own encoding.
 """
 
 from __future__ import annotations
@@ -16,18 +20,28 @@ import pyarrow as pa
 import torch
 
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.shards import LATENT_DTYPES, latents_to_bytes
+from videodpo_ray.shards import LATENT_DTYPES, empty_prompt_bytes, latents_to_bytes
 from videodpo_ray.video import decode_mp4
+
+EMPTY_PROMPT_COLUMN = "empty_text_embedding"
 
 
 class LatentEncoderActor:
     """Holds one model's VAE (on the GPU when the actor has one) and encodes a batch of pairs per call."""
 
-    def __init__(self, model: ModelConfig, dtype: str = "float32", init_seed: int = 0) -> None:
+    def __init__(self, model: ModelConfig, dtype: str = "float32", text_dtype: str | None = None,
+                 init_seed: int = 0) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(model, seed=init_seed).to(self.device).eval()
         self.family = model.family
         self.dtype = LATENT_DTYPES[dtype]
+        self.text_dtype = LATENT_DTYPES[text_dtype or dtype]
+        self.empty_prompt: bytes | None = None  # shards.empty_prompt_bytes of "", made on first use
+
+    def embed(self, prompt: str) -> torch.Tensor:
+        """One prompt's text embedding (L, D) on the CPU, in the text dtype."""
+        with torch.no_grad():
+            return self.model.encode_prompts([prompt])[0].to("cpu", self.text_dtype)
 
     def encode(self, videos: list[torch.Tensor]) -> list[torch.Tensor]:
         """Latents of each uint8 (T, H, W, 3) video; videos of the same shape are encoded in one VAE call."""
@@ -60,6 +74,15 @@ class LatentEncoderActor:
             "latent_dtype": pa.array([dtype for _, _, dtype in win], pa.string()),
             "latent_model": pa.array([self.family] * len(ids), pa.string()),
         }
+        prompts = batch.column("prompt").to_pylist()
+        embedded = {prompt: latents_to_bytes(self.embed(prompt)) for prompt in dict.fromkeys(prompts)}
+        columns["text_embedding"] = pa.array([embedded[p][0] for p in prompts], pa.binary())
+        columns["text_embedding_shape"] = pa.array([embedded[p][1] for p in prompts], pa.list_(pa.int64()))
+        columns["text_embedding_dtype"] = pa.array([embedded[p][2] for p in prompts], pa.string())
+        if self.empty_prompt is None:
+            self.empty_prompt = empty_prompt_bytes(self.embed(""))
+        columns[EMPTY_PROMPT_COLUMN] = pa.array([self.empty_prompt if i == 0 else None for i in range(len(ids))],
+                                                pa.binary())
         for name, column in columns.items():
             batch = batch.append_column(name, column)
         return batch

@@ -4,6 +4,10 @@ Determinism (a resumed run ends bit-identical to an uninterrupted one on CPU): t
 seed, the data order is `PairPlan`'s pure function of (shards, seed, epoch), CFG dropout of (seed, pair_id, epoch),
 and every micro-batch draws its timesteps and noise from a generator seeded with (seed, step, rank, micro-batch).
 A checkpoint restores weights, optimizer and LR scheduler (DeepSpeed), the data position, the pair log and the RNGs.
+
+Text embeddings: when every pair row of the shards stores its prompt's (the pair stage writes them), the model is
+built without its text encoder and the empty prompt's comes from `shards.empty_prompt_url`; otherwise prompts are
+encoded per batch through a bounded CPU LRU cache (`data.prompt_cache_entries`).
 """
 
 from __future__ import annotations
@@ -26,7 +30,17 @@ from videodpo_ray.models import build_model
 from videodpo_ray.seeds import drops_prompt, noise_seed
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
-from videodpo_ray.training.data import DataPosition, MicroBatch, PairLoader, PairPlan, PromptEmbeddings, pair_latents
+from videodpo_ray.training.data import (
+    DataPosition,
+    MicroBatch,
+    PairLoader,
+    PairPlan,
+    PromptEmbeddingCache,
+    batch_text_embeddings,
+    pair_latents,
+    prompts_to_encode,
+    stores_text_embeddings,
+)
 from videodpo_ray.training.step import DPOObjective
 
 LOG_METRICS = (
@@ -84,15 +98,18 @@ class DPOWorker:
         config = self.config
         if self.device.type == "cpu":  # bit-identical resumes; on GPU the deterministic kernels cost speed
             torch.use_deterministic_algorithms(True, warn_only=True)
-        model = build_model(config.model, seed=config.run.seed)
-        if config.compile:
-            model.compile_denoiser()
-        objective = DPOObjective(model, config.dpo)
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
             saved = self._read_saved_state(Path(directory)) if directory else None
+            shard_list = PairPlan.shards_from_json(saved.shards) if saved else self._list_shards()
+            stored_text = self._stores_text_embeddings(shard_list)
+            model = build_model(config.model.model_copy(update={"build_text_encoder": not stored_text}),
+                                seed=config.run.seed)
+            if config.compile:
+                model.compile_denoiser()
+            objective = DPOObjective(model, config.dpo)
             self.plan = PairPlan(
-                PairPlan.shards_from_json(saved.shards) if saved else self._list_shards(),
+                shard_list,
                 seed=self.seed,
                 num_workers=self.world_size,
                 pairs_per_worker=config.data.pairs_per_worker,
@@ -117,8 +134,12 @@ class DPOWorker:
             else:
                 self.global_step, self.epoch, self.step_in_epoch = 0, 0, 0
                 self.initial_fingerprint = self.frozen_fingerprint
-        self.embeddings = PromptEmbeddings(model)
-        self.embeddings.ensure([""])
+        if stored_text:  # no text encoder: every prompt's embedding and the empty prompt's are stored
+            self.prompt_cache = None
+            self.empty_prompt = shards.read_empty_prompt_embedding(config.data.pairs_url)
+        else:
+            self.prompt_cache = PromptEmbeddingCache(model, config.data.prompt_cache_entries)
+            self.empty_prompt = self.prompt_cache.encode("")
         if self.rank == 0:
             self._open_tensorboard()
         try:
@@ -132,6 +153,13 @@ class DPOWorker:
         listing = [shards.list_shards(self.config.data.pairs_url, "pairs") if self.rank == 0 else None]
         dist.broadcast_object_list(listing, src=0)
         return listing[0]
+
+    def _stores_text_embeddings(self, shard_list: list[shards.ShardInfo]) -> bool:
+        """Rank 0 checks whether every pair row stores its text embedding and broadcasts the answer, so every rank
+        builds the model with or without its text encoder alike."""
+        answer = [stores_text_embeddings(shard_list) if self.rank == 0 else None]
+        dist.broadcast_object_list(answer, src=0)
+        return answer[0]
 
     def _read_saved_state(self, directory: Path) -> ckpt.TrainState:
         state = ckpt.TrainState.from_json((directory / ckpt.TRAIN_STATE).read_text())
@@ -240,18 +268,20 @@ class DPOWorker:
             ray.train.report(metrics)
 
     def _tensors(self, batch: MicroBatch):
-        """Latents (stored, or VAE-encoded from the mp4s), prompt embeddings with CFG dropout, and weights."""
+        """Latents (stored, or VAE-encoded from the mp4s), prompt embeddings (stored, or encoded) with CFG dropout,
+        and weights."""
         config = self.config
-        prompts = ["" if drops_prompt(self.seed, pair.pair_id, self.epoch, config.data.cfg_dropout) else pair.prompt
-                   for pair in batch.pairs]
-        everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, prompts)  # same encode calls on every rank (ZeRO-3 gathers collectively)
-        self.embeddings.ensure([prompt for ranks_prompts in everyone for prompt in ranks_prompts])
-        embeddings = self.embeddings.batch(prompts).to(self.device)
+        dropped = [drops_prompt(self.seed, pair.pair_id, self.epoch, config.data.cfg_dropout) for pair in batch.pairs]
+        encoded: dict[str, torch.Tensor] = {}
+        if self.prompt_cache is not None:
+            wanted = prompts_to_encode(batch.pairs, dropped)
+            everyone = [None] * self.world_size
+            dist.all_gather_object(everyone, wanted)  # same encode calls on every rank (ZeRO-3 gathers collectively)
+            encoded = self.prompt_cache.lookup([prompt for prompts in everyone for prompt in prompts], wanted)
+        embeddings = batch_text_embeddings(batch.pairs, dropped, self.empty_prompt, encoded).to(self.device)
         win, lose = pair_latents(self.model, batch, self.device)
         weights = torch.tensor([pair.weight for pair in batch.pairs], dtype=torch.float32, device=self.device)
-        dropped = sum(prompt == "" for prompt in prompts) / len(prompts)
-        return win, lose, embeddings, weights, dropped
+        return win, lose, embeddings, weights, sum(dropped) / len(dropped)
 
     def _check_finite(self, loss: torch.Tensor, batch: MicroBatch, micro: int) -> None:
         bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.device)

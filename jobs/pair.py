@@ -2,8 +2,10 @@
 
 `stages.pair.plan_pair_shards` builds every pair from the committed scores (on the driver: scores are small); for
 every chunk whose pair shard is not committed, Ray Data attaches the winner/loser mp4s from the chunk's samples
-shard, latent-encoder actors VAE-encode them, and the driver commits `{out}/pairs/shard-{chunk:05d}` once all its
-pairs are back. A failing batch leaves its shard uncommitted, not the others; the job then exits 1 naming it.
+shard, latent-encoder actors VAE-encode them and text-encode their prompts, and the driver commits
+`{out}/pairs/shard-{chunk:05d}` once all its pairs are back (after writing the run's empty-prompt embedding,
+`shards.empty_prompt_url`, before the first shard). A failing batch leaves its shard uncommitted, not the others;
+the job then exits 1 naming it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from typing import Sequence
 import pyarrow as pa
 import ray
 
-from actors.latent_encoder import LatentEncoderActor
+from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
 from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
@@ -40,13 +42,19 @@ def make_pairs(config: PairConfig) -> PairReport:
                 LatentEncoderActor,
                 batch_format="pyarrow",
                 fn_constructor_kwargs={
-                    "model": config.model, "dtype": config.latent_dtype, "init_seed": config.model_init_seed
+                    "model": config.model,
+                    "dtype": config.latent_dtype,
+                    "text_dtype": config.embedding_dtype,
+                    "init_seed": config.model_init_seed,
                 },
                 **pool_options(config.encoder_pool),
             )
         )
 
         def commit(chunk: int, rows: pa.Table) -> None:
+            if not report.written:  # the empty-prompt embedding lands before the first shard that relies on it
+                empty = next(data for data in rows.column(EMPTY_PROMPT_COLUMN).to_pylist() if data is not None)
+                storage.write_bytes_atomic(shards.empty_prompt_url(config.pairs_root), empty)
             shards.write_shard(pair_shard(rows, config.keep_videos), config.pairs_root, "pairs", chunk)
             report.written.append(chunk)
 

@@ -1,4 +1,5 @@
-"""Pair job: hand-made scores -> exact pairs and weights -> pair shards (on S3) with videos and VAE latents."""
+"""Pair job: hand-made scores -> exact pairs and weights -> pair shards (on S3) with videos, VAE latents and text
+embeddings."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, 
 
     data, out = f"{s3_bucket}/gen", f"{s3_bucket}/pairs"  # moto S3 server: Ray workers read the samples from it
     videos = _write_generation(data)
-    config = PairConfig(data=data, out=out, model=TINY_VC2,
+    config = PairConfig(data=data, out=out, model=TINY_VC2, text_embedding_dtype="bfloat16",
                         pairing={"weighting": {"scheme": "product", "alpha": 1.0}}, encoder_pool={"batch_size": 2})
     report = make_pairs(config)
     assert (report.num_pairs, report.written, report.skipped, report.incomplete) == (2, [0, 1], [], {})
@@ -105,6 +106,14 @@ def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, 
             torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
     assert not torch.equal(*[shards.latents_from_bytes(rows[0][f"{s}_latents"], rows[0]["latent_shape"], "float32")
                              for s in ("win", "lose")])
+    for row in rows:  # the prompt's text embedding (L, D) of the model, in the configured dtype
+        with torch.no_grad():
+            expected = model.encode_prompts([row["prompt"]])[0]
+        assert (row["text_embedding_shape"], row["text_embedding_dtype"]) == (list(expected.shape), "bfloat16")
+        stored = shards.latents_from_bytes(row["text_embedding"], row["text_embedding_shape"], "bfloat16")
+        torch.testing.assert_close(stored, expected.to(torch.bfloat16), rtol=0, atol=0)
+    empty = shards.read_empty_prompt_embedding(out)  # stored once per run, beside the shards
+    torch.testing.assert_close(empty, model.encode_prompts([""])[0].to(torch.bfloat16), rtol=0, atol=0)
 
     files = {name: hashlib.sha256(storage.read_bytes(storage.join(out, "pairs", name))).hexdigest()
              for name in storage.list_files(storage.join(out, "pairs"))}

@@ -31,6 +31,7 @@ def pair_rows(count: int, start: int = 0, weight: float = 1.0) -> list[dict]:
         win, lose = torch.full((4, 2, 5, 8), float(i)), torch.full((4, 2, 5, 8), -float(i))
         win_bytes, shape, dtype = shards.latents_to_bytes(win.to(torch.bfloat16))
         lose_bytes, _, _ = shards.latents_to_bytes(lose.to(torch.bfloat16))
+        text_bytes, text_shape, text_dtype = shards.latents_to_bytes(torch.full((3, 6), float(i), dtype=torch.float16))
         rows.append(
             {
                 "pair_id": f"p{i}/p{i}-s0/p{i}-s1",
@@ -49,6 +50,9 @@ def pair_rows(count: int, start: int = 0, weight: float = 1.0) -> list[dict]:
                 "latent_dtype": dtype,
                 "latent_model": "vc2",
                 "fps": 8,
+                "text_embedding": text_bytes,
+                "text_embedding_shape": text_shape,
+                "text_embedding_dtype": text_dtype,
             }
         )
     return rows

@@ -16,8 +16,8 @@ from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.synthetic import TINY_VIDEO_SIZES, synthetic_pair_rows
 
-# (family, finetune, latents): "stored" = every pair carries latents; "mixed" = shard 0 has only the mp4s, which the
-# workers encode with the model's VAE each step
+# (family, finetune, latents): "stored" = every pair carries latents and its prompt's text embedding; "mixed" = shard
+# 0 has only the mp4s, which the workers encode with the model's VAE each step, and no pair has a text embedding
 FAMILIES = [
     ("vc2", "full", "stored"),
     ("t2v_turbo", "lora", "mixed"),
@@ -35,8 +35,12 @@ def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray
     for index in range(2):
         rows = synthetic_pair_rows(initial, num_pairs=4, first_index=4 * index, num_frames=frames, height=height,
                                    width=width, with_videos=latents == "mixed" and index == 0,
-                                   with_latents=latents == "stored" or index == 1)
+                                   with_latents=latents == "stored" or index == 1,
+                                   with_text_embeddings=latents == "stored")
         shards.write_shard(shards.make_table("pairs", rows), data_url, "pairs", index)
+    if latents == "stored":  # the workers train without a text encoder; "mixed" ones encode the prompts (LRU cache)
+        empty = shards.empty_prompt_bytes(initial.encode_prompts([""])[0])
+        storage.write_bytes_atomic(shards.empty_prompt_url(data_url), empty)
     config = load_config(TrainConfig, None, [
         f"model={model_config.model_dump_json()}",
         f"data.pairs_url={data_url}", "data.max_steps=5", "data.epochs=2",

@@ -19,6 +19,8 @@ from typing import Any, Mapping, Sequence
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+import safetensors
+import safetensors.torch
 import torch
 
 from videodpo_ray import storage
@@ -79,6 +81,9 @@ PAIRS_SCHEMA = _schema(
     pa.field("latent_dtype", pa.string()),  # "float32" | "float16" | "bfloat16"
     pa.field("latent_model", pa.string()),  # model family that produced the latents, e.g. "vc2"
     pa.field("fps", pa.int32()),
+    pa.field("text_embedding", pa.binary()),  # the prompt's encode_prompts output (L, D), see latents_to_bytes
+    pa.field("text_embedding_shape", pa.list_(pa.int64())),  # [L, D]
+    pa.field("text_embedding_dtype", pa.string()),  # "float32" | "float16" | "bfloat16"
 )
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS_SCHEMA,
@@ -88,6 +93,8 @@ SCHEMAS: dict[str, pa.Schema] = {
 }
 
 LATENT_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+EMPTY_PROMPT_FILE = "empty_prompt.safetensors"
 
 _MANIFEST_NAME = re.compile(r"^shard-(\d+)\.json$")
 
@@ -289,6 +296,16 @@ def check_footer(info: ShardInfo, non_null: Sequence[str] = (), why: str = "") -
             raise ShardError(f"{info.url}: {nulls} row(s) without {column}{why}")
 
 
+def null_count(info: ShardInfo, column: str) -> int:
+    """Nulls in `column` of a committed shard, from its parquet footer alone (every row when it has no such
+    column)."""
+    fs, path = storage.filesystem_for(info.url)
+    with fs.open(path, "rb") as handle:
+        parquet = pq.ParquetFile(handle)
+        index = parquet.schema_arrow.get_field_index(column)
+        return parquet.metadata.num_rows if index < 0 else _null_count(parquet.metadata, index)
+
+
 def _null_count(metadata: pq.FileMetaData, column: int) -> int:
     """Nulls in a column according to the footer statistics (all rows when a row group has none)."""
     total = 0
@@ -340,6 +357,28 @@ def latents_from_bytes(data: bytes, shape: Sequence[int], dtype: str) -> torch.T
     if expected == 0:
         return torch.empty(tuple(shape), dtype=torch_dtype)
     return torch.frombuffer(bytearray(data), dtype=torch_dtype).reshape(tuple(shape))
+
+
+def empty_prompt_url(root: str) -> str:
+    """`{root}/pairs/empty_prompt.safetensors`: the empty-prompt (CFG dropout) text embedding of the pair shards'
+    model, written (atomically) once per pair run before its first shard with text embeddings is committed."""
+    return storage.join(root, "pairs", EMPTY_PROMPT_FILE)
+
+
+def empty_prompt_bytes(embedding: torch.Tensor) -> bytes:
+    """The empty-prompt embedding (L, D) as the content of `empty_prompt_url` (safetensors, key "text_embedding")."""
+    return safetensors.torch.save({"text_embedding": embedding.detach().to("cpu").contiguous()})
+
+
+def read_empty_prompt_embedding(root: str) -> torch.Tensor:
+    """The stored empty-prompt embedding (L, D); ShardError naming the file when it is missing or unreadable."""
+    url = empty_prompt_url(root)
+    try:
+        return safetensors.torch.load(storage.read_bytes(url))["text_embedding"]
+    except FileNotFoundError:
+        raise ShardError(f"{url}: missing; the pair shards store text embeddings but not the empty prompt's") from None
+    except (safetensors.SafetensorError, KeyError) as error:
+        raise ShardError(f"{url}: unreadable empty-prompt embedding ({error!r})") from error
 
 
 def _check_kind(kind: str) -> str:

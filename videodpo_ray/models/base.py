@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
 
 import torch
-from pydantic import field_validator
+from pydantic import Field, field_validator
 from torch import nn
 
 from videodpo_ray.config import StrictConfig
@@ -87,6 +87,9 @@ class ModelConfig(StrictConfig):
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast; frozen weights stored in bf16
     gradient_checkpointing: bool = False
     fps: int = 16  # fps conditioning in training (VC2 family)
+    # False: build the model without its text encoder (a trainer whose pair shards store every text embedding);
+    # encode_prompts then raises. Never written out (not in any manifest, config dump or checkpoint).
+    build_text_encoder: bool = Field(True, exclude=True)
 
     @field_validator("family")
     @classmethod

@@ -88,7 +88,7 @@ class CogVideoX(VideoDiffusionModel):
         vae = AutoencoderKLCogVideoX.from_config(preset.vae)
         scheduler = CogVideoXDDIMScheduler.from_config(preset.scheduler)
         prompt_encoder = None
-        if preset.offline_tokenizer is not None:
+        if preset.offline_tokenizer is not None and config.build_text_encoder:
             encoder = T5EncoderModel(T5Config(**preset.text_encoder))
             max_length = transformer.config.max_text_seq_length
             prompt_encoder = T5PromptEncoder(preset.offline_tokenizer(), encoder, max_length)
@@ -108,7 +108,8 @@ class CogVideoX(VideoDiffusionModel):
         if config.path is None and config.text_encoder_path is None:
             return cls.from_preset(preset, config)
 
-        text_directory = storage.local_directory(config.text_encoder_path) if config.text_encoder_path else None
+        text_path = config.text_encoder_path if config.build_text_encoder else None
+        text_directory = storage.local_directory(text_path) if text_path else None
         if config.path is None:
             transformer = CogVideoXTransformer3DModel.from_config(preset.transformer)
             vae = AutoencoderKLCogVideoX.from_config(preset.vae)
@@ -130,6 +131,8 @@ class CogVideoX(VideoDiffusionModel):
                 check_preset_config(scheduler_directory, stored, preset.scheduler, SCHEDULE_KEYS, config.variant)
             if text_directory is None and (directory / "text_encoder").is_dir():
                 text_directory = directory
+        if not config.build_text_encoder:
+            text_directory = None
         if text_directory is not None:
             for subfolder in ("text_encoder", "tokenizer"):
                 if not (text_directory / subfolder).is_dir():

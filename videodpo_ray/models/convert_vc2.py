@@ -241,9 +241,10 @@ def components_from_checkpoint(
     unet_kwargs: dict[str, Any] | None = None,
     time_cond_proj_dim: int | None = None,
     scale_factor: float = DEFAULT_SCALE_FACTOR,
+    text_encoder: bool = True,
 ) -> VC2Components:
     """Convert an original checkpoint in memory. `unet_kwargs` (lvdm UNetModel kwargs) default to the shapes'
-    reading."""
+    reading; `text_encoder=False` leaves its text tower out."""
     unet_state, vae_state, text_state, buffers = _split(read_checkpoint(url), url)
     overrides = {"time_cond_proj_dim": time_cond_proj_dim} if time_cond_proj_dim is not None else {}
     if unet_kwargs is not None:
@@ -256,7 +257,7 @@ def components_from_checkpoint(
         unet=build_unet(unet_state, layout, url),
         unet_layout=layout,
         vae=convert_vae(vae_state, scale_factor, url),
-        text_encoder=convert_text_encoder(text_state, url) if text_state else None,
+        text_encoder=convert_text_encoder(text_state, url) if text_state and text_encoder else None,
         schedule=schedule_from_buffers(buffers, url),
         scale_factor=scale_factor,
     )
@@ -299,8 +300,11 @@ def is_converted_directory(url: str) -> bool:
     return storage.exists(storage.join(url, MODEL_INDEX))
 
 
-def components_from_directory(url: str, *, time_cond_proj_dim: int | None = None) -> VC2Components:
-    """Load a directory written by `save_components` (local path or fsspec URL, through the weights cache), strictly."""
+def components_from_directory(
+    url: str, *, time_cond_proj_dim: int | None = None, text_encoder: bool = True
+) -> VC2Components:
+    """Load a directory written by `save_components` (local path or fsspec URL, through the weights cache), strictly;
+    `text_encoder=False` leaves its text_encoder/ unread."""
     directory = storage.local_directory(url)
     index = _read_json(directory / MODEL_INDEX)
     layout = LvdmUNetConfig(**_read_json(directory / "unet" / LVDM_CONFIG))
@@ -322,7 +326,7 @@ def components_from_directory(url: str, *, time_cond_proj_dim: int | None = None
         unet=unet,
         unet_layout=layout,
         vae=vae,
-        text_encoder=_text_encoder_from_directory(text_directory) if text_directory.is_dir() else None,
+        text_encoder=_text_encoder_from_directory(text_directory) if text_encoder and text_directory.is_dir() else None,
         schedule=VC2ScheduleConfig(**_read_json(directory / "scheduler" / SCHEDULE_FILE)),
         scale_factor=float(index["scale_factor"]),
         turbo_lora_merged=bool(index.get("turbo_lora_merged", False)),
@@ -330,12 +334,19 @@ def components_from_directory(url: str, *, time_cond_proj_dim: int | None = None
 
 
 def load_components(
-    url: str, *, time_cond_proj_dim: int | None = None, unet_kwargs: dict[str, Any] | None = None
+    url: str,
+    *,
+    time_cond_proj_dim: int | None = None,
+    unet_kwargs: dict[str, Any] | None = None,
+    text_encoder: bool = True,
 ) -> VC2Components:
-    """A converted directory or an original checkpoint file (local or fsspec URL)."""
+    """A converted directory or an original checkpoint file (local or fsspec URL); `text_encoder=False`: without
+    its text encoder."""
     if is_converted_directory(url):
-        return components_from_directory(url, time_cond_proj_dim=time_cond_proj_dim)
-    return components_from_checkpoint(url, unet_kwargs=unet_kwargs, time_cond_proj_dim=time_cond_proj_dim)
+        return components_from_directory(url, time_cond_proj_dim=time_cond_proj_dim, text_encoder=text_encoder)
+    return components_from_checkpoint(
+        url, unet_kwargs=unet_kwargs, time_cond_proj_dim=time_cond_proj_dim, text_encoder=text_encoder
+    )
 
 
 def convert_vc2_checkpoint(

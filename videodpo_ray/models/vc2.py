@@ -39,11 +39,13 @@ class VC2Preset:
     text_encoder: dict[str, Any]
     video_size: tuple[int, int, int]
 
-    def components(self, time_cond_proj_dim: int | None = None) -> VC2Components:
-        """Random-init components (T2V-Turbo: with a `time_cond_proj` of that width)."""
+    def components(self, time_cond_proj_dim: int | None = None, text_encoder: bool = True) -> VC2Components:
+        """Random-init components (T2V-Turbo: with a `time_cond_proj` of that width). Without the text encoder
+        (`text_encoder=False`) it is still drawn, then dropped: every other weight is the same either way."""
         layout = LvdmUNetConfig(**self.unet, time_cond_proj_dim=time_cond_proj_dim)
         vae = AutoencoderKL(**self.vae)
-        text = OpenCLIPTextEncoder(CLIPTextModel(clip_text_config(**self.text_encoder)).eval())
+        drawn = OpenCLIPTextEncoder(CLIPTextModel(clip_text_config(**self.text_encoder)).eval())
+        text = drawn if text_encoder else None
         return VC2Components(
             unet=VC2UNet3DConditionModel(**layout.diffusers_config()),
             unet_layout=layout,
@@ -140,13 +142,15 @@ class VideoCrafter2(VideoDiffusionModel):
     @classmethod
     def load_components(cls, config: ModelConfig) -> VC2Components:
         """path None: the `variant` preset with random weights; else a converted directory or an original
-        checkpoint (local or fsspec URL). `text_encoder_path` adds/replaces the text encoder."""
+        checkpoint (local or fsspec URL). `text_encoder_path` adds/replaces the text encoder; none is built or
+        loaded when `config.build_text_encoder` is false."""
         preset = cls.preset(config.variant)
+        with_text = config.build_text_encoder
         if config.path is not None:
-            components = load_components(config.path, time_cond_proj_dim=cls.time_cond_proj_dim)
+            components = load_components(config.path, time_cond_proj_dim=cls.time_cond_proj_dim, text_encoder=with_text)
         else:
-            components = preset.components(cls.time_cond_proj_dim)
-        if config.text_encoder_path is not None:
+            components = preset.components(cls.time_cond_proj_dim, text_encoder=with_text)
+        if config.text_encoder_path is not None and with_text:
             components.text_encoder = load_text_encoder(config.text_encoder_path)
         return components
 

@@ -114,7 +114,7 @@ class Wan(VideoDiffusionModel):
         transformer = WanTransformer3DModel.from_config(preset.transformer)
         vae = AutoencoderKLWan.from_config(preset.vae)
         prompt_encoder = None
-        if preset.offline_tokenizer is not None:
+        if preset.offline_tokenizer is not None and config.build_text_encoder:
             encoder = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
             prompt_encoder = UMT5PromptEncoder(preset.offline_tokenizer(), encoder, preset.text_length)
         scheduler = flow_scheduler(preset.scheduler, "preset")
@@ -134,7 +134,8 @@ class Wan(VideoDiffusionModel):
         if config.path is None and config.text_encoder_path is None:
             return cls.from_preset(preset, config)
 
-        text_directory = storage.local_directory(config.text_encoder_path) if config.text_encoder_path else None
+        text_path = config.text_encoder_path if config.build_text_encoder else None
+        text_directory = storage.local_directory(text_path) if text_path else None
         scheduler = flow_scheduler(preset.scheduler, "preset")
         if config.path is None:
             transformer = WanTransformer3DModel.from_config(preset.transformer)
@@ -157,6 +158,8 @@ class Wan(VideoDiffusionModel):
                 scheduler = flow_scheduler(stored, str(scheduler_directory))
             if text_directory is None and (directory / "text_encoder").is_dir():
                 text_directory = directory
+        if not config.build_text_encoder:
+            text_directory = None
         if text_directory is not None:
             for subfolder in ("text_encoder", "tokenizer"):
                 if not (text_directory / subfolder).is_dir():

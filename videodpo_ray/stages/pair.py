@@ -2,7 +2,8 @@
 
 scores shards -> `pairs.build_pairs` (strategy, filters and weights over the whole data set: scores are small) ->
 per generation chunk, the pairs of its prompts; chunk c becomes `{out}/pairs/shard-{c:05d}` once its pairs are
-VAE-encoded (the runtime does that on latent-encoder actors).
+VAE-encoded and its prompts text-encoded (the runtime does that on latent-encoder actors). The empty-prompt
+embedding (CFG dropout) is stored once per run, at `shards.empty_prompt_url(out)`, before the first shard commits.
 
 Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report.
 `{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the
@@ -48,6 +49,7 @@ class PairSettings(StrictConfig):
     pairing: PairingConfig = PairingConfig()
     encoder_pool: ActorPoolConfig = ActorPoolConfig(batch_size=2)  # batch_size = pairs per VAE call
     latent_dtype: LatentDType = "float32"
+    text_embedding_dtype: LatentDType | None = None  # stored prompt text embeddings; None -> latent_dtype
     keep_videos: bool = True  # also store the winner/loser mp4s in the pair shards
 
 
@@ -62,6 +64,11 @@ class PairConfig(PairSettings):
     @property
     def pairs_root(self) -> str:
         return self.out or self.data
+
+    @property
+    def embedding_dtype(self) -> LatentDType:
+        """The dtype the text embeddings are stored in."""
+        return self.text_embedding_dtype or self.latent_dtype
 
 
 @dataclass
@@ -216,6 +223,7 @@ def plan_pair_shards(config: PairConfig) -> PairShardPlan:
 
 
 def pair_shard(rows: pa.Table, keep_videos: bool) -> pa.Table:
+    """The pairs-schema table of encoded pair rows (videos nulled unless `keep_videos`)."""
     if not keep_videos:
         for name in ("win_video", "lose_video"):
             rows = rows.set_column(rows.schema.get_field_index(name), name, pa.nulls(rows.num_rows, pa.binary()))
@@ -231,5 +239,6 @@ def pairing_manifest(config: PairConfig) -> dict[str, Any]:
         "model": config.model.model_dump(mode="json"),
         "model_init_seed": config.model_init_seed,
         "latent_dtype": config.latent_dtype,
+        "text_embedding_dtype": config.embedding_dtype,
         "keep_videos": config.keep_videos,
     }

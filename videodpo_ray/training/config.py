@@ -24,6 +24,8 @@ class DataConfig(StrictConfig):
     shuffle_seed: int | None = None  # None -> run.seed
     prefetch_batches: int = Field(2, ge=0)  # micro-batches prepared ahead in a background thread
     swap_winner_loser: bool = False  # negative control: train on (loser, winner); the gain must vanish or reverse
+    # prompts whose text embeddings a worker keeps (CPU, LRU) when shards store none; unused when every shard does
+    prompt_cache_entries: int = Field(1024, ge=1)
 
 
 class DPOConfig(StrictConfig):

@@ -24,7 +24,7 @@ import queue
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -148,6 +148,7 @@ class PairRecord:
     win_frames: torch.Tensor | None
     lose_frames: torch.Tensor | None
     source: str  # "shard-url row N" for error messages
+    text_embedding: torch.Tensor | None = None  # the prompt's stored text embedding (L, D), when the shard has one
 
 
 @dataclass
@@ -196,6 +197,14 @@ def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_s
             raise ShardError(f"{source}: pair {values['pair_id']!r} has neither latents nor both videos")
         win_frames, _ = decode_mp4(values["win_video"], f"{source} win_video")
         lose_frames, _ = decode_mp4(values["lose_video"], f"{source} lose_video")
+    text_embedding = None
+    if values["text_embedding"] is not None:
+        try:
+            text_embedding = shards.latents_from_bytes(
+                values["text_embedding"], values["text_embedding_shape"] or [], values["text_embedding_dtype"] or ""
+            )
+        except ValueError as error:
+            raise ShardError(f"{source}: text_embedding: {error}") from error
     return PairRecord(
         pair_id=values["pair_id"],
         prompt=values["prompt"],
@@ -205,6 +214,7 @@ def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_s
         win_frames=win_frames,
         lose_frames=lose_frames,
         source=source,
+        text_embedding=text_embedding,
     )
 
 
@@ -324,29 +334,59 @@ def pair_latents(model: torch.nn.Module, batch: MicroBatch, device: torch.device
     return latents[: len(batch.pairs)], latents[len(batch.pairs) :]
 
 
-class PromptEmbeddings:
-    """Text embeddings cached per prompt; the empty prompt is the CFG-dropout embedding.
+def stores_text_embeddings(shard_list: Sequence[ShardInfo]) -> bool:
+    """Whether every row of every shard stores its prompt's text embedding (from the parquet footers alone)."""
+    return all(shards.null_count(info, "text_embedding") == 0 for info in shard_list)
 
-    `ensure(prompts)` encodes the prompts not cached yet, sorted, so that ranks calling it with the same prompt set
-    run the text encoder identically (needed when its weights are ZeRO-3 partitioned: every rank must join).
-    One prompt per call by default: an embedding then never depends on which other prompts were missing at the
-    time (batched GEMMs may round differently), so a resumed run gets bit-identical embeddings.
+
+def prompts_to_encode(pairs: Sequence[PairRecord], dropped: Sequence[bool]) -> list[str]:
+    """The prompts of the pairs that keep their prompt (not CFG-dropped) and have no stored text embedding."""
+    return [pair.prompt for pair, drop in zip(pairs, dropped) if not drop and pair.text_embedding is None]
+
+
+def batch_text_embeddings(
+    pairs: Sequence[PairRecord], dropped: Sequence[bool], empty: torch.Tensor, encoded: Mapping[str, torch.Tensor]
+) -> torch.Tensor:
+    """(B, L, D) float32 on the CPU: the empty-prompt embedding for a dropped pair, else the pair's stored embedding,
+    else `encoded[prompt]`."""
+    rows = [
+        empty if drop else pair.text_embedding if pair.text_embedding is not None else encoded[pair.prompt]
+        for pair, drop in zip(pairs, dropped)
+    ]
+    return torch.stack([row.to("cpu", torch.float32) for row in rows])
+
+
+class PromptEmbeddingCache:
+    """Text embeddings of prompts whose shards store none: encoded on demand, kept on the CPU in an LRU cache of at
+    most `max_entries` prompts.
+
+    `lookup(everyone, wanted)` encodes the prompts of `everyone` not cached yet, sorted, one per call: ranks calling
+    it with the same `everyone` (all ranks' prompts) run the text encoder identically (needed when its weights are
+    ZeRO-3 partitioned: every rank must join) and keep identical caches. One prompt per call: an embedding never
+    depends on which other prompts were missing at the time (batched GEMMs may round differently), so a resumed run
+    gets bit-identical embeddings.
     """
 
-    def __init__(self, model: torch.nn.Module, chunk_size: int = 1) -> None:
+    def __init__(self, model: torch.nn.Module, max_entries: int) -> None:
+        if max_entries < 1:
+            raise ValueError(f"PromptEmbeddingCache: max_entries must be >= 1, got {max_entries}")
         self.model = model
-        self.chunk_size = chunk_size
-        self.cache: dict[str, torch.Tensor] = {}
+        self.max_entries = max_entries
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
 
-    def ensure(self, prompts: Sequence[str]) -> None:
-        missing = sorted(set(prompts) - set(self.cache))
-        for begin in range(0, len(missing), self.chunk_size):
-            chunk = missing[begin : begin + self.chunk_size]
-            with torch.no_grad():
-                embeddings = self.model.encode_prompts(chunk)
-            for prompt, embedding in zip(chunk, embeddings):
-                self.cache[prompt] = embedding.detach()
+    def encode(self, prompt: str) -> torch.Tensor:
+        """The prompt's text embedding (L, D) on the CPU."""
+        with torch.no_grad():
+            return self.model.encode_prompts([prompt])[0].detach().to("cpu")
 
-    def batch(self, prompts: Sequence[str]) -> torch.Tensor:
-        """(B, L, D) for prompts already ensured."""
-        return torch.stack([self.cache[prompt] for prompt in prompts])
+    def lookup(self, everyone: Sequence[str], wanted: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Prompt -> embedding for the `wanted` prompts (a subset of `everyone`)."""
+        fresh = {prompt: self.encode(prompt) for prompt in sorted(set(everyone) - set(self.entries))}
+        found = {prompt: fresh[prompt] if prompt in fresh else self.entries[prompt] for prompt in wanted}
+        for prompt in sorted(set(everyone)):
+            if prompt in fresh:
+                self.entries[prompt] = fresh[prompt]
+            self.entries.move_to_end(prompt)
+        while len(self.entries) > self.max_entries:
+            self.entries.popitem(last=False)
+        return found

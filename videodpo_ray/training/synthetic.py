@@ -37,6 +37,7 @@ def synthetic_pair_rows(
     seed: int = 0,
     with_latents: bool = True,
     with_videos: bool = True,
+    with_text_embeddings: bool = False,
     latent_dtype: torch.dtype = torch.float32,
     prompts: Sequence[str] = PROMPTS,
     first_index: int = 0,
@@ -68,6 +69,11 @@ def synthetic_pair_rows(
             (win, shape, dtype), (lose, _, _) = shards.latents_to_bytes(latents[0]), shards.latents_to_bytes(latents[1])
             row.update(win_latents=win, lose_latents=lose, latent_shape=shape, latent_dtype=dtype,
                        latent_model=model.family)
+        if with_text_embeddings:  # as the pair stage stores them (also write the empty prompt's: empty_prompt_url)
+            with torch.no_grad():
+                embedding = model.encode_prompts([row["prompt"]])[0].to(latent_dtype)
+            text, shape, dtype = shards.latents_to_bytes(embedding)
+            row.update(text_embedding=text, text_embedding_shape=shape, text_embedding_dtype=dtype)
         rows.append(row)
     return rows
 
