@@ -101,8 +101,6 @@ def job_main(
     Exit codes: 0 done; 1 some work failed (what was committed stays, a rerun completes the rest); 2 bad config or
     input (nothing was started).
     """
-    from ray.train import TrainingFailedError
-
     setup_logging()
     args = list(sys.argv[1:] if argv is None else argv)
     if not args or args[0] in ("-h", "--help"):
@@ -110,6 +108,12 @@ def job_main(
         return 0 if args else 2
     try:
         config = load(args[0], args[1:])
+    except INPUT_ERRORS as error:  # before Ray Train's imports (a second): bad input is refused at once
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    from ray.train import TrainingFailedError
+
+    try:
         if connect:
             connect_ray(num_cpus)
         summary = run(config)

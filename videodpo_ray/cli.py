@@ -22,15 +22,18 @@ def train(
     overrides: Optional[list[str]] = typer.Argument(None, help="key.sub=value overrides"),
 ) -> None:
     """Fine-tune a model with Diffusion-DPO on pair shards (Ray Train + DeepSpeed)."""
-    from jobs.train import main as train_main
-
-    raise typer.Exit(code=train_main([str(config), *(overrides or [])]))
+    _job("train", config, overrides)
 
 
 def _job(module: str, config: Path, overrides: list[str] | None) -> None:
-    """Run `jobs.<module>.main([CONFIG, *overrides])` and exit with its code."""
+    """Run `jobs.<module>.main([CONFIG, *overrides])` and exit with its code. An unreadable config file is refused
+    first, before the job's imports (torch, Ray: seconds) are paid for."""
     import importlib
 
+    if not config.is_file():
+        typer.echo(f"error: {config}: cannot read config ({'a directory' if config.is_dir() else 'no such file'})",
+                   err=True)
+        raise typer.Exit(code=2)
     raise typer.Exit(code=importlib.import_module(f"jobs.{module}").main([str(config), *(overrides or [])]))
 
 
