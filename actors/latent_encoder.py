@@ -3,7 +3,7 @@
 Used as `ds.map_batches(LatentEncoderActor, batch_format="pyarrow", fn_constructor_kwargs={"model": ..., "dtype":
 ..., "text_dtype": ..., "init_seed": ...}, compute=...)` over pair rows with `prompt` and `win_video` /
 `lose_video` mp4 bytes. Every input column is passed through and the pair-shard latent columns are added:
-`win_latents`, `lose_latents` (`shards.latents_to_bytes`), `latent_shape` (one video, no batch dim), `latent_dtype`
+`win_latents`, `lose_latents` (`latents_to_bytes`), `latent_shape` (one video, no batch dim), `latent_dtype`
 and `latent_model` (the family, which training checks), and the prompt's text embedding (`text_embedding`,
 `text_embedding_shape` (L, D), `text_embedding_dtype`), so training needs no text encoder. Column
 `EMPTY_PROMPT_COLUMN` holds the empty prompt's embedding in a batch's first row (null in the others), for the
@@ -20,7 +20,7 @@ import pyarrow as pa
 import torch
 
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.shards import LATENT_DTYPES, empty_prompt_bytes, latents_to_bytes
+from videodpo_ray.tensor_bytes import LATENT_DTYPES, empty_prompt_bytes, latents_to_bytes
 from videodpo_ray.video import decode_mp4
 
 EMPTY_PROMPT_COLUMN = "empty_text_embedding"
@@ -36,7 +36,7 @@ class LatentEncoderActor:
         self.family = model.family
         self.dtype = LATENT_DTYPES[dtype]
         self.text_dtype = LATENT_DTYPES[text_dtype or dtype]
-        self.empty_prompt: bytes | None = None  # shards.empty_prompt_bytes of "", made on first use
+        self.empty_prompt: bytes | None = None  # tensor_bytes.empty_prompt_bytes of "", made on first use
 
     def embed(self, prompt: str) -> torch.Tensor:
         """One prompt's text embedding (L, D) on the CPU, in the text dtype."""

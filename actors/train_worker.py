@@ -5,9 +5,9 @@ seed, the data order is `PairPlan`'s pure function of (shards, seed, epoch), CFG
 and every micro-batch draws its timesteps and noise from a generator seeded with (seed, step, rank, micro-batch).
 A checkpoint restores weights, optimizer and LR scheduler (DeepSpeed), the data position, the pair log and the RNGs.
 
-Text embeddings: when every pair row of the shards stores its prompt's (the pair stage writes them), the model is
-built without its text encoder and the empty prompt's comes from `shards.empty_prompt_url`; otherwise prompts are
-encoded per batch through a bounded CPU LRU cache (`data.prompt_cache_entries`).
+Text embeddings: when every pair row stores its prompt's (as the pair stage writes them), the model is built without
+its text encoder and the empty prompt's comes from `tensor_bytes.empty_prompt_url`; otherwise prompts are encoded per
+batch through a bounded CPU LRU cache (`data.prompt_cache_entries`).
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
 
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.config import dump_config
 from videodpo_ray.errors import NonFiniteLossError
 from videodpo_ray.models import build_model
@@ -101,8 +101,9 @@ class DPOWorker:
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
             saved = self._read_saved_state(Path(directory)) if directory else None
-            shard_list = PairPlan.shards_from_json(saved.shards) if saved else self._list_shards()
-            stored_text = self._stores_text_embeddings(shard_list)
+            listed = self._from_rank0(lambda: [] if saved else shards.list_shards(self.config.data.pairs_url, "pairs"))
+            shard_list = PairPlan.shards_from_json(saved.shards) if saved else listed
+            stored_text = self._from_rank0(lambda: stores_text_embeddings(shard_list))
             model = build_model(config.model.model_copy(update={"build_text_encoder": not stored_text}),
                                 seed=config.run.seed)
             if config.compile:
@@ -136,7 +137,7 @@ class DPOWorker:
                 self.initial_fingerprint = self.frozen_fingerprint
         if stored_text:  # no text encoder: every prompt's embedding and the empty prompt's are stored
             self.prompt_cache = None
-            self.empty_prompt = shards.read_empty_prompt_embedding(config.data.pairs_url)
+            self.empty_prompt = tensor_bytes.read_empty_prompt_embedding(config.data.pairs_url)
         else:
             self.prompt_cache = PromptEmbeddingCache(model, config.data.prompt_cache_entries)
             self.empty_prompt = self.prompt_cache.encode("")
@@ -148,18 +149,11 @@ class DPOWorker:
             if self.tensorboard is not None:
                 self.tensorboard.close()
 
-    def _list_shards(self) -> list[shards.ShardInfo]:
-        """Rank 0 lists the committed shards and broadcasts them, so every rank plans on the same list."""
-        listing = [shards.list_shards(self.config.data.pairs_url, "pairs") if self.rank == 0 else None]
-        dist.broadcast_object_list(listing, src=0)
-        return listing[0]
-
-    def _stores_text_embeddings(self, shard_list: list[shards.ShardInfo]) -> bool:
-        """Rank 0 checks whether every pair row stores its text embedding and broadcasts the answer, so every rank
-        builds the model with or without its text encoder alike."""
-        answer = [stores_text_embeddings(shard_list) if self.rank == 0 else None]
-        dist.broadcast_object_list(answer, src=0)
-        return answer[0]
+    def _from_rank0(self, compute: Callable[[], Any]) -> Any:
+        """`compute()` on rank 0, broadcast: every rank plans on the same shard list and builds the same model."""
+        value = [compute() if self.rank == 0 else None]
+        dist.broadcast_object_list(value, src=0)
+        return value[0]
 
     def _read_saved_state(self, directory: Path) -> ckpt.TrainState:
         state = ckpt.TrainState.from_json((directory / ckpt.TRAIN_STATE).read_text())
@@ -243,7 +237,9 @@ class DPOWorker:
         elapsed = time.perf_counter() - start
         sums["data_wait_fraction"] = waited / elapsed
         metrics = self._mean_over_workers(sums)
-        metrics["grad_norm"] = grad_norm if grad_norm is not None else _none_to_nan(self.engine.get_global_grad_norm())
+        if grad_norm is None:
+            grad_norm = self.engine.get_global_grad_norm()
+        metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
         metrics["lr"] = lr
         metrics["pairs_per_s"] = config.pairs_per_step / elapsed
         all_ids = [None] * self.world_size
@@ -303,10 +299,8 @@ class DPOWorker:
         """Global grad norm for ZeRO stage 0 (DeepSpeed reports it itself for stages 1-3), before clipping."""
         if self.config.deepspeed.zero_stage != 0:
             return None
-        grads = [p.grad.detach().float() for p in self.model.trainable_parameters() if p.grad is not None]
-        return (
-            float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))) if grads else 0.0
-        )
+        norms = [p.grad.detach().float().norm() for p in self.model.trainable_parameters() if p.grad is not None]
+        return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
     def _mean_over_workers(self, values_by_key: dict[str, float]) -> dict[str, float]:
         values = torch.tensor([values_by_key[key] for key in LOG_METRICS], dtype=torch.float64, device=self.device)
@@ -403,7 +397,3 @@ class DPOWorker:
                 )
         dist.barrier()
         return export_url
-
-
-def _none_to_nan(value: float | None) -> float:
-    return float("nan") if value is None else float(value)

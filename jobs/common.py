@@ -108,12 +108,6 @@ def job_main(
         return 0 if args else 2
     try:
         config = load(args[0], args[1:])
-    except INPUT_ERRORS as error:  # before Ray Train's imports (a second): bad input is refused at once
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    from ray.train import TrainingFailedError
-
-    try:
         if connect:
             connect_ray(num_cpus)
         summary = run(config)
@@ -123,7 +117,11 @@ def job_main(
     except IncompleteStageError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    except TrainingFailedError as error:
+    except Exception as error:
+        from ray.train import TrainingFailedError  # imported when something failed: Ray Train's imports take a second
+
+        if not isinstance(error, TrainingFailedError):
+            raise
         cause = root_cause(error)
         print(f"error: training failed: {type(cause).__name__}: {cause}", file=sys.stderr)
         return 1

@@ -18,7 +18,6 @@ import time
 from typing import Sequence
 
 import pyarrow as pa
-import ray
 
 from actors.sampler import SamplerActor
 from actors.scorer import OmniScorer
@@ -51,7 +50,9 @@ def generate(
     plan = plan_generate(config, prompts)
     report = plan.report
     if plan.to_sample or plan.to_score:
-        connect_ray()  # only now: bad input fails before any cluster work
+        import ray  # only now (with Ray itself): bad input fails before any cluster work or Ray import
+
+        connect_ray()
         sources = []
         if plan.to_sample:
             sources.append(

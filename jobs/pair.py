@@ -4,7 +4,7 @@
 every chunk whose pair shard is not committed, Ray Data attaches the winner/loser mp4s from the chunk's samples
 shard, latent-encoder actors VAE-encode them and text-encode their prompts, and the driver commits
 `{out}/pairs/shard-{chunk:05d}` once all its pairs are back (after writing the run's empty-prompt embedding,
-`shards.empty_prompt_url`, before the first shard). A failing batch leaves its shard uncommitted, not the others;
+`tensor_bytes.empty_prompt_url`, before the first shard). A failing batch leaves its shard uncommitted, not the others;
 the job then exits 1 naming it.
 """
 
@@ -19,7 +19,7 @@ import ray
 
 from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
 from jobs.common import commit_chunks, connect_ray, job_main, pool_options
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
 from videodpo_ray.stages.pair import PairConfig, PairReport, attach_videos, pair_shard, plan_pair_shards
@@ -54,7 +54,7 @@ def make_pairs(config: PairConfig) -> PairReport:
         def commit(chunk: int, rows: pa.Table) -> None:
             if not report.written:  # the empty-prompt embedding lands before the first shard that relies on it
                 empty = next(data for data in rows.column(EMPTY_PROMPT_COLUMN).to_pylist() if data is not None)
-                storage.write_bytes_atomic(shards.empty_prompt_url(config.pairs_root), empty)
+                storage.write_bytes_atomic(tensor_bytes.empty_prompt_url(config.pairs_root), empty)
             shards.write_shard(pair_shard(rows, config.keep_videos), config.pairs_root, "pairs", chunk)
             report.written.append(chunk)
 

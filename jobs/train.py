@@ -10,9 +10,6 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable, Sequence
 
-from ray.train import UserCallback
-
-from actors.train_worker import train_loop_per_worker
 from jobs.common import connect_ray, job_main
 from videodpo_ray.config import load_config
 from videodpo_ray.training import checkpoint as ckpt
@@ -20,13 +17,17 @@ from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs, with_absolute_paths
 
 
-def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
-    """The TorchTrainer of a run (RunConfig name + storage_path make resubmissions resume)."""
+def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] | None = None):
+    """The TorchTrainer of a run (RunConfig name + storage_path make resubmissions resume); `train_fn` defaults to
+    `actors.train_worker.train_loop_per_worker`. Ray Train is imported here, not with the module: a bad config is
+    refused before its imports (seconds) are paid for."""
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from actors.train_worker import train_loop_per_worker
+
     return TorchTrainer(
-        train_fn,
+        train_fn or train_loop_per_worker,
         train_loop_config=config.model_dump(mode="json"),
         scaling_config=ScalingConfig(
             num_workers=config.scaling.num_workers,
@@ -41,35 +42,37 @@ def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] = train_
             storage_path=config.run.storage_path,
             failure_config=FailureConfig(max_failures=config.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=config.run.num_to_keep),
-            callbacks=[ProgressPrinter(config.run.name)],
+            callbacks=[progress_printer(config.run.name)],
             logging_config=LoggingConfig(log_level="WARNING"),  # our progress line replaces Train's INFO logs
         ),
     )
 
 
-class ProgressPrinter(UserCallback):
-    """Prints one progress line per optimizer step on the driver's log (runs in the Train controller)."""
+def progress_printer(name: str) -> Any:
+    """A Ray Train callback printing one progress line per optimizer step on the driver's log (it runs in the Train
+    controller)."""
+    from ray.train import UserCallback
 
-    def __init__(self, name: str) -> None:
-        self.name = name
+    class ProgressPrinter(UserCallback):
+        def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+            head = metrics[0] if metrics else {}
+            if "loss" not in head:
+                return
+            saved = " (checkpoint)" if checkpoint is not None else ""
+            print(
+                f"[train {name}] step {head['step'] + 1}/{head['total_steps']} epoch {head['epoch']} "
+                f"loss {head['loss']:.5f} "
+                f"acc {head['implicit_accuracy']:.3f} margin {head['reward_margin']:.4g} lr {head['lr']:.3g} "
+                f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s{saved}",
+                flush=True,
+            )
+            if head.get("done"):
+                print(f"[train {name}] finished; exported trainable weights to {head['export_url']}", flush=True)
 
-    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
-        head = metrics[0] if metrics else {}
-        if "loss" not in head:
-            return
-        saved = " (checkpoint)" if checkpoint is not None else ""
-        print(
-            f"[train {self.name}] step {head['step'] + 1}/{head['total_steps']} epoch {head['epoch']} "
-            f"loss {head['loss']:.5f} "
-            f"acc {head['implicit_accuracy']:.3f} margin {head['reward_margin']:.4g} lr {head['lr']:.3g} "
-            f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s{saved}",
-            flush=True,
-        )
-        if head.get("done"):
-            print(f"[train {self.name}] finished; exported trainable weights to {head['export_url']}", flush=True)
+    return ProgressPrinter()
 
 
-def run_training(config: TrainConfig, train_fn: Callable[[dict], None] = train_loop_per_worker):
+def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = None):
     """Validate inputs, then join Ray (or start a local one) and train; returns the ray.train Result.
 
     A run that already finished (its final checkpoint is on storage) is recognised here, before Ray or any worker

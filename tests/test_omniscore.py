@@ -36,7 +36,7 @@ RAW = {
 
 
 def test_constants_table():
-    assert len(DIMENSIONS) == 16
+    assert len([d for d, spec in DIMENSIONS.items() if spec.vbench]) == 16  # plus the toy world's, never VBench
     assert len(VBENCH_QUALITY_DIMENSIONS) == 7 and len(VBENCH_SEMANTIC_DIMENSIONS) == 9
     assert sum(DIMENSIONS[d].weight for d in VBENCH_QUALITY_DIMENSIONS) == 6.5
     assert set(OMNISCORE_DIMENSIONS) == set(VBENCH_QUALITY_DIMENSIONS) - {"background_consistency"} | {

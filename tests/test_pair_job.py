@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models import ModelConfig
@@ -101,18 +101,19 @@ def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, 
             frames, _ = decode_mp4(row[f"{side}_video"])
             with torch.no_grad():
                 expected = model.encode_videos(frames[None])[0]
-            stored = shards.latents_from_bytes(row[f"{side}_latents"], row["latent_shape"], row["latent_dtype"])
+            stored = tensor_bytes.latents_from_bytes(row[f"{side}_latents"], row["latent_shape"], row["latent_dtype"])
             assert list(stored.shape) == list(expected.shape) == row["latent_shape"]
             torch.testing.assert_close(stored, expected, rtol=1e-5, atol=1e-5)
-    assert not torch.equal(*[shards.latents_from_bytes(rows[0][f"{s}_latents"], rows[0]["latent_shape"], "float32")
+    from_bytes = tensor_bytes.latents_from_bytes
+    assert not torch.equal(*[from_bytes(rows[0][f"{s}_latents"], rows[0]["latent_shape"], "float32")
                              for s in ("win", "lose")])
     for row in rows:  # the prompt's text embedding (L, D) of the model, in the configured dtype
         with torch.no_grad():
             expected = model.encode_prompts([row["prompt"]])[0]
         assert (row["text_embedding_shape"], row["text_embedding_dtype"]) == (list(expected.shape), "bfloat16")
-        stored = shards.latents_from_bytes(row["text_embedding"], row["text_embedding_shape"], "bfloat16")
+        stored = tensor_bytes.latents_from_bytes(row["text_embedding"], row["text_embedding_shape"], "bfloat16")
         torch.testing.assert_close(stored, expected.to(torch.bfloat16), rtol=0, atol=0)
-    empty = shards.read_empty_prompt_embedding(out)  # stored once per run, beside the shards
+    empty = tensor_bytes.read_empty_prompt_embedding(out)  # stored once per run, beside the shards
     torch.testing.assert_close(empty, model.encode_prompts([""])[0].to(torch.bfloat16), rtol=0, atol=0)
 
     files = {name: hashlib.sha256(storage.read_bytes(storage.join(out, "pairs", name))).hexdigest()

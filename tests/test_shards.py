@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.errors import ShardError, ShardExistsError
 from videodpo_ray.video import encode_mp4
 
@@ -29,9 +29,10 @@ def pair_rows(count: int, start: int = 0, weight: float = 1.0) -> list[dict]:
     rows = []
     for i in range(start, start + count):
         win, lose = torch.full((4, 2, 5, 8), float(i)), torch.full((4, 2, 5, 8), -float(i))
-        win_bytes, shape, dtype = shards.latents_to_bytes(win.to(torch.bfloat16))
-        lose_bytes, _, _ = shards.latents_to_bytes(lose.to(torch.bfloat16))
-        text_bytes, text_shape, text_dtype = shards.latents_to_bytes(torch.full((3, 6), float(i), dtype=torch.float16))
+        win_bytes, shape, dtype = tensor_bytes.latents_to_bytes(win.to(torch.bfloat16))
+        lose_bytes, _, _ = tensor_bytes.latents_to_bytes(lose.to(torch.bfloat16))
+        text = torch.full((3, 6), float(i), dtype=torch.float16)
+        text_bytes, text_shape, text_dtype = tensor_bytes.latents_to_bytes(text)
         rows.append(
             {
                 "pair_id": f"p{i}/p{i}-s0/p{i}-s1",
@@ -74,7 +75,7 @@ def test_pairs_round_trip(root: str) -> None:
         assert table.schema.equals(shards.PAIRS_SCHEMA)
         assert table.to_pylist() == written[info.index]
     first = shards.read_shard(listed[1]).to_pylist()[0]  # pair 20
-    latents = shards.latents_from_bytes(first["win_latents"], first["latent_shape"], first["latent_dtype"])
+    latents = tensor_bytes.latents_from_bytes(first["win_latents"], first["latent_shape"], first["latent_dtype"])
     assert latents.dtype == torch.bfloat16 and latents.shape == (4, 2, 5, 8) and bool((latents == 20).all())
 
     assert shards.shard_exists(root, "pairs", 2) and not shards.shard_exists(root, "pairs", 1)
@@ -113,25 +114,25 @@ def test_every_kind_round_trips(tmp_path) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_latents_bytes_round_trip(dtype: torch.dtype) -> None:
     latents = torch.randn(4, 16, 5, 8, generator=torch.Generator().manual_seed(0)).to(dtype)
-    data, shape, name = shards.latents_to_bytes(latents.transpose(2, 3))  # non-contiguous input
+    data, shape, name = tensor_bytes.latents_to_bytes(latents.transpose(2, 3))  # non-contiguous input
     assert shape == [4, 16, 8, 5] and name == str(dtype).removeprefix("torch.")
     assert len(data) == latents.numel() * dtype.itemsize
-    restored = shards.latents_from_bytes(data, shape, name)
+    restored = tensor_bytes.latents_from_bytes(data, shape, name)
     assert restored.dtype == dtype and torch.equal(restored, latents.transpose(2, 3))
 
 
 def test_latents_byte_layout_is_little_endian_row_major() -> None:
-    data, _, _ = shards.latents_to_bytes(torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16))
+    data, _, _ = tensor_bytes.latents_to_bytes(torch.tensor([[1.0, -2.0]], dtype=torch.bfloat16))
     assert data == bytes([0x80, 0x3F, 0x00, 0xC0])  # bfloat16 1.0 = 0x3F80, -2.0 = 0xC000
 
 
 def test_latents_bad_input() -> None:
     with pytest.raises(ValueError, match="float64 not supported"):
-        shards.latents_to_bytes(torch.zeros(2, dtype=torch.float64))
+        tensor_bytes.latents_to_bytes(torch.zeros(2, dtype=torch.float64))
     with pytest.raises(ValueError, match="16 bytes do not hold a float32 tensor of shape \\[2, 3\\]"):
-        shards.latents_from_bytes(bytes(16), [2, 3], "float32")
+        tensor_bytes.latents_from_bytes(bytes(16), [2, 3], "float32")
     with pytest.raises(ValueError, match="unknown latent dtype 'int8'"):
-        shards.latents_from_bytes(bytes(6), [6], "int8")
+        tensor_bytes.latents_from_bytes(bytes(6), [6], "int8")
 
 
 def test_rewrite_is_idempotent_and_different_content_needs_overwrite(root: str) -> None:

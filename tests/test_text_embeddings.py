@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.errors import ShardError
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.stages.pair import pair_shard
@@ -51,7 +51,7 @@ def encoded_pairs(tmp_path_factory) -> str:
     """A pair shard and the empty-prompt file, written as the pair job writes them (float32 embeddings)."""
     root = str(tmp_path_factory.mktemp("pairs"))
     rows = LatentEncoderActor(TINY_VC2, "float32", init_seed=0)(_requests())
-    storage.write_bytes_atomic(shards.empty_prompt_url(root), rows.column(EMPTY_PROMPT_COLUMN)[0].as_py())
+    storage.write_bytes_atomic(tensor_bytes.empty_prompt_url(root), rows.column(EMPTY_PROMPT_COLUMN)[0].as_py())
     shards.write_shard(pair_shard(rows, keep_videos=False), root, "pairs", 0)
     return root
 
@@ -63,7 +63,7 @@ def test_encoder_actor_stores_each_prompts_embedding_in_the_configured_dtype():
     for row in table.to_pylist():
         expected = model.encode_prompts([row["prompt"]])[0]
         assert row["text_embedding_shape"] == list(expected.shape) and row["text_embedding_dtype"] == "bfloat16"
-        stored = shards.latents_from_bytes(row["text_embedding"], row["text_embedding_shape"], "bfloat16")
+        stored = tensor_bytes.latents_from_bytes(row["text_embedding"], row["text_embedding_shape"], "bfloat16")
         assert torch.equal(stored, expected.to(torch.bfloat16))
     empty = rows.column(EMPTY_PROMPT_COLUMN).to_pylist()
     assert empty[0] is not None and empty[1:] == [None] * (len(PROMPTS) - 1)  # once per batch, not per row
@@ -93,7 +93,7 @@ def test_training_on_stored_embeddings_builds_no_text_encoder_and_gives_the_enco
     full = build_model(TINY_VC2, seed=0)
     cache = PromptEmbeddingCache(full, max_entries=2)
     plan = PairPlan(listed, seed=0, num_workers=1, pairs_per_worker=2, grad_accum=1)
-    empty = shards.read_empty_prompt_embedding(encoded_pairs)
+    empty = tensor_bytes.read_empty_prompt_embedding(encoded_pairs)
     torch.testing.assert_close(empty, cache.encode(""), rtol=0, atol=0)
     for batch in list(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_family="vc2", prefetch=0))[:1]:
         dropped = [False, True]  # one pair trained on its prompt, one on the empty prompt (CFG dropout)
@@ -147,9 +147,9 @@ def test_prompt_cache_never_holds_more_than_its_bound():
 
 def test_empty_prompt_embedding_round_trip_and_missing_file(tmp_path):
     embedding = torch.arange(12, dtype=torch.float32).reshape(3, 4).to(torch.bfloat16)
-    storage.write_bytes_atomic(shards.empty_prompt_url(str(tmp_path)), shards.empty_prompt_bytes(embedding))
+    storage.write_bytes_atomic(tensor_bytes.empty_prompt_url(str(tmp_path)), tensor_bytes.empty_prompt_bytes(embedding))
     assert shards.list_shards(str(tmp_path), "pairs") == []  # beside the shards, never taken for one
-    read = shards.read_empty_prompt_embedding(str(tmp_path))
+    read = tensor_bytes.read_empty_prompt_embedding(str(tmp_path))
     assert read.dtype == torch.bfloat16 and torch.equal(read, embedding)
     with pytest.raises(ShardError, match=r"empty_prompt\.safetensors: missing"):
-        shards.read_empty_prompt_embedding(str(tmp_path / "other"))
+        tensor_bytes.read_empty_prompt_embedding(str(tmp_path / "other"))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from jobs.train import run_training
-from videodpo_ray import shards, storage
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.config import load_config
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
@@ -39,8 +39,8 @@ def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray
                                    with_text_embeddings=latents == "stored")
         shards.write_shard(shards.make_table("pairs", rows), data_url, "pairs", index)
     if latents == "stored":  # the workers train without a text encoder; "mixed" ones encode the prompts (LRU cache)
-        empty = shards.empty_prompt_bytes(initial.encode_prompts([""])[0])
-        storage.write_bytes_atomic(shards.empty_prompt_url(data_url), empty)
+        empty = tensor_bytes.empty_prompt_bytes(initial.encode_prompts([""])[0])
+        storage.write_bytes_atomic(tensor_bytes.empty_prompt_url(data_url), empty)
     config = load_config(TrainConfig, None, [
         f"model={model_config.model_dump_json()}",
         f"data.pairs_url={data_url}", "data.max_steps=5", "data.epochs=2",
@@ -79,7 +79,7 @@ def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[name], after[name]) for name in before)
     row = shards.read_shard(shards.list_shards(data_url, "pairs")[1]).slice(0, 1).to_pylist()[0]
-    probe = shards.latents_from_bytes(row["win_latents"], row["latent_shape"], row["latent_dtype"])[None]
+    probe = tensor_bytes.latents_from_bytes(row["win_latents"], row["latent_shape"], row["latent_dtype"])[None]
     timesteps = torch.tensor([500])
     embeddings = initial.encode_prompts([row["prompt"]])
     with torch.no_grad():

@@ -21,7 +21,7 @@ import yaml
 
 from jobs.common import root_cause
 from jobs.train import run_training
-from videodpo_ray import shards
+from videodpo_ray import shards, tensor_bytes
 from videodpo_ray.config import dump_config, load_config
 from videodpo_ray.errors import NonFiniteLossError
 from videodpo_ray.models import ModelConfig, build_model
@@ -214,8 +214,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster
     last_good = nan_step - nan_step % 2  # checkpoint_every 2
     info = plan.shards[target.shard]
     rows = shards.read_shard(info).to_pylist()
-    latents = shards.latents_from_bytes(rows[target.row]["win_latents"], rows[target.row]["latent_shape"], "float32")
-    rows[target.row]["win_latents"] = shards.latents_to_bytes(torch.full_like(latents, float("nan")))[0]
+    row = rows[target.row]
+    latents = tensor_bytes.latents_from_bytes(row["win_latents"], row["latent_shape"], "float32")
+    rows[target.row]["win_latents"] = tensor_bytes.latents_to_bytes(torch.full_like(latents, float("nan")))[0]
     shards.write_shard(shards.make_table("pairs", rows), str(pairs), "pairs", info.index, overwrite=True)
 
     from ray.train import TrainingFailedError

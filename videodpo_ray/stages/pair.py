@@ -3,7 +3,7 @@
 scores shards -> `pairs.build_pairs` (strategy, filters and weights over the whole data set: scores are small) ->
 per generation chunk, the pairs of its prompts; chunk c becomes `{out}/pairs/shard-{c:05d}` once its pairs are
 VAE-encoded and its prompts text-encoded (the runtime does that on latent-encoder actors). The empty-prompt
-embedding (CFG dropout) is stored once per run, at `shards.empty_prompt_url(out)`, before the first shard commits.
+embedding (CFG dropout) is stored once per run, at `tensor_bytes.empty_prompt_url(out)`, before the first shard commits.
 
 Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report.
 `{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the

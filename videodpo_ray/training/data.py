@@ -30,7 +30,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from videodpo_ray import shards
+from videodpo_ray import shards, tensor_bytes
 from videodpo_ray.errors import ShardError
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.video import decode_mp4
@@ -188,8 +188,8 @@ def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_s
         if shape is None or dtype is None:
             raise ShardError(f"{source}: latents present but latent_shape/latent_dtype is null")
         try:
-            win_latents = shards.latents_from_bytes(values["win_latents"], shape, dtype)
-            lose_latents = shards.latents_from_bytes(values["lose_latents"], shape, dtype)
+            win_latents = tensor_bytes.latents_from_bytes(values["win_latents"], shape, dtype)
+            lose_latents = tensor_bytes.latents_from_bytes(values["lose_latents"], shape, dtype)
         except ValueError as error:
             raise ShardError(f"{source}: {error}") from error
     else:
@@ -200,7 +200,7 @@ def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_s
     text_embedding = None
     if values["text_embedding"] is not None:
         try:
-            text_embedding = shards.latents_from_bytes(
+            text_embedding = tensor_bytes.latents_from_bytes(
                 values["text_embedding"], values["text_embedding_shape"] or [], values["text_embedding_dtype"] or ""
             )
         except ValueError as error:

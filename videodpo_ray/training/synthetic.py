@@ -10,7 +10,7 @@ from typing import Sequence
 
 import torch
 
-from videodpo_ray import shards
+from videodpo_ray import shards, tensor_bytes
 from videodpo_ray.models import VideoDiffusionModel
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.video import decode_mp4, encode_mp4
@@ -66,13 +66,13 @@ def synthetic_pair_rows(
             frames = torch.stack([decode_mp4(data)[0] for data in mp4s])
             with torch.no_grad():
                 latents = model.encode_videos(frames).to(latent_dtype)
-            (win, shape, dtype), (lose, _, _) = shards.latents_to_bytes(latents[0]), shards.latents_to_bytes(latents[1])
+            (win, shape, dtype), (lose, _, _) = (tensor_bytes.latents_to_bytes(latent) for latent in latents[:2])
             row.update(win_latents=win, lose_latents=lose, latent_shape=shape, latent_dtype=dtype,
                        latent_model=model.family)
         if with_text_embeddings:  # as the pair stage stores them (also write the empty prompt's: empty_prompt_url)
             with torch.no_grad():
                 embedding = model.encode_prompts([row["prompt"]])[0].to(latent_dtype)
-            text, shape, dtype = shards.latents_to_bytes(embedding)
+            text, shape, dtype = tensor_bytes.latents_to_bytes(embedding)
             row.update(text_embedding=text, text_embedding_shape=shape, text_embedding_dtype=dtype)
         rows.append(row)
     return rows
