@@ -105,7 +105,7 @@ def _augment(videos: torch.Tensor, generator: torch.Generator, noise_std: float)
 
 def train_classifier(settings: ClassifierSettings = ClassifierSettings(), log: bool = True) -> ToyVideoClassifier:
     """Train on clean toy videos (seeded; deterministic for a fixed thread count)."""
-    videos, truth, _ = world.dataset(settings.train_videos, derive_seed_for(settings, "train"))
+    videos, truth, _ = world.dataset(settings.train_videos, derive_seed(settings.seed, "toy-classifier", "train"))
     data, labels = torch.from_numpy(videos), _labels(truth)
     generator = torch.Generator().manual_seed(settings.seed)
     with torch.random.fork_rng(devices=[]):
@@ -131,11 +131,6 @@ def train_classifier(settings: ClassifierSettings = ClassifierSettings(), log: b
                 time.time() - start,
             )
     return model.eval().requires_grad_(False)
-
-
-def derive_seed_for(settings: ClassifierSettings, purpose: str) -> int:
-    """The data seed of the classifier's `purpose` ("train", "test"): disjoint from any other toy data."""
-    return derive_seed(settings.seed, "toy-classifier", purpose)
 
 
 def save_classifier(model: ToyVideoClassifier, directory: str | Path) -> Path:
@@ -164,12 +159,6 @@ def predict(
         for key, logits in model(videos[start : start + batch_size]).items():
             parts[key].append(logits.softmax(dim=-1))
     return {key: torch.cat(value) for key, value in parts.items()}
-
-
-def accuracy(model: ToyVideoClassifier, videos: np.ndarray, captions: Sequence[world.Caption]) -> dict[str, float]:
-    """Per-head accuracy against the true captions."""
-    probs, labels = predict(model, videos), _labels(captions)
-    return {key: float((probs[key].argmax(-1) == labels[key]).float().mean()) for key in probs}
 
 
 def outputs_for(probabilities: dict[str, torch.Tensor], prompts: Sequence[str]) -> list[dict[str, float]]:

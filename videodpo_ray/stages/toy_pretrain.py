@@ -90,7 +90,6 @@ class PretrainSettings:
     unet_lr: float = 2e-3
     attn2_lr_mult: float = 5.0  # learning-rate multiplier of the cross-attention ("attn2") layers: text binding
     temporal_lr_mult: float = 3.0  # learning-rate multiplier of the temporal layers (motion)
-    ema_decay: float = 0.0  # 0: no EMA
     preset: dict[str, Any] = field(default_factory=lambda: asdict(TOY_PRESET))
 
     def key(self) -> str:
@@ -158,7 +157,6 @@ def train_unet(
     index = torch.tensor([vocabulary.index(caption) for caption in captions])
     generator = torch.Generator().manual_seed(derive_seed(settings.seed, "toy-unet"))
     named = [(name, p) for name, p in model.unet.named_parameters() if p.requires_grad]
-    parameters = [p for _, p in named]
 
     def multiplier(name: str) -> float:
         if ".attn2." in name:
@@ -175,7 +173,6 @@ def train_unet(
     schedule = torch.optim.lr_scheduler.OneCycleLR(
         optimizer, [group["lr"] for group in groups], total_steps=settings.unet_steps, pct_start=0.1
     )
-    ema = [p.detach().clone() for p in parameters] if settings.ema_decay > 0 else None
     model.unet.train()
     losses: list[float] = []
     bar = _progress(settings.unet_steps, "toy UNet", progress)
@@ -193,19 +190,11 @@ def train_unet(
         loss.backward()
         optimizer.step()
         schedule.step()
-        if ema is not None:
-            with torch.no_grad():
-                for average, parameter in zip(ema, parameters):
-                    average.lerp_(parameter.detach(), 1.0 - settings.ema_decay)
         losses.append(loss.item())
         bar.update()
         bar.set_postfix(loss=f"{sum(losses[-20:]) / len(losses[-20:]):.4f}", refresh=False)
     bar.close()
     _set_fps(model, TRAIN_FPS)
-    if ema is not None:
-        with torch.no_grad():
-            for average, parameter in zip(ema, parameters):
-                parameter.copy_(average)
     model.unet.eval()
     return losses
 
