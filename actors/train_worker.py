@@ -31,16 +31,15 @@ from videodpo_ray.seeds import drops_prompt, noise_seed
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
 from videodpo_ray.training.data import (
-    DataPosition,
     MicroBatch,
     PairLoader,
-    PairPlan,
     PromptEmbeddingCache,
     batch_text_embeddings,
     pair_latents,
     prompts_to_encode,
     stores_text_embeddings,
 )
+from videodpo_ray.training.plan import DataPosition, PairPlan
 from videodpo_ray.training.step import DPOObjective
 
 LOG_METRICS = (

@@ -43,7 +43,8 @@ from typing import Any, Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.modules import hold_frozen_in, weight_dtype
 from videodpo_ray.training.step import dpo_step
 

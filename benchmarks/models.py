@@ -27,7 +27,7 @@ import time
 import torch
 
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.training import dpo_step
+from videodpo_ray.training.step import dpo_step
 
 FAMILIES = ("vc2", "t2v_turbo", "cogvideox")
 PAIRS = 2

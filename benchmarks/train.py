@@ -26,8 +26,10 @@ import time
 import torch
 
 from videodpo_ray import shards
-from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
-from videodpo_ray.training.data import PairLoader, PairPlan, pair_latents
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.training.data import PairLoader, pair_latents
+from videodpo_ray.training.plan import PairPlan
 from videodpo_ray.training.step import dpo_step, sft_step
 from videodpo_ray.training.synthetic import write_synthetic_pairs
 

@@ -19,8 +19,6 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from actors.sampler import SamplerActor
-from actors.scorer import OmniScorer
 from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
@@ -38,11 +36,12 @@ from videodpo_ray.stages.prompts import PromptRow, read_prompts
 def generate(
     config: GenerateConfig,
     prompts: Sequence[PromptRow] | None = None,
-    sampler_class: type = SamplerActor,
+    sampler_class: type | None = None,
 ) -> GenerateReport:
     """Run the Generate + Score stages for every uncommitted chunk; IncompleteStageError if some stay incomplete.
 
-    `prompts` (already read) overrides `config.prompts`; `sampler_class` must behave like `SamplerActor`.
+    `prompts` (already read) overrides `config.prompts`; `sampler_class` (default `SamplerActor`) must behave
+    like it.
     """
     started = time.monotonic()
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
@@ -50,7 +49,12 @@ def generate(
     plan = plan_generate(config, prompts)
     report = plan.report
     if plan.to_sample or plan.to_score:
-        import ray  # only now (with Ray itself): bad input fails before any cluster work or Ray import
+        import ray  # only now (with Ray, torch and the actors): bad input fails before any cluster work or import
+
+        from actors.sampler import SamplerActor
+        from actors.scorer import OmniScorer
+
+        sampler_class = sampler_class or SamplerActor
 
         connect_ray()
         sources = []

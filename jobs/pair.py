@@ -15,11 +15,9 @@ import time
 from typing import Sequence
 
 import pyarrow as pa
-import ray
 
-from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
 from jobs.common import commit_chunks, connect_ray, job_main, pool_options
-from videodpo_ray import shards, storage, tensor_bytes
+from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
 from videodpo_ray.stages.pair import PairConfig, PairReport, attach_videos, pair_shard, plan_pair_shards
@@ -34,7 +32,12 @@ def make_pairs(config: PairConfig) -> PairReport:
     plan = plan_pair_shards(config)
     report = plan.report
     if plan.pending:
-        connect_ray()  # only now: bad input fails before any cluster work
+        import ray  # only now (with Ray, torch and the actor): bad input fails before any cluster work or import
+
+        from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
+        from videodpo_ray import tensor_bytes
+
+        connect_ray()
         encoded = (
             ray.data.from_arrow(list(plan.pending.values()))
             .map_batches(attach_videos, batch_format="pyarrow", batch_size=None, fn_kwargs={"samples": plan.samples})

@@ -15,8 +15,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from ray.train import TrainingFailedError
-
 from jobs.common import job_main, root_cause
 from jobs.evaluate import evaluate, summary_line
 from jobs.generate import generate
@@ -76,6 +74,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     elif paired.num_pairs == 0:
         report["train"] = {"status": "skipped: no pairs to train on (every prompt's samples tied)"}
     else:
+        from ray.train import TrainingFailedError  # Ray Train only now: a bad config fails before its import
+
         stage = time.monotonic()
         try:
             result = run_training(trained)

@@ -13,7 +13,6 @@ from typing import Sequence
 
 import pyarrow as pa
 
-from actors.sampler import SamplerActor
 from jobs.common import INPUT_ERRORS, connect_ray, job_main, pool_options, setup_logging
 from videodpo_ray import storage
 from videodpo_ray.config import apply_overrides, build_config, load_config
@@ -55,6 +54,8 @@ def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleRepor
                 report.written += 1
 
     tables = [request_table(plan.batches[index]) for index in plan.pending]
+    if tables:
+        from actors.sampler import SamplerActor  # torch, diffusers and PyAV: only once there is work to do
     if tables and uses_ray(config, len(prompts)):
         import ray
 

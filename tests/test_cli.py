@@ -16,6 +16,8 @@ from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.synthetic import write_synthetic_pairs
 
+REPO = Path(__file__).resolve().parents[1]
+
 COMMANDS = ("generate", "pair", "train", "evaluate", "run", "score", "sample", "status", "export", "import-videodpo",
             "convert", "runs", "demo")
 
@@ -76,13 +78,31 @@ def test_bad_input_exits_2_within_5_seconds_from_a_fresh_process(tmp_path: Path)
     no_pairs = tmp_path / "train.yaml"
     no_pairs.write_text(f"data: {{pairs_url: {tmp_path}/none}}\nrun: {{name: r, storage_path: {tmp_path}/runs}}\n")
     command = str(Path(sys.executable).with_name("videodpo-ray"))
-    for arguments in (("run", str(tmp_path / "absent.yaml")), ("generate", str(no_prompts)), ("train", str(no_pairs))):
+    bad_override = (str(REPO / "configs" / "pipeline_demo.yaml"), "train.optim.learning_rate=1")  # the toy world's
+    for arguments in (
+        ("run", str(tmp_path / "absent.yaml")),
+        ("run", *bad_override),
+        ("generate", str(no_prompts)),
+        ("train", str(no_pairs)),
+    ):
         started = time.monotonic()
         result = subprocess.run([command, *arguments], capture_output=True, text=True, timeout=60)
         elapsed = time.monotonic() - started
         assert result.returncode == 2, (arguments, result.stderr)
         assert elapsed < 5.0, (arguments, f"{elapsed:.1f} s")
         assert "Ray" not in result.stdout + result.stderr, (arguments, result.stderr)
+
+
+def test_job_modules_import_neither_torch_nor_ray():
+    """What keeps bad input under 5 s on any machine: a job parses and checks its config before the heavy imports
+    (torch alone takes 2-4 s), which happen only once there is work to do."""
+    jobs = ("generate", "score", "pair", "train", "evaluate", "sample", "pipeline")
+    heavy = ("torch", "ray", "diffusers", "deepspeed", "av", "transformers", "peft")
+    modules = ", ".join(f"jobs.{job}" for job in jobs)
+    script = f"import sys; import {modules}; print(sorted(set({heavy!r}) & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", result.stdout
 
 
 def test_status_reports_what_a_run_committed(tmp_path: Path):

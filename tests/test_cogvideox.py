@@ -21,7 +21,7 @@ from transformers import T5Config, T5EncoderModel, T5Tokenizer
 from videodpo_ray.errors import CheckpointError, ConfigError
 from videodpo_ray.models import LoraConfig, ModelConfig, build_model
 from videodpo_ray.models.cogvideox import PRESETS, CogVideoX
-from videodpo_ray.training import dpo_step
+from videodpo_ray.training.step import dpo_step
 
 TINY = ModelConfig(family="cogvideox", variant="tiny")
 

@@ -17,7 +17,8 @@ import torch
 
 from videodpo_ray.config import build_config
 from videodpo_ray.errors import CheckpointError, ConfigError
-from videodpo_ray.models import FAMILIES, ModelConfig, VideoDiffusionModel, build_model, families, model_class
+from videodpo_ray.models import FAMILIES, ModelConfig, build_model, families, model_class
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.training.checkpoint import load_exported_model, write_export
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")

@@ -21,10 +21,11 @@ import torch
 from torch import nn
 
 from actors.sampler import SamplerActor
-from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model, families
+from videodpo_ray.models import ModelConfig, build_model, families
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.modules import compile_module, hold_frozen_in, weight_dtype
 from videodpo_ray.stages.common import SamplingConfig
-from videodpo_ray.training import dpo_step
+from videodpo_ray.training.step import dpo_step
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 PROMPTS = ["a red fox in the snow", "a city at night", "waves on a beach", "a cat on a sofa"]

@@ -12,10 +12,10 @@ from torch import nn
 from videodpo_ray.config import build_config
 from videodpo_ray.dpo import diffusion_dpo_loss
 from videodpo_ray.errors import ConfigError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
-from videodpo_ray.training import dpo_step, sft_step
+from videodpo_ray.models import ModelConfig
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.training.config import DPOConfig
-from videodpo_ray.training.step import DPOObjective
+from videodpo_ray.training.step import DPOObjective, dpo_step, sft_step
 
 CHANNELS, FRAMES, HEIGHT, WIDTH, TEXT_DIM = 2, 3, 4, 4, 6
 

@@ -17,13 +17,13 @@ from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.stages.pair import pair_shard
 from videodpo_ray.training.data import (
     PairLoader,
-    PairPlan,
     PromptEmbeddingCache,
     batch_text_embeddings,
     pair_latents,
     prompts_to_encode,
     stores_text_embeddings,
 )
+from videodpo_ray.training.plan import PairPlan
 from videodpo_ray.training.step import dpo_step
 from videodpo_ray.video import encode_mp4
 

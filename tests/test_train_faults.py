@@ -27,8 +27,8 @@ from videodpo_ray.errors import NonFiniteLossError
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.data import PairPlan
 from videodpo_ray.training.inputs import validate_inputs
+from videodpo_ray.training.plan import PairPlan
 from videodpo_ray.training.synthetic import write_synthetic_pairs
 
 REPO = Path(__file__).resolve().parents[1]

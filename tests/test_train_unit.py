@@ -24,8 +24,9 @@ from videodpo_ray.seeds import derive_seed, drops_prompt
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
-from videodpo_ray.training.data import DataPosition, PairLoader, PairPlan, RowRef
+from videodpo_ray.training.data import PairLoader
 from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs
+from videodpo_ray.training.plan import DataPosition, PairPlan, RowRef
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"

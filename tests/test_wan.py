@@ -31,7 +31,7 @@ from videodpo_ray.models import LoraConfig, ModelConfig, build_model
 from videodpo_ray.models.t5_prompt_encoder import tiny_t5_tokenizer
 from videodpo_ray.models.wan import Wan
 from videodpo_ray.models.wan_presets import PRESETS, FlowTimestepSampling
-from videodpo_ray.training import dpo_step
+from videodpo_ray.training.step import dpo_step
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
 TINY = ModelConfig(family="wan", variant="tiny")

@@ -16,13 +16,11 @@ epsilon-errors of Diffusion-DPO; VideoAlign found it reward-hacks, so it is offe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-DPOReduction = Literal["mean", "videodpo_reference"]
-BetaSchedule = Literal["constant", "timestep_scaled"]
+from videodpo_ray.dpo_options import BetaSchedule, DPOReduction
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,20 @@ Everything is made in code and deterministic from a seed. A prompt is "a {colour
 radius 3-4 px, moving 1 px per frame in that direction through the middle of the frame (7 px in 8 frames, start
 jittered by 1 px). `split_prompts` gives the fixed
 DPO-training / held-out split of the 120 prompts. Named "toy" everywhere: nothing here is VBench.
+
+The settings of the world's two trained models (the base model, `stages/toy_pretrain.py`, and the classifier,
+`scoring/toy_semantic.py`) live here too, torch-free: they are their cache keys, which a pipeline config needs
+before anything is imported or trained.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import random
-from dataclasses import dataclass
-from typing import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -155,3 +162,84 @@ def dataset(
         truth.append(caption)
         given.append(corrupt(caption, rng, p_colour, p_direction))
     return videos, truth, given
+
+
+# --- the toy world's two trained models: settings and cache keys ----------------------------------------------------
+PRETRAIN_CODE_VERSION = 1  # bump when stages/toy_pretrain.py's training changes (invalidates cached base models)
+CLASSIFIER_CODE_VERSION = 1  # bump when scoring/toy_semantic.py's training or architecture changes
+
+TOY_VC2_PRESET: dict[str, Any] = {
+    # UNet ~2M parameters on (8, 8, 4, 4) latents: one level at 4x4 with spatial + temporal attention. 64 channels,
+    # not 32: lvdm's GroupNorm has 32 groups, and with one channel per group the resnets' norm2 subtracts the
+    # per-channel timestep (and fps) embedding exactly, so a 32-channel UNet is blind to the noise level.
+    "unet": {
+        "in_channels": 8,
+        "out_channels": 8,
+        "model_channels": 64,
+        "channel_mult": [1],
+        "num_res_blocks": 1,
+        "attention_resolutions": [1],
+        "num_head_channels": 16,
+        "context_dim": 64,
+    },
+    # kl-f4 VAE (16x16 -> 4x4), 8 latent channels: three levels, 16/32/32 channels
+    "vae": {
+        "latent_channels": 8,
+        "scaling_factor": 1.0,
+        "down_block_types": ["DownEncoderBlock2D"] * 3,
+        "up_block_types": ["UpDecoderBlock2D"] * 3,
+        "block_out_channels": [16, 32, 32],
+        "layers_per_block": 1,
+        "norm_num_groups": 8,
+    },
+    # the 1-layer OpenCLIP-style tower of "tiny", with an 8-token context (toy prompts are 7 tokens with SOT/EOT)
+    "text_encoder": {"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128, "max_position_embeddings": 8},
+    "video_size": (NUM_FRAMES, HEIGHT, WIDTH),
+}
+"""The "toy" VC2 preset (`models.vc2.VC2Preset` fields): the family's architecture sized for 8 x 16 x 16 toy videos
+on a CPU."""
+
+
+def _settings_key(settings: Any, code_version: int) -> str:
+    text = json.dumps({**asdict(settings), "code": code_version, "world": WORLD_VERSION}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+@dataclass(frozen=True)
+class PretrainSettings:
+    """Everything the pretrained toy base model depends on (its cache key)."""
+
+    seed: int = 0
+    videos: int = 2048  # toy videos in the pretraining set (all 120 prompts)
+    p_wrong_colour: float = 0.15  # probability a training caption names another colour
+    p_wrong_direction: float = 0.15  # ... another direction (independently)
+    p_empty_prompt: float = 0.1  # CFG dropout
+    vae_steps: int = 250
+    vae_batch_frames: int = 32
+    vae_lr: float = 3e-3
+    vae_latent_noise: float = 0.1  # decoder robustness: noise on the latents (x their std) while training
+    unet_steps: int = 400
+    unet_batch: int = 8  # small batches, many steps: what helps most early in training
+    unet_lr: float = 2e-3
+    attn2_lr_mult: float = 5.0  # learning-rate multiplier of the cross-attention ("attn2") layers: text binding
+    temporal_lr_mult: float = 3.0  # learning-rate multiplier of the temporal layers (motion)
+    preset: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(TOY_VC2_PRESET))
+
+    def key(self) -> str:
+        return _settings_key(self, PRETRAIN_CODE_VERSION)
+
+
+@dataclass(frozen=True)
+class ClassifierSettings:
+    """How the toy classifier is trained (also its cache key)."""
+
+    seed: int = 0
+    train_videos: int = 3000
+    steps: int = 200
+    batch_size: int = 32
+    lr: float = 3e-3
+    noise_std: float = 12.0  # pixel noise (0..255 scale) added at training time
+    width: int = 16
+
+    def key(self) -> str:
+        return _settings_key(self, CLASSIFIER_CODE_VERSION)

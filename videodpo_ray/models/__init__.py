@@ -1,30 +1,20 @@
 """Model families behind one interface: the family registry and `build_model`, the only entry point jobs use.
 
 A family is one module with a `VideoDiffusionModel` subclass (and its `PRESETS`) plus one line in `FAMILIES`.
-Family modules are imported on first use, so importing this package does not load diffusers models.
+Importing this package loads neither torch nor diffusers (configs are parsed before either is paid for); family
+modules are imported on first use.
 """
 
 from __future__ import annotations
 
 import importlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from videodpo_ray.errors import ConfigError
-from videodpo_ray.models.base import LoraConfig, ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.config import FAMILIES, LoraConfig, ModelConfig, families
 
-FAMILIES: dict[str, str] = {
-    "vc2": "videodpo_ray.models.vc2:VideoCrafter2",
-    "t2v_turbo": "videodpo_ray.models.t2v_turbo:T2VTurbo",
-    "cogvideox": "videodpo_ray.models.cogvideox:CogVideoX",
-    "wan": "videodpo_ray.models.wan:Wan",
-}
-"""Family name -> "module:class" of its VideoDiffusionModel subclass."""
-
-
-def families() -> tuple[str, ...]:
-    """The registered family names (what `ModelConfig.family` may be)."""
-    return tuple(FAMILIES)
+if TYPE_CHECKING:
+    from videodpo_ray.models.base import VideoDiffusionModel
 
 
 def model_class(family: str) -> type[VideoDiffusionModel]:
@@ -38,6 +28,8 @@ def model_class(family: str) -> type[VideoDiffusionModel]:
 def build_model(config: ModelConfig, seed: int | None = None) -> VideoDiffusionModel:
     """Build the model a ModelConfig describes; with `seed`, under that torch seed, so random-init parts are
     identical in every actor, on every rank and in every run (the caller's RNG state is left untouched)."""
+    import torch
+
     if seed is None:
         return model_class(config.family).from_config(config)
     with torch.random.fork_rng(devices=[]):
@@ -45,4 +37,4 @@ def build_model(config: ModelConfig, seed: int | None = None) -> VideoDiffusionM
         return model_class(config.family).from_config(config)
 
 
-__all__ = ["FAMILIES", "LoraConfig", "ModelConfig", "VideoDiffusionModel", "build_model", "families", "model_class"]
+__all__ = ["FAMILIES", "LoraConfig", "ModelConfig", "build_model", "families", "model_class"]

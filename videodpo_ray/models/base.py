@@ -3,7 +3,7 @@
 Jobs and actors only ever talk to `VideoDiffusionModel`; every family difference (latent layout, noising,
 prediction target, sampler, text encoder) stays in that family's module. This module owns what all families do
 the same way (strict weight loading lives beside it, in `models/loading.py`):
-- LoRA configs (the peft helpers, dtype and compile helpers live in `models/modules.py`);
+- (the configs live in `models/config.py`; the peft, dtype and compile helpers in `models/modules.py`)
 - the finetune modes and their frozen reference (`configure_training`), the trainable weights (copies, loaded
   strictly), the preset registry (`PRESETS` / `presets()` / `preset()`) and `save_pretrained`;
 - the fast paths: frozen weights held in the compute dtype (`hold_frozen_in`, `freeze_for_sampling`), the one bf16
@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
-from videodpo_ray.config import StrictConfig
 from videodpo_ray.errors import ConfigError
+from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_state_dict
 from videodpo_ray.models.modules import (
     CompileBackend,
@@ -41,64 +40,13 @@ from videodpo_ray.models.modules import (
     inject_lora_adapter,
 )
 
-if TYPE_CHECKING:  # peft is imported where LoRA is used: parsing a config must not pay for it (seconds)
-    from peft import LoraConfig as PeftLoraConfig
+if TYPE_CHECKING:  # peft is imported where LoRA is used: building a model without LoRA must not pay for it
     from peft.tuners.tuners_utils import BaseTunerLayer
 
 PredictionType = Literal["epsilon", "v_prediction", "flow_prediction"]
-FinetuneMode = Literal["full", "lora", "temporal"]
 ModuleT = TypeVar("ModuleT", bound=nn.Module)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 logger = logging.getLogger(__name__)
-
-
-# --- configs --------------------------------------------------------------------------------------------------------
-class LoraConfig(StrictConfig):
-    """A fresh peft LoRA on the denoiser."""
-
-    rank: int = 64
-    alpha: float | None = None  # None -> alpha = rank (scale 1.0)
-    target_modules: list[str] | None = None  # None -> the family's default attention/projection targets
-    dropout: float = 0.0
-
-    def peft_config(self, default_targets: Sequence[str]) -> PeftLoraConfig:
-        """The peft LoraConfig (targets: `target_modules` or the family's `default_targets`)."""
-        from peft import LoraConfig as PeftLoraConfig
-
-        return PeftLoraConfig(
-            r=self.rank,
-            lora_alpha=self.alpha if self.alpha is not None else self.rank,
-            target_modules=list(self.target_modules or default_targets),
-            lora_dropout=self.dropout,
-        )
-
-
-class ModelConfig(StrictConfig):
-    """Which model to build and how it trains; shared by the sampler, the encoder and the train job."""
-
-    family: str = "vc2"  # a registered family: `videodpo_ray.models.families()`
-    variant: str = "tiny"  # a preset of the family: `model_class(family).presets()`
-    path: str | None = None  # converted directory, original checkpoint, or fsspec URL; None -> random init
-    turbo_lora_path: str | None = None  # T2V-Turbo released unet_lora.pt
-    turbo_lora_mode: Literal["train_released", "merge_and_new"] = "merge_and_new"
-    text_encoder_path: str | None = None
-    finetune: FinetuneMode = "full"
-    lora: LoraConfig = LoraConfig()
-    mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast; frozen weights stored in bf16
-    gradient_checkpointing: bool = False
-    fps: int = 16  # fps conditioning in training (VC2 family)
-    # False: build the model without its text encoder (a trainer whose pair shards store every text embedding);
-    # encode_prompts then raises. Never written out (not in any manifest, config dump or checkpoint).
-    build_text_encoder: bool = Field(True, exclude=True)
-
-    @field_validator("family")
-    @classmethod
-    def _registered_family(cls, family: str) -> str:
-        from videodpo_ray.models import families  # the registry imports this module
-
-        if family not in families():
-            raise ValueError(f"unknown model family {family!r}; registered: {', '.join(families())}")
-        return family
 
 
 # --- the interface --------------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from transformers import T5Config, T5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.cogvideox_presets import (
     PRESETS,
     SCHEDULE_KEYS,
@@ -33,6 +33,7 @@ from videodpo_ray.models.cogvideox_presets import (
     VAE_ARCHITECTURE_KEYS,
     CogVideoXPreset,
 )
+from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.modules import weight_dtype
 from videodpo_ray.models.t5_prompt_encoder import T5PromptEncoder

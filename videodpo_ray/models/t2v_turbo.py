@@ -21,7 +21,7 @@ from peft import LoraConfig as PeftLoraConfig
 from peft.tuners.tuners_utils import BaseTunerLayer
 
 from videodpo_ray.errors import ConfigError
-from videodpo_ray.models.base import ModelConfig
+from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.convert_vc2 import TURBO_TIME_COND_PROJ_DIM, VC2Components, merge_turbo_lora, read_lora_list
 from videodpo_ray.models.lvdm_layout import check_lora_list, to_reference_state_dict
 from videodpo_ray.models.modules import inject_lora_adapter

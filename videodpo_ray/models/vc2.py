@@ -17,7 +17,8 @@ import torch
 from diffusers import AutoencoderKL
 from transformers import CLIPTextModel
 
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.modules import weight_dtype

@@ -31,7 +31,8 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import ModelConfig, VideoDiffusionModel
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.modules import weight_dtype
 from videodpo_ray.models.wan_presets import (

@@ -34,10 +34,9 @@ from __future__ import annotations
 
 import importlib
 from types import ModuleType
-from typing import Literal, Sequence
+from typing import TYPE_CHECKING, Literal, Sequence
 
 import numpy as np
-import torch
 from pydantic import Field, model_validator
 
 from videodpo_ray.config import StrictConfig
@@ -49,6 +48,9 @@ from videodpo_ray.dimensions import (
     OMNISCORE_QUALITY_DIMENSIONS,
     OMNISCORE_SEMANTIC_DIMENSIONS,
 )
+
+if TYPE_CHECKING:  # torch is imported where a model runs: parsing a config must not pay for it (seconds)
+    import torch
 
 DIMENSIONS: dict[str, str] = {
     "subject_consistency": "videodpo_ray.scoring.subject_consistency",
@@ -143,6 +145,8 @@ class ScorerConfig(StrictConfig):
         return spec.model_copy(update={"tiny": True}) if self.tiny else spec
 
     def resolved_device(self) -> torch.device:
+        import torch
+
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.device(self.device)
@@ -159,6 +163,8 @@ def dimension_module(name: str) -> ModuleType:
 
 def resolve_dtype(dtype: DType, device: torch.device, cuda_dtype: torch.dtype) -> torch.dtype:
     """float32 on CPU; on CUDA the configured dtype, "auto" meaning the dimension's VBench dtype."""
+    import torch
+
     if device.type != "cuda":
         return torch.float32
     return cuda_dtype if dtype == "auto" else getattr(torch, dtype)
@@ -175,6 +181,8 @@ def place_model(
     name: str, model: torch.nn.Module | None, device: torch.device | str, dtype: DType = "auto"
 ) -> torch.nn.Module | None:
     """Move dimension `name`'s model to `device` in its dtype (see `resolve_dtype`), eval mode, no gradients."""
+    import torch
+
     if model is None:
         return None
     module = dimension_module(name)

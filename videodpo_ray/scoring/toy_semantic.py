@@ -9,11 +9,9 @@ deterministic for a fixed thread count; `stages.toy` trains it once per output r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +26,7 @@ from videodpo_ray import toy_world as world
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.preprocessing import check_frames
 from videodpo_ray.seeds import derive_seed
+from videodpo_ray.toy_world import ClassifierSettings
 
 logger = logging.getLogger(__name__)
 NAME = "toy_semantic"
@@ -35,24 +34,6 @@ OUTPUTS = (NAME, "toy_colour", "toy_direction")
 MODELS = ()  # trained by the toy world stage itself (`stages.toy`), nothing to download
 CUDA_DTYPE = torch.float32
 WEIGHTS_FILE = "classifier.safetensors"
-CODE_VERSION = 1  # bump when training or architecture changes (invalidates the cache)
-
-
-@dataclass(frozen=True)
-class ClassifierSettings:
-    """How the toy classifier is trained (also its cache key)."""
-
-    seed: int = 0
-    train_videos: int = 3000
-    steps: int = 200
-    batch_size: int = 32
-    lr: float = 3e-3
-    noise_std: float = 12.0  # pixel noise (0..255 scale) added at training time
-    width: int = 16
-
-    def key(self) -> str:
-        text = json.dumps({**asdict(self), "code": CODE_VERSION, "world": world.WORLD_VERSION}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 class ToyVideoClassifier(nn.Module):

@@ -16,19 +16,14 @@ import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
-import torch
 from pydantic import Field
 
 from videodpo_ray import storage
 from videodpo_ray import toy_world as world
 from videodpo_ray.config import StrictConfig
 from videodpo_ray.scoring import ModelSpec, OmniScoreConfig, ScorerConfig
-
-if TYPE_CHECKING:
-    from videodpo_ray.scoring.toy_semantic import ClassifierSettings
-    from videodpo_ray.stages.toy_pretrain import PretrainSettings
 
 logger = logging.getLogger(__name__)
 TOY_DIRECTORY = "toy"
@@ -44,16 +39,11 @@ class ToyWorldConfig(StrictConfig):
     num_held_out: int = Field(world.NUM_HELD_OUT, ge=1)
     threads: int = Field(1, ge=1)
 
-    # the training modules import diffusers and torchvision: only when the toy world is used, not to parse a config
-    def pretrain_settings(self) -> PretrainSettings:
-        from videodpo_ray.stages.toy_pretrain import PretrainSettings
+    def pretrain_settings(self) -> world.PretrainSettings:
+        return world.PretrainSettings(seed=self.seed)
 
-        return PretrainSettings(seed=self.seed)
-
-    def classifier_settings(self) -> ClassifierSettings:
-        from videodpo_ray.scoring.toy_semantic import ClassifierSettings
-
-        return ClassifierSettings(seed=self.seed)
+    def classifier_settings(self) -> world.ClassifierSettings:
+        return world.ClassifierSettings(seed=self.seed)
 
     def base_model_url(self, out: str) -> str:
         """Where the pretrained base model is (or will be) under the output root."""
@@ -89,6 +79,8 @@ def toy_prompts(config: ToyWorldConfig) -> tuple[list[str], list[str]]:
 
 def prepare_toy_world(config: ToyWorldConfig, out: str, progress: bool = True) -> ToyWorld:
     """Pretrain the toy base model and classifier under `{out}/toy/` unless they are there already."""
+    import torch
+
     from videodpo_ray.scoring import toy_semantic as toy_classifier
     from videodpo_ray.stages import toy_pretrain
 

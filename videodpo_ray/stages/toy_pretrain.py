@@ -17,11 +17,10 @@ The result is written with `model.save_pretrained` and loads back with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,68 +33,11 @@ from videodpo_ray import toy_world as world
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.models.vc2 import TEMPORAL_MODULES, VC2Preset, VideoCrafter2
 from videodpo_ray.seeds import derive_seed
+from videodpo_ray.toy_world import PretrainSettings
 
 REPORT_FILE = "toy_pretrain.json"  # written last: its presence marks a complete model directory
-CODE_VERSION = 1  # bump when the training code changes (invalidates cached models)
-TOY_VIDEO_SIZE = (world.NUM_FRAMES, world.HEIGHT, world.WIDTH)
 TRAIN_FPS = 16  # ModelConfig.fps default: what DPO trains with
 SAMPLE_FPS = VideoCrafter2.sample_fps  # 28: what the VC2 sampler conditions on
-
-TOY_PRESET = VC2Preset(
-    # UNet ~2M parameters on (8, 8, 4, 4) latents: one level at 4x4 with spatial + temporal attention. 64 channels,
-    # not 32: lvdm's GroupNorm has 32 groups, and with one channel per group the resnets' norm2 subtracts the
-    # per-channel timestep (and fps) embedding exactly, so a 32-channel UNet is blind to the noise level.
-    unet={
-        "in_channels": 8,
-        "out_channels": 8,
-        "model_channels": 64,
-        "channel_mult": [1],
-        "num_res_blocks": 1,
-        "attention_resolutions": [1],
-        "num_head_channels": 16,
-        "context_dim": 64,
-    },
-    # kl-f4 VAE (16x16 -> 4x4), 8 latent channels: three levels, 16/32/32 channels
-    vae={
-        "latent_channels": 8,
-        "scaling_factor": 1.0,
-        "down_block_types": ["DownEncoderBlock2D"] * 3,
-        "up_block_types": ["UpDecoderBlock2D"] * 3,
-        "block_out_channels": [16, 32, 32],
-        "layers_per_block": 1,
-        "norm_num_groups": 8,
-    },
-    # the 1-layer OpenCLIP-style tower of "tiny", with an 8-token context (toy prompts are 7 tokens with SOT/EOT)
-    text_encoder={"hidden_size": 64, "num_hidden_layers": 1, "intermediate_size": 128, "max_position_embeddings": 8},
-    video_size=TOY_VIDEO_SIZE,
-)
-"""The "toy" VC2 preset: the family's architecture sized for 8 x 16 x 16 toy videos on a CPU."""
-
-
-@dataclass(frozen=True)
-class PretrainSettings:
-    """Everything the pretrained toy base model depends on (its cache key)."""
-
-    seed: int = 0
-    videos: int = 2048  # toy videos in the pretraining set (all 120 prompts)
-    p_wrong_colour: float = 0.15  # probability a training caption names another colour
-    p_wrong_direction: float = 0.15  # ... another direction (independently)
-    p_empty_prompt: float = 0.1  # CFG dropout
-    vae_steps: int = 250
-    vae_batch_frames: int = 32
-    vae_lr: float = 3e-3
-    vae_latent_noise: float = 0.1  # decoder robustness: noise on the latents (x their std) while training
-    unet_steps: int = 400
-    unet_batch: int = 8  # small batches, many steps: what helps most early in training
-    unet_lr: float = 2e-3
-    attn2_lr_mult: float = 5.0  # learning-rate multiplier of the cross-attention ("attn2") layers: text binding
-    temporal_lr_mult: float = 3.0  # learning-rate multiplier of the temporal layers (motion)
-    preset: dict[str, Any] = field(default_factory=lambda: asdict(TOY_PRESET))
-
-    def key(self) -> str:
-        text = json.dumps({**asdict(self), "code": CODE_VERSION, "world": world.WORLD_VERSION}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:12]
-
 
 def _progress(total: int, description: str, show: bool) -> tqdm:
     return tqdm(total=total, desc=description, file=sys.stderr, disable=not show, leave=False, mininterval=2.0)

@@ -22,19 +22,21 @@ import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import torch
 import yaml
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save as save_safetensors
 
 from videodpo_ray import storage
 from videodpo_ray.config import build_config
 from videodpo_ray.errors import CheckpointMismatchError, ConfigError
-from videodpo_ray.models import ModelConfig, VideoDiffusionModel, build_model
+from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training.config import TrainConfig
+
+if TYPE_CHECKING:  # torch is imported where tensors are handled: reading run state must not pay for it (seconds)
+    import torch
+
+    from videodpo_ray.models.base import VideoDiffusionModel
 
 CHECKPOINT_PREFIX = "checkpoint-"
 DEEPSPEED_TAG = "deepspeed"
@@ -141,6 +143,8 @@ def write_pair_log(entries: Iterable[dict[str, Any]]) -> str:
 
 def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
     """A hash of the exact bytes of tensors (used to prove the frozen reference never changes)."""
+    import torch
+
     digest = hashlib.blake2b(digest_size=16)
     for tensor in tensors:
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
@@ -150,9 +154,6 @@ def fingerprint(tensors: Iterable[torch.Tensor]) -> str:
 
 
 # --- export -------------------------------------------------------------------------------------------------------
-
-_EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
 
 def write_export(
     state_dict: dict[str, torch.Tensor],
@@ -168,7 +169,10 @@ def write_export(
     `init_seed` is the torch seed the run built its model with: a model without `path` (random init) is only
     reproduced by building it under the same seed.
     """
-    cast = _EXPORT_DTYPES[dtype]
+    import torch
+    from safetensors.torch import save as save_safetensors
+
+    cast = getattr(torch, dtype)
     tensors = {
         name: tensor.detach().to("cpu", cast if tensor.is_floating_point() else tensor.dtype).contiguous()
         for name, tensor in state_dict.items()
@@ -193,6 +197,8 @@ def write_export(
 
 def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read an export: its ModelConfig, the trainable state dict and export.json."""
+    from safetensors.torch import load as load_safetensors
+
     config_url = storage.join(export_url, EXPORT_MODEL)
     try:
         model_config = build_config(ModelConfig, yaml.safe_load(storage.read_bytes(config_url)) or {}, config_url)
@@ -253,6 +259,8 @@ def read_tensorboard_scalars(run_url: str) -> dict[str, dict[int, float]]:
 
 
 def rng_states() -> dict[str, Any]:
+    import torch
+
     states = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
@@ -260,6 +268,8 @@ def rng_states() -> dict[str, Any]:
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
+    import torch
+
     torch.set_rng_state(states["torch"])
     np.random.set_state(states["numpy"])
     random.setstate(states["python"])

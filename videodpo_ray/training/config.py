@@ -9,8 +9,8 @@ from typing import Any, Literal
 from pydantic import Field, model_validator
 
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.dpo import BetaSchedule, DPOReduction
-from videodpo_ray.models.base import ModelConfig
+from videodpo_ray.dpo_options import BetaSchedule, DPOReduction
+from videodpo_ray.models import ModelConfig
 
 
 class DataConfig(StrictConfig):

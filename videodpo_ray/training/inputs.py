@@ -6,7 +6,7 @@ from videodpo_ray import shards, storage
 from videodpo_ray.errors import ConfigError, ShardError
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.data import LATENT_COLUMNS, PairPlan
+from videodpo_ray.training.plan import LATENT_COLUMNS, PairPlan
 
 MODEL_PATHS = ("path", "turbo_lora_path", "text_encoder_path")
 

@@ -12,7 +12,8 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from videodpo_ray.dpo import BetaSchedule, DPOReduction, diffusion_dpo_loss, per_sample_mse
+from videodpo_ray.dpo import diffusion_dpo_loss, per_sample_mse
+from videodpo_ray.dpo_options import BetaSchedule, DPOReduction
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.training.config import DPOConfig

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 
 from videodpo_ray import shards, tensor_bytes
-from videodpo_ray.models import VideoDiffusionModel
+from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.video import decode_mp4, encode_mp4
 
