@@ -10,7 +10,8 @@ Added: every output of every configured dimension (raw values; dynamic_degree ad
 `omniscore` (when every dimension of `config.omniscore` is configured) and `failed_reason` (None on success).
 
 Failures: a video that cannot be used (`VideoDataError`: undecodable, too short, too small) is recorded as a failed
-row (NaN scores and the reason) and the rest of the batch is scored. Anything else (CUDA, out of memory, a missing
+row (NaN scores and the reason) and the rest of the batch is scored; a row the sampler gave up on (null `video`)
+keeps the sampler's `failed_reason`. Anything else (CUDA, out of memory, a missing
 weight file, a bug) fails the whole batch loudly: an infrastructure fault never becomes NaN data.
 """
 
@@ -48,6 +49,9 @@ class OmniScorer:
         failures: dict[int, str] = {}
         videos: dict[int, Video] = {}
         for i, data in enumerate(batch["video"]):
+            if data is None:
+                failures[i] = str(batch["failed_reason"][i])
+                continue
             try:
                 frames, fps = decode_mp4(bytes(data), name=sample_ids[i])
                 videos[i] = (frames.numpy(), float(fps))

@@ -17,7 +17,7 @@ from videodpo_ray.errors import (
     ShardError,
     VideoInputError,
 )
-from videodpo_ray.stages.common import ActorPoolConfig, ChunkCollector
+from videodpo_ray.stages.common import ActorPoolConfig, ChunkCollector, ChunkProgress
 
 INPUT_ERRORS = (ConfigError, PromptFileError, ShardError, VideoInputError, CheckpointError)
 
@@ -62,9 +62,10 @@ def pool_options(pool: ActorPoolConfig) -> dict[str, Any]:
 
 
 def commit_chunks(
-    dataset: Any, expected_rows: dict[int, int], commit: Callable[[int, pa.Table], None]
+    dataset: Any, expected_rows: dict[int, int], commit: Callable[[int, pa.Table], None], progress: ChunkProgress
 ) -> dict[int, tuple[int, int]]:
-    """Stream `dataset`'s rows back, call `commit(chunk, rows)` as each chunk completes; return the incomplete chunks.
+    """Stream `dataset`'s rows back, call `commit(chunk, rows)` as each chunk completes and print its progress line;
+    return the incomplete chunks.
 
     A failing batch drops only its rows (`max_errored_blocks = -1`): its chunk stays uncommitted, every other chunk
     is committed, and the caller reports the incomplete ones.
@@ -74,6 +75,7 @@ def commit_chunks(
     for batch in dataset.iter_batches(batch_size=None, batch_format="pyarrow"):
         for chunk, rows in collector.add(batch):
             commit(chunk, rows)
+            print(progress.committed(chunk, rows.num_rows), flush=True)
     return collector.incomplete()
 
 

@@ -3,7 +3,8 @@
 prompts file -> `stages.generate.plan_generate` -> for every chunk not committed yet: N samples per prompt on
 sampler actors, OmniScore on scorer actors, then `{out}/samples/shard-{chunk:05d}` and `{out}/scores/shard-{chunk:05d}`
 committed by the driver as soon as all of the chunk's rows are back (scores last: a chunk is done when its scores
-shard is).
+shard is). Samples the sampler or scorer gave up on go to `{out}/failures/shard-{chunk:05d}` first
+(`stages.generate.split_failures`): a poison prompt never stops a chunk from committing.
 
 One Ray Data pipeline runs over all pending chunks, so each actor loads its model once. A failing batch drops only
 its rows; its chunk stays uncommitted, every other chunk is committed, and the job ends with an error naming the
@@ -23,12 +24,15 @@ from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
+from videodpo_ray.stages.common import ChunkProgress
 from videodpo_ray.stages.generate import (
     GenerateConfig,
     GenerateReport,
     committed_samples,
     plan_generate,
+    recorded_failures,
     request_blocks,
+    split_failures,
 )
 from videodpo_ray.stages.prompts import PromptRow, read_prompts
 
@@ -68,6 +72,7 @@ def generate(
                         "sampling": config.sampling,
                         "init_seed": config.model_init_seed,
                         "tuned_export": config.tuned,
+                        "max_attempts": config.max_attempts,
                     },
                     **pool_options(config.sampler_pool),
                 )
@@ -81,14 +86,24 @@ def generate(
         rescoring = {chunk.index for chunk in plan.to_score}
 
         def commit(index: int, rows: pa.Table) -> None:
+            rows, failures = split_failures(rows)
             if index not in rescoring:
-                shards.write_shard(shards.project_table(rows, "samples"), config.out, "samples", index)
-            shards.write_shard(shards.project_table(rows, "scores"), config.out, "scores", index)
+                samples = shards.project_table(rows, "samples")
+                shards.write_shard(samples, config.out, "samples", index, allow_empty=True)
+            if failures:
+                shards.write_shard(shards.make_table("failures", failures), config.out, "failures", index)
+            shards.write_shard(shards.project_table(rows, "scores"), config.out, "scores", index, allow_empty=True)
             (report.rescored if index in rescoring else report.sampled).append(index)
 
-        report.incomplete = commit_chunks(scored, plan.pending_rows(), commit)
+        pending = plan.pending_rows()
+        committed_prompts = report.num_prompts - sum(pending.values()) // config.samples_per_prompt
+        progress = ChunkProgress(
+            "generate", "videos", pending, (committed_prompts, report.num_prompts), config.samples_per_prompt
+        )
+        report.incomplete = commit_chunks(scored, pending, commit, progress)
     report.sampled.sort()
     report.rescored.sort()
+    report.failures = recorded_failures(config.out)
     report.seconds = time.monotonic() - started
     if report.incomplete:
         raise IncompleteStageError(report)

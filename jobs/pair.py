@@ -20,6 +20,7 @@ from jobs.common import commit_chunks, connect_ray, job_main, pool_options
 from videodpo_ray import shards, storage
 from videodpo_ray.config import load_config
 from videodpo_ray.errors import IncompleteStageError
+from videodpo_ray.stages.common import ChunkProgress
 from videodpo_ray.stages.pair import PairConfig, PairReport, attach_videos, pair_shard, plan_pair_shards
 
 
@@ -62,7 +63,7 @@ def make_pairs(config: PairConfig) -> PairReport:
             report.written.append(chunk)
 
         expected = {chunk: table.num_rows for chunk, table in plan.pending.items()}
-        report.incomplete = commit_chunks(encoded, expected, commit)
+        report.incomplete = commit_chunks(encoded, expected, commit, ChunkProgress("pair", "pairs", expected))
     report.written.sort()
     report.seconds = time.monotonic() - started
     if report.incomplete:

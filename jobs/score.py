@@ -22,6 +22,7 @@ from videodpo_ray import shards, storage
 from videodpo_ray.config import apply_overrides, build_config, load_config
 from videodpo_ray.errors import IncompleteStageError
 from videodpo_ray.scoring import ScorerConfig
+from videodpo_ray.stages.common import ChunkProgress
 from videodpo_ray.stages.score import ScoreFilesConfig, ScorePlan, ScoreReport, plan_score
 
 
@@ -54,7 +55,8 @@ def score_files(config: ScoreFilesConfig, plan: ScorePlan) -> ScoreReport:
             report.failed_videos += scores.num_rows - scores.column("failed_reason").null_count
             report.written.append(index)
 
-        report.incomplete = commit_chunks(scored, plan.expected, commit)
+        progress = ChunkProgress("score", "videos", plan.expected)
+        report.incomplete = commit_chunks(scored, plan.expected, commit, progress)
     report.written.sort()
     report.seconds = time.monotonic() - started
     if report.incomplete:

@@ -14,8 +14,15 @@ from videodpo_ray import shards, storage
 from videodpo_ray.errors import ConfigError, IncompleteStageError, PromptFileError
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.seeds import sample_seed
-from videodpo_ray.stages.common import ChunkCollector, check_manifest, record_manifest
-from videodpo_ray.stages.generate import GenerateConfig, chunk_prompts, sample_requests
+from videodpo_ray.stages.common import ChunkCollector, ChunkProgress, check_manifest, format_duration, record_manifest
+from videodpo_ray.stages.generate import (
+    GenerateConfig,
+    SampleFailure,
+    chunk_prompts,
+    sample_isolating_failures,
+    sample_requests,
+    split_failures,
+)
 from videodpo_ray.stages.prompts import PromptRow, prompt_rows, read_prompts
 from videodpo_ray.video import decode_mp4
 
@@ -148,6 +155,88 @@ def test_chunk_collector_hands_out_complete_chunks_in_position_order():
         collector.add(_rows(7, [0]))
 
 
+def test_chunk_progress_lines_count_prompts_rate_and_eta():
+    """A rerun with 2 of 10 prompts committed: 8 prompts x N=4 left in 3 chunks (3 + 3 + 2 prompts)."""
+    now = [100.0]
+    progress = ChunkProgress("generate", "videos", {1: 12, 2: 12, 4: 8}, (2, 10), 4, clock=lambda: now[0])
+    now[0] = 106.0
+    assert progress.committed(2, 12) == (
+        "generate: chunk 2 committed (3 prompts, 12 videos; prompts 5/10) | 1/3 chunks this run | 2.00 videos/s"
+        " | ETA 10s"
+    )
+    now[0] = 112.0
+    assert progress.committed(1, 12).endswith("prompts 8/10) | 2/3 chunks this run | 2.00 videos/s | ETA 4s")
+    now[0] = 114.0
+    assert progress.committed(4, 8).endswith("prompts 10/10) | 3/3 chunks this run | 2.29 videos/s | ETA 0s")
+    pairs = ChunkProgress("pair", "pairs", {0: 5}, clock=lambda: now[0])
+    assert pairs.committed(0, 5).startswith("pair: chunk 0 committed (5 pairs) | 1/1 chunks this run | ")
+    assert [format_duration(s) for s in (44.6, 185, 7620, float("inf"))] == ["45s", "3m05s", "2h07m", "unknown"]
+
+
+# --- poison prompts ---------------------------------------------------------------------------------------------
+class FakeSampler:
+    """Samples "video" = 10 * row + batch size (so an output shows which batch made it); rows in `poison` always fail,
+    `flaky` calls fail once each."""
+
+    def __init__(self, poison: set[int] = frozenset(), flaky: int = 0, error: type[Exception] = ValueError) -> None:
+        self.poison, self.flaky, self.error, self.calls = poison, flaky, error, []
+
+    def __call__(self, rows: list[int]) -> list[int]:
+        self.calls.append(list(rows))
+        if self.flaky or self.poison & set(rows):
+            self.flaky = max(self.flaky - 1, 0)
+            raise self.error(f"cannot sample rows {rows}")
+        return [10 * row + len(rows) for row in rows]
+
+
+def test_a_poison_row_is_isolated_and_the_others_come_from_one_batched_call():
+    sampler = FakeSampler(poison={2})
+    outputs, failures = sample_isolating_failures(sampler, [0, 1, 2, 3], max_attempts=2)
+    assert outputs == {0: 3, 1: 13, 3: 33}  # batch of 3: sampled together again, not the single-row probes
+    assert failures == {2: SampleFailure("ValueError: cannot sample rows [2]", attempts=4)}  # 2 batched + 2 alone
+    assert sampler.calls == [[0, 1, 2, 3], [0, 1, 2, 3], [0], [1], [2], [2], [3], [0, 1, 3]]
+
+
+def test_transient_failures_are_retried_and_infrastructure_errors_raised():
+    outputs, failures = sample_isolating_failures(FakeSampler(flaky=1), [0, 1], max_attempts=2)
+    assert outputs == {0: 2, 1: 12} and failures == {}
+    outputs, failures = sample_isolating_failures(FakeSampler(poison={0}), [0], max_attempts=3)
+    assert outputs == {} and failures == {0: SampleFailure("ValueError: cannot sample rows [0]", attempts=3)}
+    with pytest.raises(MemoryError):
+        sample_isolating_failures(FakeSampler(flaky=1, error=MemoryError), [0], 2, infrastructure_errors=(MemoryError,))
+
+
+def test_rows_that_fail_only_together_are_all_recorded():
+    class FailsWhenPaired(FakeSampler):
+        def __call__(self, rows):
+            if len(rows) > 1:
+                raise RuntimeError("batch too large")
+            return [row for row in rows]
+
+    outputs, failures = sample_isolating_failures(FailsWhenPaired(), [0, 1], max_attempts=1)
+    assert outputs == {} and set(failures) == {0, 1}
+    assert failures[0] == SampleFailure("RuntimeError: batch too large (fails only together with this batch)", 2)
+
+
+def test_split_failures_drops_prompts_with_a_failed_sample_and_records_every_failure():
+    rows = pa.table({
+        "sample_id": ["a-0", "a-1", "b-0", "b-1"],
+        "prompt_id": ["a", "a", "b", "b"],
+        "prompt": ["prompt a", "prompt a", "prompt b", "prompt b"],
+        "video": [b"mp4", None, b"mp4", b"mp4"],
+        "failed_reason": [None, "ValueError: nan latents", None, "decode: too short"],
+        "attempts": [1, 4, 1, 1],
+    })
+    kept, failures = split_failures(rows)
+    assert kept.column("sample_id").to_pylist() == ["b-0", "b-1"]  # b keeps its unusable video as a failed row
+    assert failures == [
+        {"sample_id": "a-1", "prompt_id": "a", "prompt": "prompt a", "stage": "sample",
+         "error": "ValueError: nan latents", "attempts": 4},
+        {"sample_id": "b-1", "prompt_id": "b", "prompt": "prompt b", "stage": "score",
+         "error": "decode: too short", "attempts": 1},
+    ]
+
+
 def test_rerun_with_other_layout_settings_is_refused(tmp_path: Path):
     url = str(tmp_path / "generation.json")
     record_manifest(url, {"prompts_per_chunk": 64, "base_seed": 5557})
@@ -278,3 +367,44 @@ def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path:
         plan_generate(other, PROMPTS)
     more_actors = config.model_copy(update={"sampler_pool": config.sampler_pool.model_copy(update={"max_actors": 3})})
     plan_generate(more_actors, PROMPTS)  # actor counts do not change the numbers
+
+
+def test_a_poison_prompt_is_recorded_its_chunk_commits_and_retry_failed_redoes_it(ray_cluster, tmp_path: Path):
+    from actors.sampler import SamplerActor
+    from jobs.generate import generate
+
+    class PoisonSampler(SamplerActor):  # defined here: pickled by value into the actors
+        def sample(self, prompts, seeds):
+            if any("poison" in prompt for prompt in prompts):
+                raise ValueError("the model produced NaN latents")
+            return super().sample(prompts, seeds)
+
+    prompts = prompt_rows(["a corgi on the beach", "a poison prompt", "a red car at night", "a balloon over hills"])
+    poison_id = prompts[1].prompt_id
+    out = str(tmp_path / "gen")
+    config = _config(out, prompts_per_chunk=2, sampler_pool={"batch_size": 4})  # one batch: corgi and poison
+    report = generate(config, prompts=prompts, sampler_class=PoisonSampler)
+    assert (report.sampled, report.incomplete) == ([0, 1], {})
+    assert [(f["sample_id"], f["stage"], f["attempts"]) for f in report.failures] == [
+        (f"{poison_id}-0", "sample", 4), (f"{poison_id}-1", "sample", 4)  # 2 batched calls + 2 alone
+    ]
+    assert report.failures[0]["error"] == "ValueError: the model produced NaN latents"
+    assert "2 failed sample(s)" in report.summary() and "1 prompt(s) left out" in report.summary()
+    for kind in ("samples", "scores"):
+        chunk0 = shards.read_shard(shards.list_shards(out, kind)[0])
+        assert chunk0.column("prompt_id").to_pylist() == [prompts[0].prompt_id] * 2  # committed without the poison
+    assert [info.index for info in shards.list_shards(out, "failures")] == [0]
+    after = _committed_files(out)
+
+    report = generate(config, prompts=prompts)  # a rerun keeps the recorded failures
+    assert (report.skipped, report.sampled, len(report.failures)) == ([0, 1], [], 2)
+    assert _committed_files(out) == after
+
+    report = generate(config.model_copy(update={"retry_failed": True}), prompts=prompts)  # the model is fixed now
+    assert (report.retried, report.sampled, report.skipped, report.failures) == ([0], [0], [1], [])
+    samples = shards.read_shard(shards.list_shards(out, "samples")[0])
+    assert samples.column("prompt_id").to_pylist() == [prompts[0].prompt_id] * 2 + [poison_id] * 2
+    assert shards.list_shards(out, "failures") == []
+    assert {k: v for k, v in _committed_files(out).items() if "00001" in k} == {
+        k: v for k, v in after.items() if "00001" in k
+    }  # chunk 1 untouched

@@ -3,6 +3,8 @@ schema checks and the latent byte format."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -176,6 +178,21 @@ def test_interrupted_write_leaves_no_visible_shard(root: str, monkeypatch: pytes
     assert (call == 2) == ("shard-00000.parquet" in names)  # the data file may exist, but is invisible
     info = shards.write_shard(table, root, "pairs", 0)  # the rerun commits normally
     assert shards.list_shards(root, "pairs") == [info] and shards.read_shard(info).equals(table)
+
+
+def test_a_crashed_writes_temporary_object_is_ignored_then_removed_by_the_next_commit(root: str) -> None:
+    """A writer killed between upload and commit leaves `_tmp-*` behind: readers never see it, and the stage's next
+    successful commit in that folder deletes it (only objects older than that commit: a write in flight stays)."""
+    table = shards.make_table("pairs", pair_rows(2))
+    leftover = storage.stage(shards.shard_url(root, "pairs", 1), b"half of a parquet file")
+    assert shards.list_shards(root, "pairs") == []
+    time.sleep(1.1)  # object stores keep modification times in whole seconds
+    info = shards.write_shard(table, root, "pairs", 0)
+    assert not storage.exists(leftover)
+    assert shards.list_shards(root, "pairs") == [info]
+    in_flight = storage.stage(shards.shard_url(root, "pairs", 2), b"being written")
+    assert shards.write_shard(table, root, "pairs", 0) == info  # a no-op rewrite commits nothing, removes nothing
+    assert storage.exists(in_flight)
 
 
 def test_interrupted_overwrite_never_mixes_old_and_new(root: str, monkeypatch: pytest.MonkeyPatch) -> None:

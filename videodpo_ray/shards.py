@@ -26,7 +26,6 @@ from videodpo_ray.errors import ShardError, ShardExistsError
 SCHEMA_VERSION = 1
 
 
-
 def _schema(kind: str, *fields: pa.Field) -> pa.Schema:
     metadata = {"videodpo_ray.kind": kind, "videodpo_ray.schema_version": str(SCHEMA_VERSION)}
     return pa.schema(list(fields), metadata=metadata)
@@ -81,14 +80,22 @@ PAIRS_SCHEMA = _schema(
     pa.field("text_embedding_shape", pa.list_(pa.int64())),  # [L, D]
     pa.field("text_embedding_dtype", pa.string()),  # "float32" | "float16" | "bfloat16"
 )
+FAILURES_SCHEMA = _schema(  # the samples a generate run gave up on, one row each (stages.generate.split_failures)
+    "failures",
+    pa.field("sample_id", pa.string(), nullable=False),
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("prompt", pa.string(), nullable=False),
+    pa.field("stage", pa.string(), nullable=False),  # "sample" or "score"
+    pa.field("error", pa.string(), nullable=False),
+    pa.field("attempts", pa.int32(), nullable=False),
+)
 SCHEMAS: dict[str, pa.Schema] = {
     "prompts": PROMPTS_SCHEMA,
     "samples": SAMPLES_SCHEMA,
     "scores": SCORES_SCHEMA,
     "pairs": PAIRS_SCHEMA,
+    "failures": FAILURES_SCHEMA,
 }
-
-
 
 _MANIFEST_NAME = re.compile(r"^shard-(\d+)\.json$")
 
@@ -176,7 +183,9 @@ def conform_table(table: pa.Table, kind: str, source: str) -> pa.Table:
     return pa.Table.from_arrays(columns, schema=schema)
 
 
-def write_shard(table: pa.Table, root: str, kind: str, index: int, overwrite: bool = False) -> ShardInfo:
+def write_shard(
+    table: pa.Table, root: str, kind: str, index: int, overwrite: bool = False, allow_empty: bool = False
+) -> ShardInfo:
     """Write one shard of `kind` at its deterministic key under `root` and commit it with its manifest.
 
     The parquet is uploaded to a temporary key, moved into place, then the manifest is written last (also
@@ -188,7 +197,7 @@ def write_shard(table: pa.Table, root: str, kind: str, index: int, overwrite: bo
         raise ShardError(f"{kind} shard index must be >= 0, got {index}")
     url, marker = shard_url(root, kind, index), manifest_url(root, kind, index)
     table = conform_table(table, kind, url)
-    if table.num_rows == 0:
+    if table.num_rows == 0 and not allow_empty:  # allow_empty: a chunk whose every prompt failed is still done
         raise ShardError(f"{url}: refusing to write an empty shard")
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -207,7 +216,14 @@ def write_shard(table: pa.Table, root: str, kind: str, index: int, overwrite: bo
         storage.remove(marker)
     storage.commit(staged, url)
     storage.write_bytes_atomic(marker, _manifest_json(info))
+    storage.remove_crashed_writes(storage.join(root, kind), marker)
     return info
+
+
+def uncommit_shard(root: str, kind: str, index: int) -> None:
+    """Make shard `index` of `kind` not committed (manifest first, then its parquet); a no-op when it is absent."""
+    storage.remove(manifest_url(root, kind, index))
+    storage.remove(shard_url(root, kind, index))
 
 
 def shard_exists(root: str, kind: str, index: int) -> bool:

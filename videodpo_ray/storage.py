@@ -123,6 +123,18 @@ def find_temporary(url: str) -> list[Entry]:
     )
 
 
+def remove_crashed_writes(directory: str, committed: str) -> None:
+    """Delete the temporary objects (`stage`) directly under `directory` that are older than the object `committed`,
+    which the caller has just committed there: what crashed writes left behind (readers never see them). A write
+    still in flight started after that commit and stays."""
+    entries = list_entries(directory)
+    cutoff = next((entry.modified for entry in entries if entry.url == committed), None)
+    for entry in entries:
+        name = entry.url.rsplit("/", 1)[-1]
+        if name.startswith(TEMP_PREFIX) and cutoff and entry.modified and entry.modified < cutoff:
+            remove(entry.url)
+
+
 def newest_change(url: str) -> datetime | None:
     """The latest modification time of anything under the directory `url` (None when none is known)."""
     fs, path = filesystem_for(url)

@@ -8,7 +8,8 @@ committed chunks and refuses to mix two layouts in one output.
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+import time
+from typing import Any, Callable, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -99,6 +100,57 @@ class ChunkCollector:
     def incomplete(self) -> dict[int, tuple[int, int]]:
         """Chunks not handed out: {chunk: (rows received, rows expected)}."""
         return {chunk: (self.received[chunk], self.expected[chunk]) for chunk in self.parts}
+
+
+class ChunkProgress:
+    """The progress line a stage prints as it commits each chunk: the chunk, how far the stage is, its rate and ETA.
+
+    A killed run's log thus shows which chunks are safe. Rates and ETA count this run's rows only (committed chunks
+    of an earlier run are skipped, not redone); `prompts` = (prompts committed before this run, prompts in all).
+    """
+
+    def __init__(
+        self,
+        stage: str,
+        unit: str,
+        pending_rows: dict[int, int],
+        prompts: tuple[int, int] | None = None,
+        rows_per_prompt: int = 1,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.stage, self.unit, self.clock = stage, unit, clock
+        self.total_rows, self.total_chunks = sum(pending_rows.values()), len(pending_rows)
+        self.prompts, self.rows_per_prompt = prompts, rows_per_prompt
+        self.done_rows = self.done_chunks = 0
+        self.started = clock()
+
+    def committed(self, chunk: int, rows: int) -> str:
+        """Count chunk `chunk` (`rows` rows) as committed; its progress line."""
+        self.done_rows += rows
+        self.done_chunks += 1
+        rate = self.done_rows / max(self.clock() - self.started, 1e-6)
+        eta = (self.total_rows - self.done_rows) / rate if rate > 0 else float("inf")
+        what = f"{rows} {self.unit}"
+        if self.prompts is not None:
+            done_before, total = self.prompts
+            prompts_done = done_before + self.done_rows // self.rows_per_prompt
+            what = f"{rows // self.rows_per_prompt} prompts, {what}; prompts {prompts_done}/{total}"
+        return (
+            f"{self.stage}: chunk {chunk} committed ({what}) | {self.done_chunks}/{self.total_chunks} chunks this run"
+            f" | {rate:.2f} {self.unit}/s | ETA {format_duration(eta)}"
+        )
+
+
+def format_duration(seconds: float) -> str:
+    """A short human duration: 45s, 3m05s, 2h07m (rounded to the unit shown)."""
+    if seconds == float("inf"):
+        return "unknown"
+    seconds = round(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def incomplete_lines(incomplete: dict[int, tuple[int, int]], shard: str, rows: str) -> list[str]:

@@ -8,13 +8,19 @@ Determinism (what makes reruns skip finished work and never duplicate it):
   depends on nothing else (not the chunk, the batch, the actor or the cluster size);
 - `{out}/generation.json` records what fixes the shards' content (prompt list hash, K, N, seed, model, sampling);
   a rerun with a different value there is refused instead of mixing two layouts in one output.
+
+Poison prompts: a sampler batch that keeps failing is split to find the prompts that fail on their own
+(`sample_isolating_failures`); a video the scorer cannot use is a failed row. A chunk still commits:
+`split_failures` drops every prompt with a failed sample from its samples and scores shards and records each failed
+sample in `{out}/failures/shard-{c:05d}` (prompt id, stage, error, attempts). A rerun keeps them unless
+`retry_failed` (`plan_generate` then un-commits those chunks, which are redone).
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import pyarrow as pa
 from pydantic import Field
@@ -43,6 +49,8 @@ class GenerationSettings(StrictConfig):
     # CPU by default: with one GPU per sampler actor a GPU scorer could wait forever; to share GPUs set e.g.
     # sampler_pool.num_gpus=0.5 and scorer_pool.num_gpus=0.5
     scorer_pool: ActorPoolConfig = ActorPoolConfig(num_gpus=0.0)
+    max_attempts: int = Field(2, ge=1)  # sampler calls a failing batch (then each of its prompts alone) gets
+    retry_failed: bool = False  # redo the chunks whose failures an earlier run recorded
 
 
 class GenerateConfig(GenerationSettings):
@@ -73,7 +81,91 @@ REQUEST_SCHEMA = pa.schema(
         pa.field("seed", pa.int64()),
     ]
 )
-SAMPLER_OUTPUT_COLUMNS = [*REQUEST_SCHEMA.names, "video", "fps", "model"]
+SAMPLER_OUTPUT_COLUMNS = [*REQUEST_SCHEMA.names, "video", "fps", "model", "failed_reason", "attempts"]
+"""What the sampler returns: the request columns, the mp4 (null when sampling failed), its fps and model label, why
+sampling failed (null on success) and how many sampler calls the row took part in."""
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class SampleFailure:
+    """A request the sampler gave up on: the last error and the sampler calls that included it."""
+
+    error: str
+    attempts: int
+
+
+def sample_isolating_failures(
+    sample: Callable[[list[int]], list[T]],
+    rows: Sequence[int],
+    max_attempts: int,
+    infrastructure_errors: tuple[type[BaseException], ...] = (),
+) -> tuple[dict[int, T], dict[int, SampleFailure]]:
+    """Sample `rows` together, isolating the ones that fail: ({row: output}, {row: failure}).
+
+    A batch is tried up to `max_attempts` times (transient errors pass). If it still fails, each row is tried alone
+    (up to `max_attempts` times) to find the poison ones, which are recorded; the others are then sampled together
+    again, so every output comes from one batched call, as in a run without failures. Deterministic: the same
+    failures give the same calls. `infrastructure_errors` (out of memory, ...) are raised, never recorded.
+    """
+    failures: dict[int, SampleFailure] = {}
+    pending = list(rows)
+    attempts = dict.fromkeys(pending, 0)
+
+    def attempt(batch: list[int]) -> tuple[list[T] | None, str]:
+        error = ""
+        for _ in range(max_attempts):
+            for row in batch:
+                attempts[row] += 1
+            try:
+                return sample(batch), ""
+            except infrastructure_errors:
+                raise
+            except Exception as caught:  # a prompt the model cannot sample: isolated and recorded below
+                error = f"{type(caught).__name__}: {caught}"
+        return None, error
+
+    while pending:
+        outputs, error = attempt(pending)
+        if outputs is not None:
+            return dict(zip(pending, outputs)), failures
+        if len(pending) == 1:
+            failures[pending[0]] = SampleFailure(error, attempts[pending[0]])
+            break
+        alone = {row: attempt([row])[1] for row in pending}
+        poison = {row: error for row, error in alone.items() if error}
+        if not poison:  # every row works alone, never together: give up on the batch
+            poison = dict.fromkeys(pending, f"{error} (fails only together with this batch)")
+        failures.update({row: SampleFailure(message, attempts[row]) for row, message in poison.items()})
+        pending = [row for row in pending if row not in poison]
+    return {}, failures
+
+
+def split_failures(rows: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
+    """A scored chunk -> (the rows to commit, failure rows for the `failures` shard).
+
+    A sample the sampler gave up on (null `video`) removes its whole prompt from the chunk, so a committed prompt
+    always has all N samples; a video the scorer could not use stays as a failed scores row (null scores, pairing
+    skips it). Both are recorded as failures.
+    """
+    videos, reasons = rows.column("video").to_pylist(), rows.column("failed_reason").to_pylist()
+    attempts, prompt_ids = rows.column("attempts").to_pylist(), rows.column("prompt_id").to_pylist()
+    sample_ids, prompts = rows.column("sample_id").to_pylist(), rows.column("prompt").to_pylist()
+    failures = [
+        {
+            "sample_id": sample_ids[i],
+            "prompt_id": prompt_ids[i],
+            "prompt": prompts[i],
+            "stage": "sample" if videos[i] is None else "score",
+            "error": reasons[i],
+            "attempts": attempts[i] if videos[i] is None else 1,
+        }
+        for i in range(rows.num_rows)
+        if reasons[i] is not None
+    ]
+    dropped = {failure["prompt_id"] for failure in failures if failure["stage"] == "sample"}
+    keep = [prompt_id not in dropped for prompt_id in prompt_ids]
+    return rows.filter(pa.array(keep, pa.bool_())), failures
 
 
 def chunk_prompts(prompts: Sequence[PromptRow], prompts_per_chunk: int) -> list[PromptChunk]:
@@ -126,6 +218,8 @@ def committed_samples(config: GenerateConfig, chunks: Sequence[PromptChunk]) -> 
         table = shards.read_shard(committed[chunk.index])
         table = table.append_column("chunk", pa.array([chunk.index] * table.num_rows, pa.int64()))
         table = table.append_column("position", pa.array(range(table.num_rows), pa.int64()))
+        table = table.append_column("failed_reason", pa.nulls(table.num_rows, pa.string()))
+        table = table.append_column("attempts", pa.array([0] * table.num_rows, pa.int32()))
         tables.append(table.select(SAMPLER_OUTPUT_COLUMNS))
     return tables
 
@@ -168,6 +262,8 @@ class GenerateReport:
     sampled: list[int] = field(default_factory=list)  # sampled, scored and committed by this run
     rescored: list[int] = field(default_factory=list)  # samples committed earlier, scored and committed now
     incomplete: dict[int, tuple[int, int]] = field(default_factory=dict)  # chunk -> (rows back, rows expected)
+    retried: list[int] = field(default_factory=list)  # chunks with recorded failures redone (retry_failed)
+    failures: list[dict[str, Any]] = field(default_factory=list)  # every recorded failure of the output, by chunk
     seconds: float = 0.0
 
     def summary(self) -> str:
@@ -176,6 +272,16 @@ class GenerateReport:
             f"{len(self.sampled)} sampled and committed, {len(self.rescored)} re-scored and committed, "
             f"{len(self.skipped)} already committed and skipped; {self.seconds:.1f} s"
         ]
+        if self.failures:
+            prompts = sorted({failure["prompt_id"] for failure in self.failures if failure["stage"] == "sample"})
+            lines.append(
+                f"  {len(self.failures)} failed sample(s) recorded in {storage.join(self.out, 'failures')}; "
+                f"{len(prompts)} prompt(s) left out (rerun with retry_failed=true to try them again):"
+            )
+            lines += [
+                f"    {f['prompt_id']} [{f['stage']}, {f['attempts']} attempts] {f['sample_id']}: {f['error'][:200]}"
+                for f in self.failures
+            ]
         return "\n".join(lines + incomplete_lines(self.incomplete, "chunk", "samples"))
 
 
@@ -199,6 +305,10 @@ def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> Gener
     chunks = chunk_prompts(prompts, config.prompts_per_chunk)
     report = GenerateReport(out=config.out, num_prompts=len(prompts), num_chunks=len(chunks))
     plan = GeneratePlan(report, config.samples_per_prompt)
+    if config.retry_failed:
+        for info in shards.list_shards(config.out, "failures"):
+            uncommit_for_retry(config.out, info)
+            report.retried.append(info.index)
     for chunk in chunks:
         if shards.shard_exists(config.out, "scores", chunk.index):
             plan.report.skipped.append(chunk.index)
@@ -207,3 +317,18 @@ def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> Gener
         else:
             plan.to_sample.append(chunk)
     return plan
+
+
+def recorded_failures(out: str) -> list[dict[str, Any]]:
+    """Every failure the committed failures shards of `out` record, by chunk."""
+    return [row for info in shards.list_shards(out, "failures") for row in shards.read_shard(info).to_pylist()]
+
+
+def uncommit_for_retry(out: str, failures: shards.ShardInfo) -> None:
+    """Un-commit a chunk with recorded failures so this run redoes it: its scores first (the chunk is then not done),
+    its samples too when a sample failed (the chunk is sampled again, else only scored again), its failures last."""
+    stages = {row["stage"] for row in shards.read_shard(failures).to_pylist()}
+    shards.uncommit_shard(out, "scores", failures.index)
+    if "sample" in stages:
+        shards.uncommit_shard(out, "samples", failures.index)
+    shards.uncommit_shard(out, "failures", failures.index)

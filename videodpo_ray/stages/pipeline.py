@@ -193,6 +193,7 @@ def generate_section(generated: GenerateReport, config: PipelineConfig) -> dict[
         "chunks_sampled": len(generated.sampled),
         "chunks_rescored": len(generated.rescored),
         "chunks_skipped": len(generated.skipped),
+        "failures": generated.failures,
     }
 
 
@@ -257,6 +258,13 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{generated['chunks_skipped']} already committed. {pairs['scored_samples']} samples scored, "
         f"{pairs['unscored_samples']} failed scoring.",
     ]
+    if generated["failures"]:
+        lines += ["", f"{len(generated['failures'])} failed sample(s) (their prompts with a failed sample are left out;"
+                  " rerun with `generate.retry_failed=true` to try them again):", "",
+                  "| prompt | sample | stage | attempts | error |", "|---|---|---|---:|---|"]
+        lines += [f"| {f['prompt_id']} | {f['sample_id']} | {f['stage']} | {f['attempts']} | "
+                  f"{f['error'][:200].replace('|', '/')} |"
+                  for f in generated["failures"]]
     if pairs["omniscore"]:
         score = pairs["omniscore"]
         lines.append(f"OmniScore mean {score['mean']:.4f} (min {score['min']:.4f}, max {score['max']:.4f}).")
