@@ -105,6 +105,7 @@ class DPOWorker:
             stored_text = self._from_rank0(lambda: stores_text_embeddings(shard_list))
             model = build_model(config.model.model_copy(update={"build_text_encoder": not stored_text}),
                                 seed=config.run.seed)
+            self.built_parameters = sum(parameter.numel() for parameter in model.parameters())
             if config.compile:
                 model.compile_denoiser()
             objective = DPOObjective(model, config.dpo)
@@ -374,7 +375,9 @@ class DPOWorker:
         if self._frozen_fingerprint() != self.initial_fingerprint:
             raise RuntimeError("the frozen weights (reference model, VAE, base weights) changed during training")
         export_url = self._export() if self.config.export.enabled else None
-        return {"done": True, "reference_unchanged": True, "export_url": export_url}
+        # built_parameters: the model as built, before the DPO reference copy (no text encoder: shards store embeddings)
+        return {"done": True, "reference_unchanged": True, "export_url": export_url,
+                "built_parameters": self.built_parameters}
 
     def _export(self) -> str:
         import deepspeed

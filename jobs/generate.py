@@ -41,11 +41,12 @@ def generate(
     config: GenerateConfig,
     prompts: Sequence[PromptRow] | None = None,
     sampler_class: type | None = None,
+    scorer_class: type | None = None,
 ) -> GenerateReport:
     """Run the Generate + Score stages for every uncommitted chunk; IncompleteStageError if some stay incomplete.
 
-    `prompts` (already read) overrides `config.prompts`; `sampler_class` (default `SamplerActor`) must behave
-    like it.
+    `prompts` (already read) overrides `config.prompts`; `sampler_class` and `scorer_class` (tests and benchmarks;
+    default `SamplerActor` and `OmniScorer`) must behave like those.
     """
     started = time.monotonic()
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
@@ -58,7 +59,7 @@ def generate(
         from actors.sampler import SamplerActor
         from actors.scorer import OmniScorer
 
-        sampler_class = sampler_class or SamplerActor
+        sampler_class, scorer_class = sampler_class or SamplerActor, scorer_class or OmniScorer
 
         connect_ray()
         sources = []
@@ -81,7 +82,7 @@ def generate(
             sources.append(ray.data.from_arrow(committed_samples(config, plan.to_score)))
         samples = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
         scored = samples.map_batches(
-            OmniScorer, fn_constructor_kwargs={"config": config.scorer}, **pool_options(config.scorer_pool)
+            scorer_class, fn_constructor_kwargs={"config": config.scorer}, **pool_options(config.scorer_pool)
         )
         rescoring = {chunk.index for chunk in plan.to_score}
 
