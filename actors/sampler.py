@@ -1,15 +1,17 @@
 """Sampler actor: a text-to-video model built once per actor, turning sample requests into mp4 videos.
 
-Used as `ds.map_batches(SamplerActor, batch_format="pyarrow", fn_constructor_kwargs={"model": ..., "sampling": ...,
-"init_seed": ...}, compute=ray.data.ActorPoolStrategy(...), batch_size=b)` over rows with `prompt` and `seed`
-(`stages.generate.sample_requests`, `stages.sample.request_table`); every input column is passed through and
-`video` (mp4 bytes), `fps` and `model` are added (and `gif` when asked). Video i depends only on the row's
-(prompt, seed) and its batch, so actor placement never changes a sample. The model is built under `init_seed`
-(like training's `run.seed`), so random-init weights are the same in every actor and in the trainer; with
-`tuned_export` it is the exported training run's model with its trained weights. It is then frozen for sampling
-(no DPO reference copy; every weight in bf16 when `model.mixed_precision` is "bf16"), optionally in channels-last
-layout and compiled (`SamplingConfig`). A call samples its whole batch at once: with CFG every denoiser call
-carries 2 x batch rows (batch 4 -> 8, the throughput plateau of VC2 on an H200; T2V-Turbo has no CFG pass: use 8).
+Used as `ds.map_batches(SamplerActor, batch_format="pyarrow", batch_size=None, fn_constructor_kwargs={"model": ...,
+"sampling": ..., "init_seed": ..., "batch_size": b}, compute=ray.data.ActorPoolStrategy(...))` over rows with
+`prompt` and `seed` (`stages.generate.sample_requests`, `stages.sample.request_table`); every input column is passed
+through and `video` (mp4 bytes), `fps`, `model`, `failed_reason` and `attempts` are added (and `gif` when asked).
+Video i depends only on the row's (prompt, seed) and its batch, so actor placement never changes a sample: a call
+gets a whole chunk and cuts it into batches of `batch_size` itself (`stages.common.batch_slices`), the same batches
+in every run. The model is built under `init_seed` (like training's `run.seed`), so random-init weights are the same
+in every actor and in the trainer; with `tuned_export` it is the exported training run's model with its trained
+weights. It is then frozen for sampling (no DPO reference copy; every weight in bf16 when `model.mixed_precision` is
+"bf16"), optionally in channels-last layout and compiled (`SamplingConfig`). A batch is sampled at once: with CFG
+every denoiser call carries 2 x batch rows (batch 4 -> 8, the throughput plateau of VC2 on an H200; T2V-Turbo has
+no CFG pass: use 8).
 
 A batch that keeps failing is split to find the prompts that fail alone (`stages.generate.sample_isolating_failures`):
 their rows come back with a null `video` and the error in `failed_reason`; out of memory is raised, never recorded.
@@ -21,7 +23,7 @@ import pyarrow as pa
 import torch
 
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.stages.common import SamplingConfig
+from videodpo_ray.stages.common import SamplingConfig, batch_slices
 from videodpo_ray.stages.generate import model_label, sample_isolating_failures
 from videodpo_ray.training.checkpoint import load_exported_model
 from videodpo_ray.video import encode_gif, encode_mp4
@@ -38,6 +40,7 @@ class SamplerActor:
         tuned_export: str | None = None,
         gif: bool = False,
         max_attempts: int = 2,
+        batch_size: int | None = None,
     ) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         built = load_exported_model(tuned_export) if tuned_export else build_model(model, seed=init_seed)
@@ -51,13 +54,21 @@ class SamplerActor:
         self.sampling = sampling
         self.gif = gif
         self.max_attempts = max_attempts
+        self.batch_size = batch_size
 
     def sample(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
         """uint8 videos (B, T, H, W, 3) on the CPU for one batch of requests."""
         with torch.no_grad():
             return self.model.sample(prompts, seeds, **self.sampling.sample_kwargs()).cpu()
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, table: pa.Table) -> pa.Table:
+        """Every row of `table` sampled, in batches of `batch_size` rows (None: one batch)."""
+        parts = [self.sample_batch(table.slice(offset, length)) for offset, length in
+                 batch_slices(table.num_rows, self.batch_size)]
+        return pa.concat_tables(parts)
+
+    def sample_batch(self, batch: pa.Table) -> pa.Table:
+        """One sampler batch: the request columns plus video, (gif,) fps, model, failed_reason and attempts."""
         prompts, seeds = batch.column("prompt").to_pylist(), batch.column("seed").to_pylist()
         rows = list(range(batch.num_rows))
         videos, failures = sample_isolating_failures(

@@ -25,6 +25,7 @@ import numpy as np
 from videodpo_ray.errors import VideoDataError
 from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, dimension_outputs, load_scorer_model, score_outputs
+from videodpo_ray.stages.common import batch_slices
 from videodpo_ray.video import decode_mp4
 
 logger = logging.getLogger(__name__)
@@ -34,8 +35,9 @@ Video = tuple[np.ndarray, float]  # frames (T, H, W, 3) uint8, fps
 class OmniScorer:
     """Loads the configured scorer models once, then scores batches of videos."""
 
-    def __init__(self, config: ScorerConfig | Mapping[str, Any]) -> None:
+    def __init__(self, config: ScorerConfig | Mapping[str, Any], batch_size: int | None = None) -> None:
         self.config = config if isinstance(config, ScorerConfig) else ScorerConfig.model_validate(config)
+        self.batch_size = batch_size  # rows scored together; None: each call's batch as it comes
         self.device = self.config.resolved_device()
         self.models = {
             name: load_scorer_model(name, self.config.spec(name), self.device) for name in self.config.dimensions
@@ -44,6 +46,16 @@ class OmniScorer:
         self.computes_omniscore = set(self.config.omniscore.dimensions) <= set(self.output_names)
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Every row of `batch` scored, in batches of `batch_size` rows (`stages.common.batch_slices`)."""
+        count = len(batch["sample_id"])
+        parts = [self.score_batch({key: values[offset : offset + length] for key, values in batch.items()})
+                 for offset, length in batch_slices(count, self.batch_size)]
+        if len(parts) == 1:
+            return parts[0]
+        return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+
+    def score_batch(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One scorer batch: the input columns plus every output, omniscore and failed_reason."""
         sample_ids = [str(s) for s in batch["sample_id"]]
         prompts = [str(p) for p in batch["prompt"]]
         failures: dict[int, str] = {}

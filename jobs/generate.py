@@ -50,7 +50,7 @@ def generate(
     """
     started = time.monotonic()
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
-    prompts = list(prompts) if prompts is not None else read_prompts(config.prompts)
+    prompts = list(prompts) if prompts is not None else read_prompts(config.prompts, config.max_prompt_chars)
     plan = plan_generate(config, prompts)
     report = plan.report
     if plan.to_sample or plan.to_score:
@@ -74,15 +74,18 @@ def generate(
                         "init_seed": config.model_init_seed,
                         "tuned_export": config.tuned,
                         "max_attempts": config.max_attempts,
+                        "batch_size": config.sampler_pool.batch_size,
                     },
-                    **pool_options(config.sampler_pool),
+                    **{**pool_options(config.sampler_pool), "batch_size": None},  # a task = a chunk, see batch_slices
                 )
             )
         if plan.to_score:
             sources.append(ray.data.from_arrow(committed_samples(config, plan.to_score)))
         samples = sources[0].union(*sources[1:]) if len(sources) > 1 else sources[0]
         scored = samples.map_batches(
-            scorer_class, fn_constructor_kwargs={"config": config.scorer}, **pool_options(config.scorer_pool)
+            scorer_class,
+            fn_constructor_kwargs={"config": config.scorer, "batch_size": config.scorer_pool.batch_size},
+            **{**pool_options(config.scorer_pool), "batch_size": None},
         )
         rescoring = {chunk.index for chunk in plan.to_score}
 

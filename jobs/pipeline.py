@@ -56,7 +56,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
               f"({report['seconds']['toy']:.0f} s): {toy.base_model}", flush=True)
 
     stage = time.monotonic()
-    prompts, prompts_url = materialise_prompts(config.prompts, storage.join(config.out, "prompts.jsonl"))
+    max_chars = config.generate.max_prompt_chars
+    prompts, prompts_url = materialise_prompts(config.prompts, storage.join(config.out, "prompts.jsonl"), max_chars)
     init_seed = trained.run.seed if trained is not None else 0  # random-init weights identical in every stage
     generated = generate(config.generate_config(prompts_url, init_seed), prompts=prompts)
     report["generate"] = generate_section(generated, config)
@@ -88,7 +89,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         report["seconds"]["train"] = time.monotonic() - stage
         if config.evaluate is not None:
             stage = time.monotonic()
-            _, url = materialise_prompts(config.evaluate.prompts, storage.join(config.out, "evaluate-prompts.jsonl"))
+            held_out = storage.join(config.out, "evaluate-prompts.jsonl")
+            _, url = materialise_prompts(config.evaluate.prompts, held_out, max_chars)
             summary = evaluate(config.evaluate_config(url, init_seed, report["train"]["run"]))
             report["evaluate"] = {key: summary[key] for key in EVALUATE_KEYS}
             report["seconds"]["evaluate"] = time.monotonic() - stage

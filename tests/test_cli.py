@@ -58,8 +58,13 @@ def test_bad_input_exits_2_before_ray_starts(tmp_path: Path, no_ray):
     unknown_key.write_text("prompts: [a fox]\ngenerate: {scorer: {tiny: true}}\nunknown_section: 1\n")
     no_pairs = tmp_path / "train.yaml"
     no_pairs.write_text(f"data: {{pairs_url: {tmp_path}/none}}\nrun: {{name: r, storage_path: {tmp_path}/runs}}\n")
+    (tmp_path / "long.txt").write_text("a fox\n" + "z" * 10_000_000 + "\n")  # a 10 MB prompt on row 1
+    long_prompt = tmp_path / "long.yaml"
+    long_prompt.write_text(f"prompts: {tmp_path}/long.txt\nout: {tmp_path}/out\nscorer: {{tiny: true}}\n")
     cases = [
         (("generate", str(bad_prompts)), "missing.txt: prompts file not found"),
+        (("generate", str(long_prompt)), "prompt of 10000000 characters"),
+        (("generate", str(long_prompt), "max_prompt_chars=100"), "over the limit of 100"),
         (("pair", str(no_scores)), "no committed scores shards to pair"),
         (("run", str(unknown_key)), "unknown_section"),
         (("train", str(no_pairs)), "no committed pair shards"),

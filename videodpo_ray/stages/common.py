@@ -102,6 +102,15 @@ class ChunkCollector:
         return {chunk: (self.received[chunk], self.expected[chunk]) for chunk in self.parts}
 
 
+def batch_slices(num_rows: int, batch_size: int | None) -> list[tuple[int, int]]:
+    """(offset, length) of the consecutive batches of `batch_size` rows (None: one batch) an actor cuts a chunk into.
+
+    A generate task is one chunk and its actor batches it this way, so batch composition (which changes a sample's
+    floating-point rounding, and a score's) is the same in every run, whatever Ray Data's scheduling."""
+    size = max(num_rows if batch_size is None else batch_size, 1)
+    return [(offset, min(size, num_rows - offset)) for offset in range(0, max(num_rows, 1), size)]
+
+
 class ChunkProgress:
     """The progress line a stage prints as it commits each chunk: the chunk, how far the stage is, its rate and ETA.
 

@@ -31,7 +31,7 @@ from videodpo_ray.models import ModelConfig
 from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.seeds import sample_seed
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, incomplete_lines, record_manifest
-from videodpo_ray.stages.prompts import PromptRow, prompts_jsonl
+from videodpo_ray.stages.prompts import MAX_PROMPT_CHARS, PromptRow, prompts_jsonl
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"
@@ -49,6 +49,7 @@ class GenerationSettings(StrictConfig):
     # CPU by default: with one GPU per sampler actor a GPU scorer could wait forever; to share GPUs set e.g.
     # sampler_pool.num_gpus=0.5 and scorer_pool.num_gpus=0.5
     scorer_pool: ActorPoolConfig = ActorPoolConfig(num_gpus=0.0)
+    max_prompt_chars: int = Field(MAX_PROMPT_CHARS, ge=1)  # a longer prompt is refused (exit 2) with its file and row
     max_attempts: int = Field(2, ge=1)  # sampler calls a failing batch (then each of its prompts alone) gets
     retry_failed: bool = False  # redo the chunks whose failures an earlier run recorded
 
@@ -201,13 +202,9 @@ def sample_requests(chunk: PromptChunk, samples_per_prompt: int, base_seed: int)
 
 
 def request_blocks(config: GenerateConfig, chunks: Sequence[PromptChunk]) -> list[pa.Table]:
-    """Sampler input blocks for `chunks`: one block per sampler batch, never spanning two chunks."""
-    batch_size = config.sampler_pool.batch_size
-    blocks = []
-    for chunk in chunks:
-        requests = sample_requests(chunk, config.samples_per_prompt, config.base_seed)
-        blocks += [requests.slice(begin, batch_size) for begin in range(0, requests.num_rows, batch_size)]
-    return blocks
+    """Sampler input blocks for `chunks`: one block (one Ray Data task) per chunk, which the sampler actor cuts into
+    batches of `sampler_pool.batch_size` (`stages.common.batch_slices`)."""
+    return [sample_requests(chunk, config.samples_per_prompt, config.base_seed) for chunk in chunks]
 
 
 def committed_samples(config: GenerateConfig, chunks: Sequence[PromptChunk]) -> list[pa.Table]:

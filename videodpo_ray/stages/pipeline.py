@@ -300,10 +300,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def materialise_prompts(prompts: str | list[str], url: str) -> tuple[list[PromptRow], str]:
+def materialise_prompts(prompts: str | list[str], url: str, max_chars: int) -> tuple[list[PromptRow], str]:
     """Prompts and the URL a stage records: the prompts file itself, or (prompts given inline) `url`, written here."""
     if isinstance(prompts, str):
-        return read_prompts(prompts), prompts
-    rows = prompt_rows(prompts, "config prompts")
+        return read_prompts(prompts, max_chars), prompts
+    rows = prompt_rows(prompts, "config prompts", max_chars)
     storage.write_bytes_atomic(url, prompts_jsonl(rows))
     return rows, url
