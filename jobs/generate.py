@@ -30,6 +30,7 @@ from videodpo_ray.stages.generate import (
     GenerateReport,
     committed_samples,
     plan_generate,
+    record_sampler_device,
     recorded_failures,
     request_blocks,
     split_failures,
@@ -62,6 +63,8 @@ def generate(
         sampler_class, scorer_class = sampler_class or SamplerActor, scorer_class or OmniScorer
 
         connect_ray()
+        if plan.to_sample:
+            record_sampler_device(config, ray.cluster_resources().get("GPU", 0.0))
         sources = []
         if plan.to_sample:
             sources.append(

@@ -101,7 +101,7 @@ def test_bad_input_exits_2_within_5_seconds_from_a_fresh_process(tmp_path: Path)
 def test_job_modules_import_neither_torch_nor_ray():
     """What keeps bad input under 5 s on any machine: a job parses and checks its config before the heavy imports
     (torch alone takes 2-4 s), which happen only once there is work to do."""
-    jobs = ("generate", "score", "pair", "train", "evaluate", "sample", "pipeline")
+    jobs = ("generate", "score", "pair", "train", "evaluate", "sample", "pipeline", "import_videodpo")
     heavy = ("torch", "ray", "diffusers", "deepspeed", "av", "transformers", "peft")
     modules = ", ".join(f"jobs.{job}" for job in jobs)
     script = f"import sys; import {modules}; print(sorted(set({heavy!r}) & set(sys.modules)))"

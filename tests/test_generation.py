@@ -19,6 +19,7 @@ from videodpo_ray.stages.generate import (
     GenerateConfig,
     SampleFailure,
     chunk_prompts,
+    record_sampler_device,
     sample_isolating_failures,
     sample_requests,
     split_failures,
@@ -354,6 +355,14 @@ def test_json_prompt_files_list_dict_and_vbench_info(tmp_path: Path):
     (tmp_path / "empty.json").write_text(json.dumps({"x.mp4": " "}))
     with pytest.raises(PromptFileError, match=r"empty.json key 'x.mp4': empty prompt"):
         read_prompts(str(tmp_path / "empty.json"))
+
+
+def test_a_resume_on_another_device_type_is_refused_naming_it(tmp_path: Path):
+    config = _config(str(tmp_path / "gen"))  # sampler_pool.num_gpus "auto": a GPU per actor when the cluster has one
+    record_sampler_device(config, cluster_gpus=8)
+    record_sampler_device(config, cluster_gpus=4)  # another GPU cluster: the same device type
+    with pytest.raises(ConfigError, match=r"sampler_device: recorded 'cuda', now 'cpu'"):
+        record_sampler_device(config, cluster_gpus=0)
 
 
 def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path: Path):

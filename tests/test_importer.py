@@ -168,7 +168,23 @@ def test_missing_index_file_is_a_clear_error(tmp_path: Path) -> None:
         import_videodpo(str(src), str(tmp_path / "out"))
 
 
-def test_cli_import_to_s3(tmp_path: Path, s3_bucket: str) -> None:
+def test_the_ray_data_import_writes_what_the_serial_one_does(tmp_path: Path, ray_cluster) -> None:
+    from jobs.import_videodpo import import_dataset
+
+    src = build_release(tmp_path / "release", num_pairs=7)
+    (src / "losevideos" / "000004.mp4").unlink()  # pair 3 (shard 1 of 3): loser file missing
+    serial = import_videodpo(str(src), str(tmp_path / "serial"), rows_per_shard=3)
+    parallel = import_dataset(str(src), str(tmp_path / "ray"), rows_per_shard=3)  # 3 shards: 3 Ray Data tasks
+    assert parallel.summary() == serial.summary().replace("/serial", "/ray")
+    assert (parallel.imported, [item.index for item in parallel.rejected]) == (6, [3])
+    for info in shards.list_shards(str(tmp_path / "serial"), "pairs"):
+        twin = Path(str(info.url).replace("/serial/", "/ray/"))
+        assert Path(info.url).read_bytes() == twin.read_bytes(), info.url
+    rerun = import_dataset(str(src), str(tmp_path / "ray"), rows_per_shard=3)
+    assert (rerun.imported, rerun.skipped_shards) == (0, [0, 1, 2])
+
+
+def test_cli_import_to_s3(tmp_path: Path, s3_bucket: str, ray_cluster) -> None:
     src = build_release(tmp_path / "release", num_pairs=3)
     runner = CliRunner()
     result = runner.invoke(

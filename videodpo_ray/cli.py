@@ -183,12 +183,13 @@ def import_videodpo(
     rows_per_shard: int = typer.Option(64, min=1, help="pairs per shard"),
     strict: bool = typer.Option(False, help="stop at the first bad pair instead of reporting it"),
 ) -> None:
-    """Import the released VideoDPO pair dataset into pair shards (bad pairs are reported by index)."""
+    """Import the released VideoDPO pair dataset into pair shards, one Ray Data task per shard (bad pairs are reported
+    by index)."""
+    from jobs.import_videodpo import import_dataset
     from videodpo_ray.errors import DatasetImportError
-    from videodpo_ray.stages.importer import import_videodpo as run_import
 
     try:
-        report = run_import(src, out, rows_per_shard=rows_per_shard, strict=strict)
+        report = import_dataset(src, out, rows_per_shard=rows_per_shard, strict=strict)
     except DatasetImportError as error:
         typer.echo(f"import-videodpo: {error}", err=True)
         raise typer.Exit(code=1)

@@ -35,6 +35,7 @@ from videodpo_ray.stages.prompts import MAX_PROMPT_CHARS, PromptRow, prompts_jso
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"
+DEVICE_MANIFEST = "generation-device.json"  # the sampler's device type, known once the cluster is (see below)
 
 
 class GenerationSettings(StrictConfig):
@@ -294,6 +295,13 @@ class GeneratePlan:
     def pending_rows(self) -> dict[int, int]:
         """Sample rows expected back per chunk this run works on."""
         return {chunk.index: len(chunk.prompts) * self.samples_per_prompt for chunk in self.to_sample + self.to_score}
+
+
+def record_sampler_device(config: GenerateConfig, cluster_gpus: float) -> None:
+    """Record (or check) the sampler's device type: "cuda" when its actors get GPUs on this cluster, else "cpu".
+    A GPU sample and a CPU sample differ in their float rounding, so a resume on the other kind is refused."""
+    device = "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu"
+    record_manifest(storage.join(config.out, DEVICE_MANIFEST), {"sampler_device": device})
 
 
 def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> GeneratePlan:

@@ -6,7 +6,9 @@ video2: 2k+1, label: 0, frame_caption, optional score}); video1 always wins. Eac
 metadata names (`clip_path`, as the reference loader resolves it; else `{globalidx:06d}.mp4`).
 
 Pair k goes to shard k // rows_per_shard, so shard keys are stable across reruns; committed shards are skipped.
-Every bad pair is reported by index with its reason (or raises with `strict`), never silently dropped.
+Every bad pair is reported by index with its reason (or raises with `strict`), never silently dropped. A shard is
+one unit of work (`plan_import` -> `import_shard` -> `add_shard_import`): `import_videodpo` runs them in turn,
+`jobs.import_videodpo` as parallel Ray Data tasks.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from typing import Any, Callable, Optional
 from videodpo_ray import shards, storage
 from videodpo_ray.errors import DatasetImportError, VideoDecodeError
 from videodpo_ray.pairs import Pair
-from videodpo_ray.video import decode_mp4
 
 WeightFn = Callable[[Optional[float], Optional[float]], float]
 
@@ -57,6 +58,86 @@ class ImportReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class ShardSource:
+    """What one pair shard is made of: pair.json entries k (with their index) and the metadata entries they name."""
+
+    index: int
+    pairs: tuple[tuple[int, Any], ...]
+    metadata: dict[int, Any]  # entries 2k and 2k + 1 of metadata.json, where they exist
+    num_metadata: int  # entries in metadata.json (for the error naming a missing one)
+
+
+@dataclass
+class ImportPlan:
+    """An import run: the shards still to write and the report so far (shards already committed are skipped)."""
+
+    report: ImportReport
+    pending: list[ShardSource]
+
+
+@dataclass(frozen=True)
+class ShardImport:
+    """What importing shard `index` did: its ShardInfo when written, the rows imported and the pairs rejected."""
+
+    index: int
+    info: shards.ShardInfo | None
+    imported: int
+    rejected: tuple[RejectedPair, ...]
+
+
+def plan_import(src: str, out: str, rows_per_shard: int = 64, overwrite: bool = False) -> ImportPlan:
+    """Read metadata.json and pair.json; pair k goes to shard k // rows_per_shard; committed shards are skipped
+    unless `overwrite`."""
+    if rows_per_shard <= 0:
+        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    metadata = _read_json_list(src, "metadata.json")
+    pairs = _read_json_list(src, "pair.json")
+    plan = ImportPlan(ImportReport(source=src, output=out, num_pairs=len(pairs)), [])
+    for index in range(math.ceil(len(pairs) / rows_per_shard)):
+        if not overwrite and shards.shard_exists(out, "pairs", index):
+            plan.report.skipped_shards.append(index)
+            continue
+        ks = range(index * rows_per_shard, min((index + 1) * rows_per_shard, len(pairs)))
+        entries = {i: metadata[i] for k in ks for i in (2 * k, 2 * k + 1) if i < len(metadata)}
+        plan.pending.append(ShardSource(index, tuple((k, pairs[k]) for k in ks), entries, len(metadata)))
+    return plan
+
+
+def import_shard(
+    src: str,
+    out: str,
+    source: ShardSource,
+    strict: bool = False,
+    weight_fn: WeightFn | None = None,
+    source_name: str = "videodpo",
+    overwrite: bool = False,
+) -> ShardImport:
+    """Validate and decode one shard's pairs and write the shard (nothing is written when it has no valid pair, or,
+    with `strict`, when one is rejected)."""
+    rows, rejected = [], []
+    for k, pair in source.pairs:
+        try:
+            rows.append(_pair_row(src, k, pair, source, source_name, weight_fn))
+        except _Rejected as rejection:
+            rejected.append(RejectedPair(k, str(rejection)))
+    if not rows or (strict and rejected):
+        return ShardImport(source.index, None, 0, tuple(rejected))
+    info = shards.write_shard(shards.make_table("pairs", rows), out, "pairs", source.index, overwrite=overwrite)
+    return ShardImport(source.index, info, len(rows), tuple(rejected))
+
+
+def add_shard_import(report: ImportReport, result: ShardImport, strict: bool) -> None:
+    """Count one shard's import in the report; with `strict`, raise DatasetImportError for its first bad pair."""
+    if strict and result.rejected:
+        first = result.rejected[0]
+        raise DatasetImportError(f"{report.source}: pair {first.index}: {first.reason}")
+    report.rejected.extend(result.rejected)
+    report.imported += result.imported
+    if result.info is not None:
+        report.written.append(result.info)
+
+
 def import_videodpo(
     src: str,
     out: str,
@@ -66,7 +147,8 @@ def import_videodpo(
     source_name: str = "videodpo",
     overwrite: bool = False,
 ) -> ImportReport:
-    """Import the dataset at `src` (path or URL) into `{out}/pairs/shard-*.parquet` and report what happened.
+    """Import the dataset at `src` (path or URL) into `{out}/pairs/shard-*.parquet`, one shard after the other (the
+    `import-videodpo` command runs the same shards as parallel Ray Data tasks: `jobs.import_videodpo`).
 
     mp4 bytes are kept as they are (win_video / lose_video; every file is decoded once to validate it and read its
     fps). Ids: prompt `{source_name}-{k:06d}`, samples `{source_name}-{metadata index:06d}`, pair id
@@ -75,28 +157,11 @@ def import_videodpo(
     DatasetImportError at the first bad pair, before its shard is written. Committed shards are skipped unless
     `overwrite`.
     """
-    if rows_per_shard <= 0:
-        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
-    metadata = _read_json_list(src, "metadata.json")
-    pairs = _read_json_list(src, "pair.json")
-    report = ImportReport(source=src, output=out, num_pairs=len(pairs))
-    for shard_index in range(math.ceil(len(pairs) / rows_per_shard)):
-        if not overwrite and shards.shard_exists(out, "pairs", shard_index):
-            report.skipped_shards.append(shard_index)
-            continue
-        rows = []
-        for k in range(shard_index * rows_per_shard, min((shard_index + 1) * rows_per_shard, len(pairs))):
-            try:
-                rows.append(_pair_row(src, k, pairs[k], metadata, source_name, weight_fn))
-            except _Rejected as rejection:
-                if strict:
-                    raise DatasetImportError(f"{src}: pair {k}: {rejection}") from None
-                report.rejected.append(RejectedPair(k, str(rejection)))
-        if rows:
-            table = shards.make_table("pairs", rows)
-            report.written.append(shards.write_shard(table, out, "pairs", shard_index, overwrite=overwrite))
-            report.imported += len(rows)
-    return report
+    plan = plan_import(src, out, rows_per_shard, overwrite)
+    for source in plan.pending:
+        result = import_shard(src, out, source, strict, weight_fn, source_name, overwrite)
+        add_shard_import(plan.report, result, strict)
+    return plan.report
 
 
 def _read_json_list(src: str, name: str) -> list[Any]:
@@ -113,7 +178,7 @@ def _read_json_list(src: str, name: str) -> list[Any]:
 
 
 def _pair_row(
-    src: str, k: int, pair: Any, metadata: list[Any], source_name: str, weight_fn: WeightFn | None
+    src: str, k: int, pair: Any, source: ShardSource, source_name: str, weight_fn: WeightFn | None
 ) -> dict[str, Any]:
     if not isinstance(pair, dict):
         raise _Rejected(f"pair.json entry is a {type(pair).__name__}, expected an object")
@@ -122,9 +187,9 @@ def _pair_row(
         raise _Rejected(f"video1/video2 are ({win_index}, {lose_index}), expected ({2 * k}, {2 * k + 1})")
     if pair.get("label", 0) != 0:
         raise _Rejected(f"label is {pair['label']!r}; the released layout always has 0 (video1 wins)")
-    if lose_index >= len(metadata):
-        raise _Rejected(f"metadata.json has {len(metadata)} entries, no entry {lose_index}")
-    win_meta, lose_meta = metadata[win_index], metadata[lose_index]
+    if lose_index >= source.num_metadata:
+        raise _Rejected(f"metadata.json has {source.num_metadata} entries, no entry {lose_index}")
+    win_meta, lose_meta = source.metadata[win_index], source.metadata[lose_index]
     prompt = _caption(win_meta)
     if prompt is None:
         raise _Rejected(f"metadata entry {win_index}: misc.frame_caption[0] is missing or empty")
@@ -194,6 +259,8 @@ def _load_video(src: str, entry: Any, index: int, folder: str) -> tuple[bytes, t
         data = storage.read_bytes(storage.join(src, relative))
     except FileNotFoundError:
         raise _Rejected(f"video file {relative} (metadata entry {index}) is missing") from None
+    from videodpo_ray.video import decode_mp4  # PyAV and torch: in the tasks that decode, not in the driver
+
     try:
         frames, fps = decode_mp4(data, name=relative)
     except VideoDecodeError as error:
