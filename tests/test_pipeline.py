@@ -30,6 +30,19 @@ def test_tiny_config_is_valid_and_on_policy():
         load_pipeline_config(TINY_CONFIG, ["generate.samples_per_prompt=1"])
 
 
+@pytest.mark.parametrize("name", ["pipeline_vc2.yaml", "pipeline_wan.yaml"])
+def test_cluster_pipeline_configs_resolve_on_policy(name: str):
+    """The shipped rounds: each config and the training recipe it names validate, and training is on-policy (the
+    weights that sampled the pairs are the ones trained)."""
+    from videodpo_ray.stages.pipeline import load_pipeline_config, train_config
+
+    config = load_pipeline_config(TINY_CONFIG.parent / name)
+    trained = train_config(config)
+    weights = ("family", "variant", "path")
+    assert [getattr(trained.model, key) for key in weights] == [getattr(config.model, key) for key in weights]
+    assert trained.data.pairs_url == config.out
+
+
 def test_pipeline_end_to_end_writes_a_sane_report(ray_cluster, tmp_path: Path):
     from jobs.pipeline import run_pipeline
     from videodpo_ray.stages.pipeline import load_pipeline_config
