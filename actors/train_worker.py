@@ -6,8 +6,8 @@ and every micro-batch draws its timesteps and noise from a generator seeded with
 A checkpoint restores weights, optimizer and LR scheduler (DeepSpeed), the data position, the pair log and the RNGs.
 
 Text embeddings: when every pair row stores its prompt's (as the pair stage writes them), the model is built without
-its text encoder and the empty prompt's comes from `tensor_bytes.empty_prompt_url`; otherwise prompts are encoded per
-batch through a bounded CPU LRU cache (`data.prompt_cache_entries`).
+its text encoder (the final report's `built_parameters` shows it) and the empty prompt's comes from
+`tensor_bytes.empty_prompt_url`; otherwise prompts are encoded per batch through a bounded CPU LRU cache.
 """
 
 from __future__ import annotations
@@ -375,9 +375,8 @@ class DPOWorker:
         if self._frozen_fingerprint() != self.initial_fingerprint:
             raise RuntimeError("the frozen weights (reference model, VAE, base weights) changed during training")
         export_url = self._export() if self.config.export.enabled else None
-        # built_parameters: the model as built, before the DPO reference copy (no text encoder: shards store embeddings)
         return {"done": True, "reference_unchanged": True, "export_url": export_url,
-                "built_parameters": self.built_parameters}
+                "built_parameters": self.built_parameters}  # the model as built, before the DPO reference copy
 
     def _export(self) -> str:
         import deepspeed

@@ -6,10 +6,11 @@ committed by the driver as soon as all of the chunk's rows are back (scores last
 shard is). Samples the sampler or scorer gave up on go to `{out}/failures/shard-{chunk:05d}` first
 (`stages.generate.split_failures`): a poison prompt never stops a chunk from committing.
 
-One Ray Data pipeline runs over all pending chunks, so each actor loads its model once. A failing batch drops only
-its rows; its chunk stays uncommitted, every other chunk is committed, and the job ends with an error naming the
-incomplete chunks. A rerun skips committed chunks, re-scores chunks whose samples were committed but not their
-scores, and samples the rest: no chunk is ever written twice or duplicated.
+One Ray Data pipeline runs over all pending chunks, so each actor loads its model once; a chunk is one task per
+stage. A task that fails (not a poison prompt: out of memory, a bug) drops only its chunk's rows; that chunk stays
+uncommitted, every other chunk is committed, and the job ends with an error naming the incomplete chunks. A rerun
+skips committed chunks, re-scores chunks whose samples were committed but not their scores, and samples the rest: no
+chunk is ever written twice or duplicated.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from videodpo_ray.stages.common import ChunkProgress
 from videodpo_ray.stages.generate import (
     GenerateConfig,
     GenerateReport,
+    chunk_failures,
     committed_samples,
     plan_generate,
     record_sampler_device,
@@ -63,10 +65,9 @@ def generate(
         sampler_class, scorer_class = sampler_class or SamplerActor, scorer_class or OmniScorer
 
         connect_ray()
-        if plan.to_sample:
-            record_sampler_device(config, ray.cluster_resources().get("GPU", 0.0))
         sources = []
         if plan.to_sample:
+            record_sampler_device(config, ray.cluster_resources().get("GPU", 0.0))
             sources.append(
                 ray.data.from_arrow(request_blocks(config, plan.to_sample)).map_batches(
                     sampler_class,
@@ -92,13 +93,15 @@ def generate(
         )
         rescoring = {chunk.index for chunk in plan.to_score}
 
-        def commit(index: int, rows: pa.Table) -> None:
+        def commit(index: int, rows: pa.Table) -> None:  # failures first: a crash after them redoes the chunk
             rows, failures = split_failures(rows)
+            failures = chunk_failures(config.out, index, failures, rescored=index in rescoring)
+            if failures:
+                failed = shards.make_table("failures", failures)
+                shards.write_shard(failed, config.out, "failures", index, overwrite=True)
             if index not in rescoring:
                 samples = shards.project_table(rows, "samples")
                 shards.write_shard(samples, config.out, "samples", index, allow_empty=True)
-            if failures:
-                shards.write_shard(shards.make_table("failures", failures), config.out, "failures", index)
             shards.write_shard(shards.project_table(rows, "scores"), config.out, "scores", index, allow_empty=True)
             (report.rescored if index in rescoring else report.sampled).append(index)
 

@@ -409,6 +409,12 @@ def test_a_poison_prompt_is_recorded_its_chunk_commits_and_retry_failed_redoes_i
     assert (report.skipped, report.sampled, len(report.failures)) == ([0, 1], [], 2)
     assert _committed_files(out) == after
 
+    storage.remove(shards.manifest_url(out, "scores", 0))  # a crash between chunk 0's samples and its scores
+    report = generate(config, prompts=prompts)  # scores the 2 committed samples again, keeps the sample failures
+    assert (report.rescored, report.incomplete, len(report.failures)) == ([0], {}, 2)
+    assert _committed_files(out) == after
+    assert [info.num_rows for info in shards.list_shards(out, "failures")] == [2]
+
     report = generate(config.model_copy(update={"retry_failed": True}), prompts=prompts)  # the model is fixed now
     assert (report.retried, report.sampled, report.skipped, report.failures) == ([0], [0], [1], [])
     samples = shards.read_shard(shards.list_shards(out, "samples")[0])

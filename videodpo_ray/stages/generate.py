@@ -291,10 +291,13 @@ class GeneratePlan:
     samples_per_prompt: int
     to_sample: list[PromptChunk] = field(default_factory=list)
     to_score: list[PromptChunk] = field(default_factory=list)
+    committed_rows: dict[int, int] = field(default_factory=dict)  # rows of the committed samples of `to_score`
 
     def pending_rows(self) -> dict[int, int]:
-        """Sample rows expected back per chunk this run works on."""
-        return {chunk.index: len(chunk.prompts) * self.samples_per_prompt for chunk in self.to_sample + self.to_score}
+        """Sample rows expected back per chunk this run works on (a committed samples shard lacks the prompts that
+        failed sampling)."""
+        rows = {chunk.index: len(chunk.prompts) * self.samples_per_prompt for chunk in self.to_sample}
+        return rows | {chunk.index: self.committed_rows[chunk.index] for chunk in self.to_score}
 
 
 def record_sampler_device(config: GenerateConfig, cluster_gpus: float) -> None:
@@ -314,14 +317,26 @@ def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> Gener
         for info in shards.list_shards(config.out, "failures"):
             uncommit_for_retry(config.out, info)
             report.retried.append(info.index)
+    done = {info.index for info in shards.list_shards(config.out, "scores")}
+    sampled = {info.index: info.num_rows for info in shards.list_shards(config.out, "samples")}
     for chunk in chunks:
-        if shards.shard_exists(config.out, "scores", chunk.index):
+        if chunk.index in done:
             plan.report.skipped.append(chunk.index)
-        elif shards.shard_exists(config.out, "samples", chunk.index):
+        elif sampled.get(chunk.index):  # (a chunk whose every prompt failed is sampled again: nothing to score)
             plan.to_score.append(chunk)
+            plan.committed_rows[chunk.index] = sampled[chunk.index]
         else:
             plan.to_sample.append(chunk)
     return plan
+
+
+def chunk_failures(out: str, index: int, failures: list[dict[str, Any]], rescored: bool) -> list[dict[str, Any]]:
+    """The failures shard of chunk `index`: this run's failures, plus, when the chunk was only scored again, the
+    sampling failures recorded with its samples (those prompts are not in the samples any more)."""
+    recorded = {info.index: info for info in shards.list_shards(out, "failures")} if rescored else {}
+    if index not in recorded:
+        return failures
+    return [row for row in shards.read_shard(recorded[index]).to_pylist() if row["stage"] == "sample"] + failures
 
 
 def recorded_failures(out: str) -> list[dict[str, Any]]:
