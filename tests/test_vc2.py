@@ -78,6 +78,17 @@ def test_sampling_is_deterministic_per_seed():
     assert (alone[0].int() - first[1].int()).abs().max() <= 1
 
 
+def test_ddim_grid_is_lvdms_and_any_step_count_samples():
+    from videodpo_ray.models.vc2_schedule import VC2NoiseSchedule
+
+    schedule = VC2NoiseSchedule()
+    assert schedule.ddim_timesteps(50) == list(range(1, 1000, 20))  # lvdm: 1, 21, ..., 981
+    assert schedule.ddim_timesteps(3) == [1, 334, 667]  # lvdm's grid would be 1, 334, 667, 1000: out of range
+    assert all(len(schedule.ddim_timesteps(n)) == n for n in (1, 3, 7, 25, 30, 999, 1000))
+    video = tiny().sample(["a cat"], [1], num_inference_steps=3)
+    assert video.shape == (1, 4, 16, 16, 3)
+
+
 def test_videos_are_encoded_frame_by_frame_and_decoded_to_uint8():
     model = tiny()
     videos = torch.randint(0, 256, (2, 3, 16, 16, 3), dtype=torch.uint8)

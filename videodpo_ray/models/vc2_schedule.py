@@ -60,9 +60,11 @@ class VC2NoiseSchedule:
         return abar.sqrt() * x0 * _gather(self.scale_arr, timesteps, x0) + (1.0 - abar).sqrt() * noise
 
     def ddim_timesteps(self, num_steps: int) -> list[int]:
-        """lvdm's "uniform" DDIM grid: 0, c, 2c, ... shifted by one (1, 21, ..., 981 for 50 steps)."""
+        """lvdm's "uniform" DDIM grid: 0, c, 2c, ... shifted by one (1, 21, ..., 981 for 50 steps), its first
+        `num_steps` points (lvdm's own grid has one step too many, ending at the out-of-range 1000, when `num_steps`
+        does not divide 1000: 3 steps give 1, 334, 667 here)."""
         stride = self.config.num_train_timesteps // num_steps
-        return [t + 1 for t in range(0, self.config.num_train_timesteps, stride)]
+        return [t + 1 for t in range(0, self.config.num_train_timesteps, stride)][:num_steps]
 
     @torch.no_grad()
     def ddim_sample(
