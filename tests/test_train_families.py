@@ -50,11 +50,12 @@ def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray
     result = run_training(config)
     assert result.error is None
     assert result.metrics["reference_unchanged"] is True
-    # what the workers built: without its text encoder exactly when every pair stores its text embedding
+    # what the workers built: without its text encoder exactly when every pair stores its text embedding (the T5 /
+    # umT5 encoders of CogVideoX and Wan load on first use, outside the module tree: the counts are equal for them)
     with_text = sum(parameter.numel() for parameter in initial.parameters())
     bare = build_model(model_config.model_copy(update={"build_text_encoder": False}), seed=0)
     without_text = sum(parameter.numel() for parameter in bare.parameters())
-    assert without_text < with_text
+    assert without_text < with_text or family in ("cogvideox", "wan")
     assert result.metrics["built_parameters"] == (without_text if latents == "stored" else with_text)
 
     # 4 steps of 2 pairs make epoch 0 (all 8 pairs once), step 4 starts epoch 1
