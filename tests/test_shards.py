@@ -181,17 +181,18 @@ def test_interrupted_write_leaves_no_visible_shard(root: str, monkeypatch: pytes
 
 
 def test_a_crashed_writes_temporary_object_is_ignored_then_removed_by_the_next_commit(root: str) -> None:
-    """A writer killed between upload and commit leaves `_tmp-*` behind: readers never see it, and the stage's next
-    successful commit in that folder deletes it (only objects older than that commit: a write in flight stays)."""
+    """A writer killed between upload and commit leaves `_tmp-*` behind: readers never see it, and the rerun's commit
+    of that shard (an uncommitted shard is always written again) deletes it; other shards' temporaries stay."""
     table = shards.make_table("pairs", pair_rows(2))
     leftover = storage.stage(shards.shard_url(root, "pairs", 1), b"half of a parquet file")
+    other = storage.stage(shards.shard_url(root, "pairs", 2), b"another writer's upload")
     assert shards.list_shards(root, "pairs") == []
     time.sleep(1.1)  # object stores keep modification times in whole seconds
-    info = shards.write_shard(table, root, "pairs", 0)
-    assert not storage.exists(leftover)
+    info = shards.write_shard(table, root, "pairs", 1)
+    assert not storage.exists(leftover) and storage.exists(other)
     assert shards.list_shards(root, "pairs") == [info]
-    in_flight = storage.stage(shards.shard_url(root, "pairs", 2), b"being written")
-    assert shards.write_shard(table, root, "pairs", 0) == info  # a no-op rewrite commits nothing, removes nothing
+    in_flight = storage.stage(shards.shard_url(root, "pairs", 1), b"being written")
+    assert shards.write_shard(table, root, "pairs", 1) == info  # a no-op rewrite commits nothing, removes nothing
     assert storage.exists(in_flight)
 
 

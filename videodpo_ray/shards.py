@@ -216,7 +216,7 @@ def write_shard(
         storage.remove(marker)
     storage.commit(staged, url)
     storage.write_bytes_atomic(marker, _manifest_json(info))
-    storage.remove_crashed_writes(storage.join(root, kind), marker)
+    storage.remove_crashed_writes(marker, f"shard-{index:05d}.")  # the parquet's and the manifest's temporaries
     return info
 
 

@@ -123,16 +123,19 @@ def find_temporary(url: str) -> list[Entry]:
     )
 
 
-def remove_crashed_writes(directory: str, committed: str) -> None:
-    """Delete the temporary objects (`stage`) directly under `directory` that are older than the object `committed`,
-    which the caller has just committed there: what crashed writes left behind (readers never see them). A write
-    still in flight started after that commit and stays."""
-    entries = list_entries(directory)
-    cutoff = next((entry.modified for entry in entries if entry.url == committed), None)
-    for entry in entries:
-        name = entry.url.rsplit("/", 1)[-1]
-        if name.startswith(TEMP_PREFIX) and cutoff and entry.modified and entry.modified < cutoff:
-            remove(entry.url)
+def remove_crashed_writes(committed: str, stem: str) -> None:
+    """Delete the temporary objects (`stage`) of `stem`* beside `committed`, the object the caller has just committed,
+    that are older than it: what crashed writes of the same key left behind (readers never see them). One prefix
+    listing, not the whole folder: the cost of a commit does not grow with the shard count. A write still in flight
+    started after the commit and stays."""
+    fs, path = filesystem_for(committed)
+    parent = posixpath.dirname(path)
+    fs.invalidate_cache(parent)
+    cutoff = _entry(committed, fs.info(path)).modified
+    for name, info in fs.glob(posixpath.join(parent, f"{TEMP_PREFIX}{stem}*"), detail=True).items():
+        modified = _entry(committed, info).modified
+        if cutoff and modified and modified < cutoff:
+            fs.rm_file(name)
 
 
 def newest_change(url: str) -> datetime | None:

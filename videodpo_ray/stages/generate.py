@@ -85,7 +85,7 @@ REQUEST_SCHEMA = pa.schema(
 )
 SAMPLER_OUTPUT_COLUMNS = [*REQUEST_SCHEMA.names, "video", "fps", "model", "failed_reason", "attempts"]
 """What the sampler returns: the request columns, the mp4 (null when sampling failed), its fps and model label, why
-sampling failed (null on success) and how many sampler calls the row took part in."""
+sampling failed (null on success) and, for a failed row, how many sampler calls it took part in (1 otherwise)."""
 T = TypeVar("T")
 
 
