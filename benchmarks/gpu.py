@@ -5,14 +5,15 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
   VC2 (50 DDIM steps, CFG 12, 16x320x512, batch 8 = 16 rows), T2V-Turbo (4 LCM steps, no CFG pass, batch 8),
   CogVideoX-2B (50 steps, CFG, 49x480x720) and Wan-1.3B (50 steps, CFG, 81x480x832) at batch 2 = 4 rows (long
   sequences: throughput per row is flat there; their T5 encoders are not built, text embeddings are random);
-  baseline = float32 weights + bf16 autocast (the reference figures' setting; Wan: CFG as two denoiser calls, VC2:
-  one VAE call per frame index), fast = every weight in bf16 (`freeze_for_sampling`), CFG in one call, VAE frames
-  pooled, then + channels-last convolutions;
+  baseline = float32 weights + bf16 autocast with the UNet's norms in float32 (the reference figures' setting; Wan:
+  CFG as two denoiser calls, VC2: one VAE call per frame index), fast = every weight in bf16 (`freeze_for_sampling`),
+  CFG in one call, VAE frames pooled, then + the VC2 UNet's input-dtype norms (`norms_in_input_dtype`);
+- VC2 sampling with `compile: true` (inductor), in a subprocess with a hard time cap: the UNet forward eager vs
+  compiled at the sampler's CFG batch, then `sample()` end to end with the compiled UNet;
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
   checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
   and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
-  frozen LoRA base + foreach AdamW, fast = bf16 frozen base + fused AdamW;
-- torch.compile of the VC2 UNet forward (bf16 weights, batch 8 rows) in a subprocess with a hard time cap.
+  frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen base + fused AdamW + input-dtype norms.
 MFU: FLOPs counted once per case with `torch.utils.flop_counter.FlopCounterMode` (a denoiser call; a whole
 training step, so checkpointing's recompute counts) against a dense bf16 peak of 989 TFLOP/s (H100/H200 SXM),
 also shown as a fraction of the bf16 matmul rate measured first. Results go to `--json` after every measurement
@@ -45,8 +46,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.models.base import VideoDiffusionModel
-from videodpo_ray.models.modules import hold_frozen_in, weight_dtype
+from videodpo_ray.models.modules import hold_frozen_in, norms_in_input_dtype, weight_dtype
 from videodpo_ray.training.step import dpo_step
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from traffic import plain_norms  # noqa: E402  (benchmarks/ is not a package)
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (the spec sheet's 1979 is with 2:4 sparsity)
 LORA = {"rank": 64}
@@ -291,6 +295,7 @@ def sampling_case(bench: Bench, family: str) -> None:
         return row
 
     baseline: list[dict[str, Any]] = []
+    swapped_norms = plain_norms(model.denoiser)  # the reference figures' UNet: autocast runs its norms in fp32
     two_calls = family == "wan"  # the previous Wan loop: conditional and unconditional rows in two calls
     frame_pooling = hasattr(model, "vae_decode_frames")
     if frame_pooling:
@@ -309,9 +314,10 @@ def sampling_case(bench: Bench, family: str) -> None:
     last = measure("fast: bf16 weights", lambda: predict(slice(None)),
                    "bf16 denoiser/VAE/text encoder" + (", CFG in 1 call" if two_calls else "")
                    + (f", {model.vae_decode_frames} frames per VAE call" if frame_pooling else ""))
-    if family in ("vc2", "t2v_turbo") and bench.remaining() > 0:
-        model.use_channels_last()
-        last = measure("fast + channels-last", lambda: predict(slice(None)), "conv weights NHWC")
+    if swapped_norms and bench.remaining() > 0:
+        norms_in_input_dtype(model.denoiser)
+        last = measure("fast + input-dtype norms", lambda: predict(slice(None)),
+                       f"{swapped_norms} norms in bf16 under autocast (no fp32 islands)")
     if family == "vc2" and bench.remaining() > 0:
         check_steps = 2 if bench.tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
         seconds = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps), 0, 1)
@@ -349,14 +355,20 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     flops_pair = count_flops(bench, case, lambda: step(1, None))  # executed FLOPs of a 1-pair step (incl. recompute)
     for parameter in model.trainable_parameters():
         parameter.grad = None
+    denoisers = [module for module in (model.denoiser, model.reference_denoiser) if module is not None]
+    swapped_norms = sum(plain_norms(module) for module in denoisers)  # the reference figures' UNet
     variants = [("baseline: " + ("fp32 frozen base" if lora else "fp32 master") + " + autocast, foreach AdamW",
                  1, False)]
-    variants += [(f"fast: {'bf16 frozen base, ' if lora else ''}fused AdamW", pairs, True) for pairs in pair_counts]
+    fast_label = (f"fast: {'bf16 frozen base, ' if lora else ''}fused AdamW"
+                  + (", input-dtype norms" if swapped_norms else ""))
+    variants += [(fast_label, pairs, True) for pairs in pair_counts]
     heavy = family in ("wan", "cogvideox")  # seconds per step: 1 timed step (the FLOP count warmed up)
 
     def measure(label: str, pairs: int, fast: bool) -> dict[str, Any]:
         # the frozen LoRA base in float32 (baseline) or the compute dtype (fast); a no-op for a full finetune
         hold_frozen_in(model.denoiser, bench.compute_dtype if fast else torch.float32)
+        for module in denoisers if fast else ():
+            norms_in_input_dtype(module)
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6, weight_decay=0.01,
                                       fused=fast and bench.cuda)
         if not heavy:
@@ -404,9 +416,10 @@ def info_lora_overhead(bench: Bench, model: VideoDiffusionModel, case: str) -> N
 
 # --- cases: torch.compile --------------------------------------------------------------------------------------------
 def compile_case(bench: Bench) -> None:
-    """The VC2 UNet forward, eager vs torch.compile, in a subprocess killed at the cap (compiling takes minutes)."""
-    case = "VC2 UNet forward, torch.compile"
-    cap = min(240.0, bench.remaining() - 5.0)
+    """VC2 sampling with `compile: true`: the UNet forward eager vs compiled, then `sample()` end to end, compiled,
+    in a subprocess killed at the cap (compiling takes minutes)."""
+    case = "VC2 sampling, torch.compile"
+    cap = min(300.0, bench.remaining() - 5.0)
     if cap < (20.0 if bench.tiny else 90.0):
         bench.note("skipped", case, f"{cap:.0f} s left: not enough to compile")
         return
@@ -417,31 +430,43 @@ def compile_case(bench: Bench) -> None:
         output, _ = process.communicate(timeout=cap)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
-        process.communicate()
-        bench.note("skipped", case, f"compilation did not finish within the {cap:.0f} s cap (killed)")
+        output, _ = process.communicate()
+    lines = [json.loads(line.removeprefix(RESULT)) for line in output.splitlines() if line.startswith(RESULT)]
+    if not lines:
+        bench.note("errors", case, f"child exited {process.returncode} with no result: {output[-800:]}")
         return
-    lines = [line.removeprefix(RESULT) for line in output.splitlines() if line.startswith(RESULT)]
-    if process.returncode != 0 or not lines:
-        bench.note("errors", case, f"child exited {process.returncode}: {output[-800:]}")
-        return
-    result = json.loads(lines[-1])
+    result = {key: value for line in lines for key, value in line.items()}  # what finished before any kill
     backend = "eager backend (tiny: dynamo capture only)" if bench.tiny else "inductor"
-    weights = "fp32" if bench.tiny else "bf16"
-    note = f"batch {result['rows']} rows, {weights} weights, {backend}; compile took {result['compile_s']:.0f} s"
+    note = f"bf16 weights, {backend}; compile took {result['compile_s']:.0f} s"
     if result["fell_back"]:
         note += "; COMPILATION FAILED, ran eager"
-    bench.record({"case": case, "variant": "eager", "batch": result["rows"], "step_s": result["eager_s"]})
-    bench.record({"case": case, "variant": "compiled", "batch": result["rows"], "step_s": result["compiled_s"],
+    batch, rows = result["batch"], result["rows"]
+    bench.record({"case": case, "variant": "UNet forward, eager", "batch": rows, "step_s": result["eager_s"]})
+    bench.record({"case": case, "variant": "UNet forward, compiled", "batch": rows, "step_s": result["compiled_s"],
                   "speedup": result["eager_s"] / result["compiled_s"], "note": note})
+    if "sample_s" not in result:
+        bench.note("skipped", case, f"sample() end to end did not finish within the {cap:.0f} s cap")
+        return
+    steps = SAMPLING["vc2"][0]
+    extra = result["sample_s"] - result["check_steps"] * result["compiled_s"]  # decode + text + loop, measured
+    total = steps * result["compiled_s"] + extra
+    bench.record(with_mfu(bench, {
+        "case": case, "variant": "compile: true, sample() end to end", "batch": batch,
+        "s_per_video": total / batch, "videos_per_s": batch / total, "step_s": result["compiled_s"],
+        "note": f"sample() with {result['check_steps']} steps took {result['sample_s']:.2f} s; {steps} steps = "
+                f"{steps} x compiled step + the rest of that run ({extra:.2f} s: text, noise, decode)"},
+        bench.results.get("flops", {}).get("VC2 sampling"), result["compiled_s"]))
 
 
 def compile_child(tiny: bool) -> None:
-    """Subprocess body: eager and compiled forward times of the bf16 VC2 UNet; prints one JSON line."""
+    """Subprocess body: eager and compiled forward times of the bf16 VC2 UNet at the sampler's CFG batch, then one
+    compiled `sample()`; prints a JSON line after each part (a kill at the cap keeps what finished)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     bench = Bench(device, tiny, time.monotonic() + 1e9, None)
     model = build(bench, "vc2", mixed_precision=bench.precision)
     model.freeze_for_sampling()
-    rows = 2 if tiny else 8
+    batch = 2 if tiny else SAMPLING["vc2"][2]
+    rows = 2 * batch  # CFG: conditional and unconditional rows in one call, as sample() makes them
     latents, timesteps, text = random_inputs(bench, model, rows)
 
     def forward() -> None:
@@ -459,22 +484,27 @@ def compile_child(tiny: bool) -> None:
     bench.sync()
     compile_s = time.perf_counter() - start
     compiled_s = bench.timed(forward, 1, 5)
-    print(RESULT + json.dumps({"rows": rows, "eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s,
-                      "fell_back": bool(warnings)}), flush=True)
+    print(RESULT + json.dumps({"batch": batch, "rows": rows, "eager_s": eager_s, "compiled_s": compiled_s,
+                               "compile_s": compile_s, "fell_back": bool(warnings)}), flush=True)
+    check_steps = 2 if tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
+    prompts = [f"{PROMPT} {index}" for index in range(batch)]
+    model.sample(prompts, list(range(batch)), num_inference_steps=check_steps)  # warm-up: encoder, decoder
+    sample_s = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps), 0, 1)
+    print(RESULT + json.dumps({"sample_s": sample_s, "check_steps": check_steps}), flush=True)
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
 CASES: list[tuple[str, float, Callable[[Bench], None]]] = [  # name, H200 estimate (s), body; most important first
     ("vc2-sampling", 60, lambda bench: sampling_case(bench, "vc2")),
+    ("vc2-compile", 170, compile_case),
     ("vc2-dpo-full", 60, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
     ("vc2-dpo-lora", 55, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
+    ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
     ("wan-dpo-lora", 40, lambda bench: dpo_case(bench, "wan", "lora", (1,))),
     ("wan-dpo-full", 45, lambda bench: dpo_case(bench, "wan", "full", (1,))),
-    ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
     ("cogvideox-sampling", 35, lambda bench: sampling_case(bench, "cogvideox")),
     ("wan-sampling", 50, lambda bench: sampling_case(bench, "wan")),
     ("cogvideox-dpo-lora", 30, lambda bench: dpo_case(bench, "cogvideox", "lora", (1,))),
-    ("vc2-compile", 100, compile_case),
 ]
 
 

@@ -5,6 +5,8 @@ Tolerances (videos are uint8, latents float32):
   float rounding of batched kernels: latents within 1e-5, videos within 1 level of 255;
 - bf16 frozen weights (sampling-only models, LoRA base weights) against float32 weights + bf16 autocast: the same
   DPO losses and MSEs within 2% (bf16 keeps 8 mantissa bits; autocast already rounds every GEMM input to bf16);
+- norms in the input dtype (`norms_in_input_dtype`): exactly `nn.GroupNorm` / `nn.LayerNorm` in float32; bf16 out
+  under bf16 autocast, within bf16 rounding of the float32 result; a bf16 VC2 DPO step within 2% of float32;
 - a seed fixes its video whatever its batch (batch of 1 and of 4): within 1 level in float32, 2 levels in bf16.
 `torch.compile` with inductor generates C++ on the CPU (minutes even for the tiny presets): here the "eager" backend
 checks that dynamo captures the denoiser unchanged, a failing backend checks the eager fallback, and
@@ -13,7 +15,10 @@ checks that dynamo captures the denoiser unchanged, a failing backend checks the
 
 from __future__ import annotations
 
+import copy
+import importlib.util
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -23,7 +28,7 @@ from torch import nn
 from actors.sampler import SamplerActor
 from videodpo_ray.models import ModelConfig, build_model, families
 from videodpo_ray.models.base import VideoDiffusionModel
-from videodpo_ray.models.modules import compile_module, hold_frozen_in, weight_dtype
+from videodpo_ray.models.modules import compile_module, hold_frozen_in, norms_in_input_dtype, weight_dtype
 from videodpo_ray.stages.common import SamplingConfig
 from videodpo_ray.training.step import dpo_step
 
@@ -85,24 +90,81 @@ def perturb(model: VideoDiffusionModel) -> None:
             parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
 
 
+def dpo_outputs(model: VideoDiffusionModel) -> dict[str, torch.Tensor]:
+    """Loss and MSEs of one DPO step on two random videos, the policy perturbed away from the reference."""
+    perturb(model)
+    generator = torch.Generator().manual_seed(1)
+    frames, height, width = model.video_size
+    videos = torch.randint(0, 256, (2, frames, height, width, 3), dtype=torch.uint8, generator=generator)
+    latents = model.encode_videos(videos)
+    text = model.encode_prompts(PROMPTS[:1])
+    output = dpo_step(model, latents[:1], latents[1:], text, None, beta_dpo=10.0,
+                      generator=torch.Generator().manual_seed(0))
+    return {"loss": output.loss.detach(), **output.metrics}
+
+
+def assert_same_dpo(fast: dict[str, torch.Tensor], plain: dict[str, torch.Tensor]) -> None:
+    for name in ("loss", "model_mse_win", "model_mse_lose", "ref_mse_win", "ref_mse_lose"):
+        torch.testing.assert_close(fast[name], plain[name], rtol=0.02, atol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("family", ["vc2", "cogvideox", "wan"])  # t2v_turbo has VC2's UNet
 def test_dpo_loss_with_bf16_lora_base_matches_float32_base_under_autocast(family: str):
     outputs = []
     for fast in (False, True):
         model = build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16")
-        model = model if fast else autocast_baseline(model)
-        perturb(model)
-        generator = torch.Generator().manual_seed(1)
-        frames, height, width = model.video_size
-        videos = torch.randint(0, 256, (2, frames, height, width, 3), dtype=torch.uint8, generator=generator)
-        latents = model.encode_videos(videos)
-        text = model.encode_prompts(PROMPTS[:1])
-        output = dpo_step(model, latents[:1], latents[1:], text, None, beta_dpo=10.0,
-                          generator=torch.Generator().manual_seed(0))
-        outputs.append({"loss": output.loss.detach(), **output.metrics})
+        outputs.append(dpo_outputs(model if fast else autocast_baseline(model)))
     plain, fast = outputs
-    for name in ("loss", "model_mse_win", "model_mse_lose", "ref_mse_win", "ref_mse_lose"):
-        torch.testing.assert_close(fast[name], plain[name], rtol=0.02, atol=1e-4, msg=name)
+    assert_same_dpo(fast, plain)
+
+
+# --- norms in the input dtype ---------------------------------------------------------------------------------------
+def test_input_dtype_norms_are_the_plain_norms_in_float32_and_stay_bf16_under_autocast():
+    generator = torch.Generator().manual_seed(0)
+    plain = nn.Sequential(nn.GroupNorm(4, 16), nn.LayerNorm(16))
+    with torch.no_grad():
+        for parameter in plain.parameters():
+            parameter.copy_(1.0 + 0.3 * torch.randn(parameter.shape, generator=generator))
+    fast = copy.deepcopy(plain)
+    norms_in_input_dtype(fast)
+    assert [type(m).__name__ for m in fast] == ["InputDtypeGroupNorm", "InputDtypeLayerNorm"]
+    assert fast.state_dict().keys() == plain.state_dict().keys()
+    x = 3.0 + 2.0 * torch.randn((2, 16, 5, 16), generator=generator)
+    assert torch.equal(fast(x), plain(x))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = fast(x.bfloat16())
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), plain(x), rtol=0.02, atol=0.03)
+
+
+def load_benchmark(name: str):
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("weights", [torch.bfloat16, torch.float32])  # the sampler; a full finetune's policy
+def test_vc2_unet_under_cuda_bf16_autocast_has_no_float32_islands(weights: torch.dtype):
+    """Counted on fake CUDA tensors with CUDA's autocast policy (benchmarks/traffic.py): with the plain norms a fifth
+    of the forward's memory-bound traffic is float32 activations written; with the input-dtype norms almost none, and
+    the GEMMs, convolutions and attention are untouched."""
+    traffic = load_benchmark("traffic")
+    before = traffic.unet_traffic("tiny", 2, plain=True, weights=weights)
+    after = traffic.unet_traffic("tiny", 2, plain=False, weights=weights)
+    for kind in ("gemm", "convolution", "attention"):
+        assert after.bytes[kind] == before.bytes[kind], kind
+    memory_bound = {name: sum(v for k, v in c.bytes.items() if k not in traffic.COMPUTE)
+                    for name, c in (("before", before), ("after", after))}
+    assert before.float32_written > 0.1 * memory_bound["before"]
+    assert after.float32_written < 0.02 * memory_bound["after"]  # the timestep sinusoids
+    assert memory_bound["after"] < 0.7 * memory_bound["before"]
+
+
+def test_a_bf16_vc2_dpo_step_matches_float32_within_bf16_tolerance():
+    plain, fast = (dpo_outputs(build("vc2", mixed_precision=precision)) for precision in ("no", "bf16"))
+    assert_same_dpo(fast, plain)
 
 
 @pytest.mark.parametrize("family", ["vc2", "wan"])  # a plain UNet; a transformer with `_keep_in_fp32_modules`

@@ -10,6 +10,8 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.unets.unet_3d_condition import UNet3DConditionModel, UNet3DConditionOutput
 from torch import nn
 
+from videodpo_ray.models.modules import norms_in_input_dtype
+
 
 class VC2UNet3DConditionModel(UNet3DConditionModel):
     """`UNet3DConditionModel` with VC2's fps conditioning and T2V-Turbo's guidance conditioning.
@@ -18,6 +20,8 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
       added to `time_embedding`'s output, as in the lvdm UNet with `fps_cond=True`;
     - T2V-Turbo's `time_cond_proj` is diffusers' `time_embedding.cond_proj` (`time_cond_proj_dim=256`), fed the
       guidance-scale embedding as `timestep_cond`;
+    - every norm runs in its input's dtype under bf16 autocast (`norms_in_input_dtype`: no fp32 islands, as lvdm's
+      GroupNorm32 returns its input's dtype); float32 forwards are unchanged;
     - every dropout is disabled: DPO compares policy and reference predictions, which must be deterministic
       (the original temporal convolutions use dropout 0.1 in training);
     - `enable_gradient_checkpointing()` checkpoints `transformer_in` and every down/mid/up block (diffusers 0.42's
@@ -83,6 +87,7 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
+        norms_in_input_dtype(self)
 
     def enable_gradient_checkpointing(self, gradient_checkpointing_func=None) -> None:
         """Recompute each block's activations in backward (torch.utils.checkpoint, non-reentrant)."""
