@@ -11,7 +11,12 @@ repo's `norms_in_input_dtype` (bf16 in, bf16 out, float32 statistics), at VC2's 
 latents: the sampler's CFG batch) and for the training policy's forward (float32 master weights, 2 rows = 1 pair;
 the backward mirrors it, but autograd needs a real CUDA context, so it is not counted here).
 
-Run: `python benchmarks/traffic.py` (CPU, about a minute; `--tiny` for the tiny preset).
+`--lora`: a VC2 LoRA r64 policy forward (bf16 frozen base, float32 adapter, bf16 autocast), with peft's cast of
+every adapted layer's input to the adapter's float32 (`cast_input_dtype_enabled`) against the repo's input as is.
+peft builds its layers with `.to()`, which fake tensors refuse, so this one runs real CPU tensors under CPU autocast
+(the cast is peft's own, whatever the autocast policy) on small latents (2 rows of 4x4x16x16): minutes at full size.
+
+Run: `python benchmarks/traffic.py` (CPU, under a minute; `--tiny` for the tiny preset; `--lora` adds the LoRA case).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.modules import InputDtypeGroupNorm, InputDtypeLayerNorm
 from videodpo_ray.models.vc2 import PRESETS
@@ -144,11 +150,31 @@ def unet_traffic(variant: str, rows: int, *, plain: bool, weights: torch.dtype) 
     return counter
 
 
-def report(label: str, before: TrafficCounter, after: TrafficCounter) -> None:
+def lora_traffic(variant: str) -> tuple[TrafficCounter, TrafficCounter]:
+    """A LoRA r64 policy forward's traffic with peft's input cast, then with the input as is (real CPU tensors)."""
+    config = ModelConfig(family="vc2", variant=variant, finetune="lora", lora={"rank": 64}, mixed_precision="bf16",
+                         build_text_encoder=False)
+    model = build_model(config, seed=0)
+    rows, (channels, *_), frames, size = 2, LATENTS[variant], 4, 16
+    latents = torch.randn(rows, channels, frames, size, size)
+    context = torch.randn(rows, PROMPT_TOKENS, model.unet.config.cross_attention_dim)
+    counters = []
+    for cast in (True, False):
+        for layer in model._tuner_layers:
+            layer.cast_input_dtype_enabled = cast
+        counter = TrafficCounter()
+        with torch.no_grad(), counter, fused_attention(counter):
+            model.predict(latents, torch.full((rows,), 500), context)
+        counters.append(counter)
+    return counters[0], counters[1]
+
+
+def report(label: str, before: TrafficCounter, after: TrafficCounter,
+           columns: tuple[str, str] = ("plain norms", "input-dtype norms")) -> None:
     """Print the two counts side by side."""
     gb = 1e-9
     print(f"\n{label}")
-    print("| op class | plain norms GB | input-dtype norms GB |\n|---|---:|---:|")
+    print(f"| op class | {columns[0]} GB | {columns[1]} GB |\n|---|---:|---:|")
     for kind in sorted(set(before.bytes) | set(after.bytes), key=lambda k: -before.bytes[k]):
         print(f"| {kind} | {before.bytes[kind] * gb:.1f} | {after.bytes[kind] * gb:.1f} |")
     memory_bound = [sum(v for k, v in c.bytes.items() if k not in COMPUTE) for c in (before, after)]
@@ -162,6 +188,7 @@ def report(label: str, before: TrafficCounter, after: TrafficCounter) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="the tiny preset (seconds) instead of VC2's full size")
+    parser.add_argument("--lora", action="store_true", help="also the LoRA input-cast case (minutes at full size)")
     args = parser.parse_args()
     variant = "tiny" if args.tiny else "full"
     start = time.perf_counter()
@@ -169,6 +196,9 @@ def main() -> None:
                                  ("training policy forward, float32 weights, 1 pair = 2 rows", 2, torch.float32)):
         report(f"VC2 UNet ({variant}): {label}", unet_traffic(variant, rows, plain=True, weights=weights),
                unet_traffic(variant, rows, plain=False, weights=weights))
+    if args.lora:
+        report(f"VC2 UNet ({variant}): LoRA r64 policy forward, 2 rows of 4x4x16x16 latents", *lora_traffic(variant),
+               columns=("peft's input cast", "input as is"))
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

@@ -127,26 +127,32 @@ def norms_in_input_dtype(module: nn.Module) -> None:
 def inject_lora_adapter(
     module: nn.Module, config: PeftLoraConfig, adapter_name: str = "default"
 ) -> list[BaseTunerLayer]:
-    """Inject a peft LoRA adapter into `module` in place; return its tuner layers (to cache: no module walks later)."""
+    """Inject a peft LoRA adapter into `module` in place; return its tuner layers (to cache: no module walks later).
+
+    The layers feed their input to the adapter as it is (`cast_input_dtype_enabled = False`): peft would first cast
+    a bf16 activation to the float32 adapter's dtype, an fp32 copy of every adapted layer's input that autocast then
+    casts back to bf16 for the matmul. Under autocast the result is the same; in float32 nothing is cast either way."""
     from peft import inject_adapter_in_model
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     inject_adapter_in_model(config, module, adapter_name=adapter_name)
-    return [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
+    for layer in layers:
+        layer.cast_input_dtype_enabled = False
+    return layers
 
 
 @contextmanager
 def adapters_disabled(layers: Sequence[BaseTunerLayer]) -> Iterator[None]:
-    """Every adapter of `layers` off (their forward is the base layer's, exactly); on exit, the layers that were on
-    are back on and every parameter's requires_grad is what it was."""
-    flags = [(parameter, parameter.requires_grad) for layer in layers for parameter in layer.parameters()]
+    """Every adapter of `layers` off for the duration (their forward is the base layer's, exactly), then the layers
+    that were on are back on. Only the flag the layers' forward reads is flipped: peft's `enable_adapters` also resets
+    requires_grad on every adapter weight, twice per layer (24 ms per off/on at VC2's 264 LoRA layers on a CPU, against
+    1.2 ms). The adapter weights keep requires_grad: use it for a forward under no_grad, as the DPO reference."""
     enabled = [layer for layer in layers if not layer.disable_adapters]
     for layer in enabled:
-        layer.enable_adapters(False)
+        layer._disable_adapters = True
     try:
         yield
     finally:
         for layer in enabled:
-            layer.enable_adapters(True)
-        for parameter, requires_grad in flags:
-            parameter.requires_grad_(requires_grad)
+            layer._disable_adapters = False
