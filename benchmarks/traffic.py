@@ -9,7 +9,8 @@ they bound elementwise time from below on any GPU. `F.scaled_dot_product_attenti
 Compared side by side in one run: plain `nn.GroupNorm` / `nn.LayerNorm` (autocast runs them in float32), against the
 repo's `norms_in_input_dtype` (bf16 in, bf16 out, float32 statistics), at VC2's full size (batch 8 rows of 16x40x64
 latents: the sampler's CFG batch) and for the training policy's forward (float32 master weights, 2 rows = 1 pair;
-the backward mirrors it, but autograd needs a real CUDA context, so it is not counted here).
+the backward mirrors it, but autograd needs a real CUDA context, so it is not counted here), with the activations
+that forward saves for backward (what activation checkpointing would recompute instead).
 
 `--lora`: a VC2 LoRA r64 policy forward (bf16 frozen base, float32 adapter, bf16 autocast), with peft's cast of
 every adapted layer's input to the adapter's float32 (`cast_input_dtype_enabled`) against the repo's input as is.
@@ -31,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -72,6 +74,15 @@ class TrafficCounter(TorchDispatchMode):
         super().__init__()
         self.bytes: collections.Counter[str] = collections.Counter()
         self.float32_written = 0
+        self.saved_for_backward = 0  # what autograd keeps: each tensor once, autocast's weight copies, no parameters
+        self._saved: set[int] = set()
+
+    def save(self, tensor: torch.Tensor) -> torch.Tensor:
+        """A `saved_tensors_hooks` pack hook: count each saved activation once."""
+        if not isinstance(tensor, nn.Parameter) and id(tensor) not in self._saved:
+            self._saved.add(id(tensor))
+            self.saved_for_backward += tensor.numel() * tensor.element_size()
+        return tensor
 
     def add(self, kind: str, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
         self.bytes[kind] += sum(tensor.numel() * tensor.element_size() for tensor in inputs + outputs)
@@ -145,7 +156,7 @@ def unet_traffic(variant: str, rows: int, *, plain: bool, weights: torch.dtype) 
         latents = torch.randn(rows, channels, frames, height, width, dtype=torch.bfloat16)
         context = torch.randn(rows, PROMPT_TOKENS, unet.config.cross_attention_dim, dtype=torch.bfloat16)
         timesteps = torch.full((rows,), 500, dtype=torch.int64)
-        with cuda_bf16_autocast(), counter, fused_attention(counter):
+        with cuda_bf16_autocast(), counter, fused_attention(counter), saved_tensors_hooks(counter.save, lambda x: x):
             unet(latents, timesteps, encoder_hidden_states=context, fps=16)
     return counter
 
@@ -182,6 +193,9 @@ def report(label: str, before: TrafficCounter, after: TrafficCounter,
     print(f"| **total** | {totals[0] * gb:.1f} | {totals[1] * gb:.1f} |")
     print(f"| memory-bound (not GEMM / conv / attention) | {memory_bound[0] * gb:.1f} | {memory_bound[1] * gb:.1f} |")
     print(f"| float32 activations written | {before.float32_written * gb:.1f} | {after.float32_written * gb:.1f} |")
+    if before.saved_for_backward:
+        print(f"| saved for backward (no checkpointing; attention: q, k, v, out only) | "
+              f"{before.saved_for_backward * gb:.1f} | {after.saved_for_backward * gb:.1f} |")
     print(f"memory-bound traffic x{memory_bound[1] / memory_bound[0]:.2f}; total x{totals[1] / totals[0]:.2f}")
 
 
