@@ -8,8 +8,8 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
   baseline = float32 weights + bf16 autocast with the UNet's norms in float32 (the reference figures' setting; Wan:
   CFG as two denoiser calls, VC2: one VAE call per frame index), fast = every weight in bf16 (`freeze_for_sampling`),
   CFG in one call, VAE frames pooled, then + the VC2 UNet's input-dtype norms (`norms_in_input_dtype`);
-- VC2 sampling with `compile: true` (inductor), in a subprocess with a hard time cap: the UNet forward eager vs
-  compiled at the sampler's CFG batch, then `sample()` end to end with the compiled UNet;
+- `compile: true` (inductor) in a subprocess with a hard time cap: VC2 sampling (the UNet forward eager vs compiled
+  at the sampler's CFG batch, then `sample()` end to end) and VC2 full-finetune DPO (eager vs compiled steps, 4 pairs);
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
   checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
   and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
@@ -328,6 +328,27 @@ def sampling_case(bench: Bench, family: str) -> None:
 
 
 # --- cases: DPO training ---------------------------------------------------------------------------------------------
+class DPOSteps:
+    """DPO steps of `model` on random latents of its default size, up to `pairs_max` pairs per step."""
+
+    def __init__(self, bench: Bench, model: VideoDiffusionModel, pairs_max: int) -> None:
+        self.model = model
+        self.generator = torch.Generator(bench.device).manual_seed(0)
+        shape = (pairs_max, *latent_shape(model))
+        self.win = torch.randn(shape, generator=self.generator, device=bench.device)
+        self.lose = torch.randn(shape, generator=self.generator, device=bench.device)
+        self.text = torch.randn((pairs_max, *text_shape(model)), generator=self.generator, device=bench.device)
+
+    def __call__(self, pairs: int, optimizer: torch.optim.Optimizer | None) -> None:
+        """One step of `pairs` pairs: reference forward, policy forward/backward, then AdamW if given."""
+        output = dpo_step(self.model, self.win[:pairs], self.lose[:pairs], self.text[:pairs], None, beta_dpo=5000.0,
+                          generator=self.generator)
+        output.loss.backward()
+        if optimizer is not None:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+
 def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, ...]) -> None:
     """One DPO step (reference forward + policy forward/backward + AdamW), baseline vs fast, at 1..N pairs."""
     pair_counts = pair_counts[:2] if bench.tiny else pair_counts
@@ -335,22 +356,10 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     model = build(bench, family, finetune=finetune, lora=LORA, mixed_precision=bench.precision,
                   gradient_checkpointing=True)
     lora = finetune == "lora"
-    generator = torch.Generator(bench.device).manual_seed(0)
-    shape = latent_shape(model)
-    pairs_max = max(pair_counts)
-    win = torch.randn((pairs_max, *shape), generator=generator, device=bench.device)
-    lose = torch.randn((pairs_max, *shape), generator=generator, device=bench.device)
-    text = torch.randn((pairs_max, *text_shape(model)), generator=generator, device=bench.device)
-    latents = "x".join(map(str, shape))
+    step = DPOSteps(bench, model, max(pair_counts))
+    latents = "x".join(map(str, latent_shape(model)))
     if lora:
         info_lora_overhead(bench, model, case)
-
-    def step(pairs: int, optimizer: torch.optim.Optimizer | None) -> None:
-        output = dpo_step(model, win[:pairs], lose[:pairs], text[:pairs], None, beta_dpo=5000.0, generator=generator)
-        output.loss.backward()
-        if optimizer is not None:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
 
     flops_pair = count_flops(bench, case, lambda: step(1, None))  # executed FLOPs of a 1-pair step (incl. recompute)
     for parameter in model.trainable_parameters():
@@ -415,15 +424,14 @@ def info_lora_overhead(bench: Bench, model: VideoDiffusionModel, case: str) -> N
 
 
 # --- cases: torch.compile --------------------------------------------------------------------------------------------
-def compile_case(bench: Bench) -> None:
-    """VC2 sampling with `compile: true`: the UNet forward eager vs compiled, then `sample()` end to end, compiled,
-    in a subprocess killed at the cap (compiling takes minutes)."""
-    case = "VC2 sampling, torch.compile"
-    cap = min(300.0, bench.remaining() - 5.0)
+def run_compile_child(bench: Bench, case: str, kind: str, cap_s: float) -> dict[str, Any] | None:
+    """Run `--compile-child kind` in a subprocess killed at the cap (compiling takes minutes); return its results
+    (every JSON line it printed before it ended or was killed), or None with the reason noted."""
+    cap = min(cap_s, bench.remaining() - 5.0)
     if cap < (20.0 if bench.tiny else 90.0):
         bench.note("skipped", case, f"{cap:.0f} s left: not enough to compile")
-        return
-    command = [sys.executable, os.path.abspath(__file__), "--compile-child"] + (["--tiny"] if bench.tiny else [])
+        return None
+    command = [sys.executable, os.path.abspath(__file__), "--compile-child", kind] + (["--tiny"] if bench.tiny else [])
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
     try:
@@ -434,18 +442,26 @@ def compile_case(bench: Bench) -> None:
     lines = [json.loads(line.removeprefix(RESULT)) for line in output.splitlines() if line.startswith(RESULT)]
     if not lines:
         bench.note("errors", case, f"child exited {process.returncode} with no result: {output[-800:]}")
-        return
-    result = {key: value for line in lines for key, value in line.items()}  # what finished before any kill
+        return None
+    result = {key: value for line in lines for key, value in line.items()}
     backend = "eager backend (tiny: dynamo capture only)" if bench.tiny else "inductor"
-    note = f"bf16 weights, {backend}; compile took {result['compile_s']:.0f} s"
-    if result["fell_back"]:
-        note += "; COMPILATION FAILED, ran eager"
+    result["note"] = f"{backend}; compile took {result['compile_s']:.0f} s" + (
+        "; COMPILATION FAILED, ran eager" if result["fell_back"] else "")
+    return result
+
+
+def compile_sampling_case(bench: Bench) -> None:
+    """VC2 sampling with `compile: true`: the UNet forward eager vs compiled, then `sample()` end to end."""
+    case = "VC2 sampling, torch.compile"
+    result = run_compile_child(bench, case, "sampling", 300.0)
+    if result is None:
+        return
     batch, rows = result["batch"], result["rows"]
     bench.record({"case": case, "variant": "UNet forward, eager", "batch": rows, "step_s": result["eager_s"]})
     bench.record({"case": case, "variant": "UNet forward, compiled", "batch": rows, "step_s": result["compiled_s"],
-                  "speedup": result["eager_s"] / result["compiled_s"], "note": note})
+                  "speedup": result["eager_s"] / result["compiled_s"], "note": "bf16 weights, " + result["note"]})
     if "sample_s" not in result:
-        bench.note("skipped", case, f"sample() end to end did not finish within the {cap:.0f} s cap")
+        bench.note("skipped", case, "sample() end to end did not finish within the cap")
         return
     steps = SAMPLING["vc2"][0]
     extra = result["sample_s"] - result["check_steps"] * result["compiled_s"]  # decode + text + loop, measured
@@ -458,48 +474,77 @@ def compile_case(bench: Bench) -> None:
         bench.results.get("flops", {}).get("VC2 sampling"), result["compiled_s"]))
 
 
-def compile_child(tiny: bool) -> None:
-    """Subprocess body: eager and compiled forward times of the bf16 VC2 UNet at the sampler's CFG batch, then one
-    compiled `sample()`; prints a JSON line after each part (a kill at the cap keeps what finished)."""
+def compile_training_case(bench: Bench) -> None:
+    """VC2 full-finetune DPO with `compile: true` (the denoiser and its reference copy), eager vs compiled steps."""
+    case = "VC2 full DPO, torch.compile"
+    result = run_compile_child(bench, case, "training", 300.0)
+    if result is None:
+        return
+    pairs, flops_pair = result["pairs"], bench.results.get("flops", {}).get("VC2 full DPO")
+    for variant, seconds in (("eager", result["eager_s"]), ("compiled", result["compiled_s"])):
+        row = {"case": case, "variant": f"fast, {variant}", "pairs": pairs, "step_s": seconds,
+               "pairs_per_s": pairs / seconds, "note": "bf16 autocast + checkpointing, fused AdamW; " + result["note"]}
+        if variant == "compiled":
+            row["speedup"] = result["eager_s"] / seconds
+        bench.record(with_mfu(bench, row, flops_pair and flops_pair * pairs, seconds))
+
+
+def compile_child(kind: str, tiny: bool) -> None:
+    """Subprocess body: eager then compiled times of the bf16 VC2 UNet, for sampling (the forward at the sampler's
+    CFG batch, then one compiled `sample()`) or training (a full-finetune DPO step at 4 pairs); prints a JSON line
+    after each part (a kill at the cap keeps what finished)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     bench = Bench(device, tiny, time.monotonic() + 1e9, None)
-    model = build(bench, "vc2", mixed_precision=bench.precision)
-    model.freeze_for_sampling()
-    batch = 2 if tiny else SAMPLING["vc2"][2]
-    rows = 2 * batch  # CFG: conditional and unconditional rows in one call, as sample() makes them
-    latents, timesteps, text = random_inputs(bench, model, rows)
+    if kind == "sampling":
+        model = build(bench, "vc2", mixed_precision=bench.precision)
+        model.freeze_for_sampling()
+        batch = 2 if tiny else SAMPLING["vc2"][2]
+        latents, timesteps, text = random_inputs(bench, model, 2 * batch)  # CFG rows in one call, as sample()
+        sizes = {"batch": batch, "rows": 2 * batch}
 
-    def forward() -> None:
-        with torch.no_grad():
-            model.predict(latents, timesteps, text)
+        def work() -> None:
+            with torch.no_grad():
+                model.predict(latents, timesteps, text)
+    else:
+        model = build(bench, "vc2", finetune="full", mixed_precision=bench.precision, gradient_checkpointing=True)
+        pairs = 1 if tiny else 4
+        steps = DPOSteps(bench, model, pairs)
+        optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6, weight_decay=0.01, fused=bench.cuda)
+        sizes = {"pairs": pairs}
 
-    eager_s = bench.timed(forward, 2, 5)
+        def work() -> None:
+            steps(pairs, optimizer)
+
+    eager_s = bench.timed(work, 2 if kind == "sampling" else 1, 5 if kind == "sampling" else 3)
     warnings: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
     logging.getLogger("videodpo_ray.models.base").addHandler(handler)
     model.compile_denoiser(backend="eager" if tiny else "inductor")
     start = time.perf_counter()
-    forward()
+    work()
     bench.sync()
     compile_s = time.perf_counter() - start
-    compiled_s = bench.timed(forward, 1, 5)
-    print(RESULT + json.dumps({"batch": batch, "rows": rows, "eager_s": eager_s, "compiled_s": compiled_s,
-                               "compile_s": compile_s, "fell_back": bool(warnings)}), flush=True)
-    check_steps = 2 if tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
-    prompts = [f"{PROMPT} {index}" for index in range(batch)]
-    model.sample(prompts, list(range(batch)), num_inference_steps=check_steps)  # warm-up: encoder, decoder
-    sample_s = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps), 0, 1)
-    print(RESULT + json.dumps({"sample_s": sample_s, "check_steps": check_steps}), flush=True)
+    compiled_s = bench.timed(work, 1, 5 if kind == "sampling" else 3)
+    print(RESULT + json.dumps({**sizes, "eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s,
+                               "fell_back": bool(warnings)}), flush=True)
+    if kind == "sampling":
+        check_steps = 2 if tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
+        prompts = [f"{PROMPT} {index}" for index in range(batch)]
+        model.sample(prompts, list(range(batch)), num_inference_steps=check_steps)  # warm-up: encoder, decoder
+        sample_s = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps),
+                               0, 1)
+        print(RESULT + json.dumps({"sample_s": sample_s, "check_steps": check_steps}), flush=True)
 
 
 # --- main ------------------------------------------------------------------------------------------------------------
 CASES: list[tuple[str, float, Callable[[Bench], None]]] = [  # name, H200 estimate (s), body; most important first
     ("vc2-sampling", 60, lambda bench: sampling_case(bench, "vc2")),
-    ("vc2-compile", 170, compile_case),
+    ("vc2-compile-sampling", 170, compile_sampling_case),
     ("vc2-dpo-full", 60, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
     ("vc2-dpo-lora", 55, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
     ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
+    ("vc2-compile-training", 200, compile_training_case),
     ("wan-dpo-lora", 40, lambda bench: dpo_case(bench, "wan", "lora", (1,))),
     ("wan-dpo-full", 45, lambda bench: dpo_case(bench, "wan", "full", (1,))),
     ("cogvideox-sampling", 35, lambda bench: sampling_case(bench, "cogvideox")),
@@ -514,13 +559,13 @@ def main() -> None:
     parser.add_argument("--cases", help=f"comma-separated name prefixes of: {', '.join(name for name, *_ in CASES)}")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the cases that no longer fit")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (automatic without CUDA)")
-    parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile-child", choices=("sampling", "training"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiny = args.tiny or not torch.cuda.is_available()
     if tiny:
         torch.set_num_threads(1)  # tiny models: thread start-up costs more than it saves
     if args.compile_child:
-        compile_child(tiny)
+        compile_child(args.compile_child, tiny)
         return
     started = time.monotonic()
     device = torch.device("cpu" if tiny else "cuda")

@@ -75,12 +75,12 @@ class TrafficCounter(TorchDispatchMode):
         self.bytes: collections.Counter[str] = collections.Counter()
         self.float32_written = 0
         self.saved_for_backward = 0  # what autograd keeps: each tensor once, autocast's weight copies, no parameters
-        self._saved: set[int] = set()
+        self._saved: dict[int, torch.Tensor] = {}  # held, so that no id is reused by another tensor
 
     def save(self, tensor: torch.Tensor) -> torch.Tensor:
         """A `saved_tensors_hooks` pack hook: count each saved activation once."""
         if not isinstance(tensor, nn.Parameter) and id(tensor) not in self._saved:
-            self._saved.add(id(tensor))
+            self._saved[id(tensor)] = tensor
             self.saved_for_backward += tensor.numel() * tensor.element_size()
         return tensor
 
