@@ -91,9 +91,10 @@ def compile_module(module: nn.Module, backend: CompileBackend = "inductor") -> N
 
 class InputDtypeGroupNorm(nn.GroupNorm):
     """`nn.GroupNorm` computed in its input's dtype, also under autocast. Autocast runs every norm in float32: an
-    fp32 island per norm (cast in, fp32 norm, fp32 activation after it, cast out): 39% of a bf16 VC2 UNet forward's
-    memory traffic (benchmarks/traffic.py). The bf16 kernels accumulate their statistics in float32, as lvdm's GroupNorm32 does; the output is
-    in the input's dtype, as GroupNorm32's is. A float32 input gives exactly `nn.GroupNorm`'s result."""
+    fp32 island per norm (cast in, fp32 norm, fp32 activation after it, cast out), 39% of a bf16 VC2 UNet forward's
+    memory traffic (benchmarks/traffic.py). The bf16 kernels accumulate their statistics in float32, as lvdm's
+    GroupNorm32 does; the output is in the input's dtype, as GroupNorm32's is. A float32 input gives exactly
+    `nn.GroupNorm`'s result."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         with torch.autocast(input.device.type, enabled=False):
