@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import logging
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -97,7 +97,7 @@ class InputDtypeGroupNorm(nn.GroupNorm):
     `nn.GroupNorm`'s result."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(input.device.type, enabled=False):
+        with _autocast_off(input):
             return F.group_norm(input, self.num_groups, _as_dtype(self.weight, input), _as_dtype(self.bias, input),
                                 self.eps)
 
@@ -106,9 +106,15 @@ class InputDtypeLayerNorm(nn.LayerNorm):
     """`nn.LayerNorm` computed in its input's dtype, also under autocast (see `InputDtypeGroupNorm`)."""
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        with torch.autocast(input.device.type, enabled=False):
+        with _autocast_off(input):
             return F.layer_norm(input, self.normalized_shape, _as_dtype(self.weight, input),
                                 _as_dtype(self.bias, input), self.eps)
+
+
+def _autocast_off(input: torch.Tensor) -> AbstractContextManager[Any]:
+    """Autocast disabled on `input`'s device, entered only when it is on (5 us per entry, 265 norms per VC2 forward)."""
+    device = input.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext()
 
 
 def _as_dtype(weight: torch.Tensor | None, input: torch.Tensor) -> torch.Tensor | None:
