@@ -13,7 +13,8 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
   checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
   and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
-  frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen base + fused AdamW + input-dtype norms.
+  frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen base + fused AdamW + input-dtype norms;
+  VC2 full then runs `data.pairs_per_worker: auto`'s choice for 8 pairs per worker per step (CUDA only).
 MFU: FLOPs counted once per case with `torch.utils.flop_counter.FlopCounterMode` (a denoiser call; a whole
 training step, so checkpointing's recompute counts) against a dense bf16 peak of 989 TFLOP/s (H100/H200 SXM),
 also shown as a fraction of the bf16 matmul rate measured first. Results go to `--json` after every measurement
@@ -47,6 +48,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.modules import hold_frozen_in, norms_in_input_dtype, weight_dtype
+from videodpo_ray.training.memory import MEMORY_FRACTION, choose_micro_batch, cuda_peak_bytes
 from videodpo_ray.training.step import dpo_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -356,7 +358,8 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     model = build(bench, family, finetune=finetune, lora=LORA, mixed_precision=bench.precision,
                   gradient_checkpointing=True)
     lora = finetune == "lora"
-    step = DPOSteps(bench, model, max(pair_counts))
+    auto_pairs = 8 if family == "vc2" and finetune == "full" else 0  # pairs per worker per step auto packs
+    step = DPOSteps(bench, model, max(*pair_counts, auto_pairs))
     latents = "x".join(map(str, latent_shape(model)))
     if lora:
         info_lora_overhead(bench, model, case)
@@ -407,6 +410,30 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
         else:
             row["speedup"] = row["pairs_per_s"] / baseline_rate
         bench.record(row)
+    if auto_pairs:
+        info_auto_micro_batch(bench, case, step, auto_pairs)
+
+
+def info_auto_micro_batch(bench: Bench, case: str, step: DPOSteps, per_worker: int) -> None:
+    """`data.pairs_per_worker: auto` on this GPU: the micro-batch `choose_micro_batch` packs `per_worker` pairs
+    into (fast path, fused AdamW), with the peaks it measured."""
+    if not bench.cuda:
+        bench.note("skipped", case, "pairs_per_worker auto: needs the CUDA allocator's peak")
+        return
+    optimizer = torch.optim.AdamW(step.model.trainable_parameters(), lr=0.0, fused=True)
+    budget = int(MEMORY_FRACTION * torch.cuda.get_device_properties(bench.device).total_memory)
+
+    def probe_step(pairs: int) -> None:
+        try:
+            step(pairs, optimizer)
+        finally:
+            optimizer.zero_grad(set_to_none=True)
+
+    start = time.monotonic()
+    choice = choose_micro_batch(probe_step, per_worker, budget, cuda_peak_bytes)
+    bench.record({"case": case, "variant": f"info: pairs_per_worker auto, {per_worker} pairs per worker per step",
+                  "pairs": choice.pairs_per_worker, "note": f"{choice.summary()}; probe "
+                  f"{time.monotonic() - start:.0f} s"})
 
 
 def info_lora_overhead(bench: Bench, model: VideoDiffusionModel, case: str) -> None:

@@ -14,7 +14,13 @@ from jobs.common import connect_ray, job_main
 from videodpo_ray.config import load_config
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
-from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs, with_absolute_paths
+from videodpo_ray.training.inputs import (
+    completed_checkpoint,
+    settle_micro_batch,
+    validate_inputs,
+    with_absolute_paths,
+)
+from videodpo_ray.training.plan import PairPlan
 
 
 def build_trainer(config: TrainConfig, train_fn: Callable[[dict], None] | None = None):
@@ -78,7 +84,7 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
     A run that already finished (its final checkpoint is on storage) is recognised here, before Ray or any worker
     starts: its Result is read back from storage and nothing is trained.
     """
-    config = with_absolute_paths(config)
+    config = settle_micro_batch(with_absolute_paths(config))
     plan = validate_inputs(config)
     final = completed_checkpoint(config)
     if final is not None:
@@ -86,14 +92,30 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
 
         print(f"[train {config.run.name}] already complete: {final} is the final step; nothing to train", flush=True)
         return Result.from_path(ckpt.run_dir(config))
+    connect_ray()
+    if config.data.pairs_per_worker == "auto":
+        config = micro_batch_measured_on_gpu(config, plan)
     print(
         f"[train {config.run.name}] {plan.num_pairs} pairs in {len(plan.shards)} shard(s), {plan.steps_per_epoch} "
-        f"steps/epoch of {plan.pairs_per_step} pairs, {config.scaling.num_workers} workers, "
+        f"steps/epoch of {plan.pairs_per_step} pairs ({config.data.pairs_per_worker} pairs x "
+        f"{config.optim.grad_accum} micro-batches x {config.scaling.num_workers} workers), "
         f"ZeRO-{config.deepspeed.zero_stage}; run dir {ckpt.run_dir(config)}",
         flush=True,
     )
-    connect_ray()
     return build_trainer(config, train_fn).fit()
+
+
+def micro_batch_measured_on_gpu(config: TrainConfig, plan: PairPlan) -> TrainConfig:
+    """`data.pairs_per_worker: auto` chosen by `training.memory.probe_on_cuda` in a one-GPU Ray task (its process
+    exits after it, freeing the GPU for the workers)."""
+    import ray
+
+    from videodpo_ray.training.memory import probe_on_cuda
+
+    probe = ray.remote(num_gpus=1, num_cpus=config.scaling.cpus_per_worker, max_calls=1)(probe_on_cuda)
+    choice = ray.get(probe.remote(config, plan.shards))
+    print(f"[train {config.run.name}] data.pairs_per_worker auto: {choice.summary()}", flush=True)
+    return config.with_micro_batch(choice.pairs_per_worker, choice.grad_accum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -120,8 +120,10 @@ def test_reference_recipe_config():
     assert (config.model.family, config.model.finetune, config.model.fps) == ("vc2", "full", 16)
     assert config.model.gradient_checkpointing
     assert config.pairs_per_step == 8 and config.dpo.beta_dpo == 5000 and config.data.cfg_dropout == 0.2
-    ds = deepspeed_config(config)
-    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 2
+    assert config.data.pairs_per_worker == "auto"  # 2 pairs per worker per step, in one micro-batch if they fit
+    ds = deepspeed_config(config.with_micro_batch(2, 1))
+    assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 1
+    assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 6e-6, "betas": [0.9, 0.999], "eps": 1e-8,
                                                            "weight_decay": 0.01, "torch_adam": True}}
     assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"] == {"stage": 2}
@@ -132,7 +134,8 @@ def test_reference_recipe_config():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("train_*.yaml")), ids=lambda p: p.name)
 def test_every_train_config_loads(path):
     config = load_config(TrainConfig, path)
-    assert deepspeed_config(config)["train_batch_size"] == config.pairs_per_step
+    settled = config.with_micro_batch(config.micro_batch, config.optim.grad_accum)  # auto, as on the CPU
+    assert deepspeed_config(settled)["train_batch_size"] == config.pairs_per_step
 
 
 def test_config_errors_are_clear():

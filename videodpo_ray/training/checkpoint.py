@@ -93,10 +93,14 @@ def check_resumable(state: TrainState, config: TrainConfig, source: str) -> None
     expected = {
         "scaling.num_workers": (state.world_size, config.scaling.num_workers),
         "deepspeed.zero_stage": (state.zero_stage, config.deepspeed.zero_stage),
-        "data.pairs_per_worker": (state.pairs_per_worker, config.data.pairs_per_worker),
-        "optim.grad_accum": (state.grad_accum, config.optim.grad_accum),
         "data.shuffle_seed": (state.seed, config.shuffle_seed),
     }
+    if config.data.pairs_per_worker == "auto":  # auto keeps optim.grad_accum pairs per worker per step
+        expected["optim.grad_accum (pairs per worker per step with data.pairs_per_worker auto)"] = (
+            state.pairs_per_worker * state.grad_accum, config.optim.grad_accum)
+    else:
+        expected["data.pairs_per_worker"] = (state.pairs_per_worker, config.data.pairs_per_worker)
+        expected["optim.grad_accum"] = (state.grad_accum, config.optim.grad_accum)
     problems = [
         f"{key} is {now} but the checkpoint was saved with {then}"
         for key, (then, now) in expected.items()

@@ -4,7 +4,7 @@ the DeepSpeed config dict and the learning-rate schedule."""
 from __future__ import annotations
 
 import math
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
@@ -17,7 +17,9 @@ class DataConfig(StrictConfig):
     """Where the pair shards are and how they are batched and ordered."""
 
     pairs_url: str  # root URL of the pair shards (any fsspec URL: s3://, gs://, local path)
-    pairs_per_worker: int = Field(1, ge=1)  # micro-batch: pairs per worker per forward/backward
+    # Micro-batch: pairs per worker per forward/backward. "auto" (GPU workers): optim.grad_accum pairs per worker per
+    # step, packed into the fewest micro-batches the GPU holds (training/memory.py); 1 on CPU workers.
+    pairs_per_worker: Annotated[int, Field(ge=1)] | Literal["auto"] = "auto"
     cfg_dropout: float = Field(0.2, ge=0.0, le=1.0)  # fraction of pairs trained with the empty prompt
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (None: run all epochs)
@@ -123,8 +125,21 @@ class TrainConfig(StrictConfig):
 
     @property
     def pairs_per_step(self) -> int:
-        """Pairs in one optimizer step over all workers: num_workers x pairs_per_worker x grad_accum."""
-        return self.scaling.num_workers * self.data.pairs_per_worker * self.optim.grad_accum
+        """Pairs in one optimizer step over all workers: num_workers x pairs_per_worker x grad_accum (auto keeps the
+        batch of pairs_per_worker 1)."""
+        return self.scaling.num_workers * self.micro_batch * self.optim.grad_accum
+
+    @property
+    def micro_batch(self) -> int:
+        """pairs_per_worker, where "auto" counts as 1 until `with_micro_batch` settles it (same step batch)."""
+        return 1 if self.data.pairs_per_worker == "auto" else self.data.pairs_per_worker
+
+    def with_micro_batch(self, pairs_per_worker: int, grad_accum: int) -> "TrainConfig":
+        """This config with its micro-batch settled (`pairs_per_worker: auto` chosen, or read from a checkpoint)."""
+        return self.model_copy(update={
+            "data": self.data.model_copy(update={"pairs_per_worker": pairs_per_worker}),
+            "optim": self.optim.model_copy(update={"grad_accum": grad_accum}),
+        })
 
     @property
     def shuffle_seed(self) -> int:
@@ -144,6 +159,8 @@ def deepspeed_config(config: TrainConfig, num_trainable: int | None = None) -> d
     allocate and sweep GB-sized buffers every step for a model far smaller than that.
     """
     optim = config.optim
+    if config.data.pairs_per_worker == "auto":
+        raise ValueError("deepspeed_config: data.pairs_per_worker is still 'auto' (settle it with with_micro_batch)")
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     if num_trainable is not None and config.deepspeed.zero_stage > 0:
         bucket = int(min(5e8, max(num_trainable, 1)))

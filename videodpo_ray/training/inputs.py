@@ -31,7 +31,7 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
     - the pair shards: at least one committed shard, each with rows and exactly the pairs schema (read from the
       parquet footers, not the data); with ZeRO-3 every pair must carry latents made by this model family
       (the VAE would be partitioned across ranks), checked from the footers' column statistics;
-    - enough pairs for one optimizer step;
+    - enough pairs for one optimizer step (`pairs_per_worker: auto` keeps the step of pairs_per_worker 1);
     - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout.
     """
     for key in MODEL_PATHS:
@@ -55,7 +55,7 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
         shard_list,
         seed=config.shuffle_seed,
         num_workers=config.scaling.num_workers,
-        pairs_per_worker=config.data.pairs_per_worker,
+        pairs_per_worker=config.micro_batch,
         grad_accum=config.optim.grad_accum,
     )
     latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
@@ -63,6 +63,22 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
         url, state = latest
         ckpt.check_resumable(state, config, url)
     return plan
+
+
+def settle_micro_batch(config: TrainConfig) -> TrainConfig:
+    """`data.pairs_per_worker: auto` settled where no GPU has to measure it: as an earlier checkpoint of this run
+    recorded it (exact resume), else 1 pair on CPU workers or when optim.grad_accum is 1 (nothing to pack).
+    Otherwise (or with an integer) the config comes back unchanged: the job measures it (`training.memory`)."""
+    if config.data.pairs_per_worker != "auto":
+        return config
+    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+    if latest is not None:
+        url, state = latest
+        ckpt.check_resumable(state, config, url)
+        return config.with_micro_batch(state.pairs_per_worker, state.grad_accum)
+    if not config.scaling.use_gpu or config.optim.grad_accum == 1:
+        return config.with_micro_batch(1, config.optim.grad_accum)
+    return config
 
 
 def completed_checkpoint(config: TrainConfig) -> str | None:
