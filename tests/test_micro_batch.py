@@ -163,6 +163,9 @@ def test_auto_is_the_default_and_keeps_the_step_batch_of_one_pair_per_micro_batc
     assert (on_cpu.data.pairs_per_worker, on_cpu.optim.grad_accum) == (1, 4)
     one = settle_micro_batch(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true"))
     assert (one.data.pairs_per_worker, one.optim.grad_accum) == (1, 1)
+    zero3 = settle_micro_batch(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true", "optim.grad_accum=4",
+                                          "deepspeed.zero_stage=3"))
+    assert (zero3.data.pairs_per_worker, zero3.optim.grad_accum) == (1, 4)
     with pytest.raises(ValueError, match="pairs_per_worker"):
         config_for(vc2_pairs, tmp_path, "data.pairs_per_worker=0")
 

@@ -67,7 +67,8 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
 
 def settle_micro_batch(config: TrainConfig) -> TrainConfig:
     """`data.pairs_per_worker: auto` settled where no GPU has to measure it: as an earlier checkpoint of this run
-    recorded it (exact resume), else 1 pair on CPU workers or when optim.grad_accum is 1 (nothing to pack).
+    recorded it (exact resume), else 1 pair on CPU workers, when optim.grad_accum is 1 (nothing to pack) and with
+    ZeRO-3 (its weights are split over the ranks: a one-GPU probe would hold them all).
     Otherwise (or with an integer) the config comes back unchanged: the job measures it (`training.memory`)."""
     if config.data.pairs_per_worker != "auto":
         return config
@@ -76,7 +77,7 @@ def settle_micro_batch(config: TrainConfig) -> TrainConfig:
         url, state = latest
         ckpt.check_resumable(state, config, url)
         return config.with_micro_batch(state.pairs_per_worker, state.grad_accum)
-    if not config.scaling.use_gpu or config.optim.grad_accum == 1:
+    if not config.scaling.use_gpu or config.optim.grad_accum == 1 or config.deepspeed.zero_stage == 3:
         return config.with_micro_batch(1, config.optim.grad_accum)
     return config
 
