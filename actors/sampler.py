@@ -49,7 +49,7 @@ class SamplerActor:
             built.use_channels_last()
         self.model = built.to(self.device)
         if sampling.compile:
-            self.model.compile_denoiser()
+            self.model.compile_for_sampling()
         self.label = model_label(model) + (f"+{tuned_export}" if tuned_export else "")
         self.sampling = sampling
         self.gif = gif

@@ -8,8 +8,9 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
   baseline = float32 weights + bf16 autocast with the UNet's norms in float32 (the reference figures' setting; Wan:
   CFG as two denoiser calls, VC2: one VAE call per frame index), fast = every weight in bf16 (`freeze_for_sampling`),
   CFG in one call, VAE frames pooled, then + the VC2 UNet's input-dtype norms (`norms_in_input_dtype`);
-- `compile: true` (inductor) in a subprocess with a hard time cap: VC2 sampling (the UNet forward eager vs compiled
-  at the sampler's CFG batch, then `sample()` end to end) and VC2 full-finetune DPO (eager vs compiled steps, 4 pairs);
+- `compile: true` (inductor) in a subprocess with a hard time cap: VC2 and T2V-Turbo sampling (the UNet forward eager
+  vs compiled at the sampler's batch, then `sample()` end to end with the UNet and VAE decoder compiled) and VC2
+  full-finetune DPO (eager vs compiled steps, 4 pairs);
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
   checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
   and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
@@ -477,10 +478,11 @@ def run_compile_child(bench: Bench, case: str, kind: str, cap_s: float) -> dict[
     return result
 
 
-def compile_sampling_case(bench: Bench) -> None:
-    """VC2 sampling with `compile: true`: the UNet forward eager vs compiled, then `sample()` end to end."""
-    case = "VC2 sampling, torch.compile"
-    result = run_compile_child(bench, case, "sampling", 300.0)
+def compile_sampling_case(bench: Bench, family: str) -> None:
+    """Sampling with `compile: true`: the UNet forward eager vs compiled, then `sample()` end to end (VC2: 5 of 50
+    steps, extrapolated; T2V-Turbo: all 4)."""
+    case = f"{LABELS[family]} sampling, torch.compile"
+    result = run_compile_child(bench, case, f"sampling-{family}", 300.0)
     if result is None:
         return
     batch, rows = result["batch"], result["rows"]
@@ -490,7 +492,7 @@ def compile_sampling_case(bench: Bench) -> None:
     if "sample_s" not in result:
         bench.note("skipped", case, "sample() end to end did not finish within the cap")
         return
-    steps = SAMPLING["vc2"][0]
+    steps = SAMPLING[family][0]
     extra = result["sample_s"] - result["check_steps"] * result["compiled_s"]  # decode + text + loop, measured
     total = steps * result["compiled_s"] + extra
     bench.record(with_mfu(bench, {
@@ -498,7 +500,7 @@ def compile_sampling_case(bench: Bench) -> None:
         "s_per_video": total / batch, "videos_per_s": batch / total, "step_s": result["compiled_s"],
         "note": f"sample() with {result['check_steps']} steps took {result['sample_s']:.2f} s; {steps} steps = "
                 f"{steps} x compiled step + the rest of that run ({extra:.2f} s: text, noise, decode)"},
-        bench.results.get("flops", {}).get("VC2 sampling"), result["compiled_s"]))
+        bench.results.get("flops", {}).get(f"{LABELS[family]} sampling"), result["compiled_s"]))
 
 
 def compile_training_case(bench: Bench) -> None:
@@ -517,17 +519,19 @@ def compile_training_case(bench: Bench) -> None:
 
 
 def compile_child(kind: str, tiny: bool) -> None:
-    """Subprocess body: eager then compiled times of the bf16 VC2 UNet, for sampling (the forward at the sampler's
-    CFG batch, then one compiled `sample()`) or training (a full-finetune DPO step at 4 pairs); prints a JSON line
-    after each part (a kill at the cap keeps what finished)."""
+    """Subprocess body: eager then compiled times, for sampling-<family> (the bf16 UNet forward at the sampler's
+    batch, CFG rows included, then one `sample()` with `compile: true`: UNet and VAE decoder) or training (a VC2
+    full-finetune DPO step at 4 pairs); prints a JSON line after each part (a kill at the cap keeps what finished)."""
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     bench = Bench(device, tiny, time.monotonic() + 1e9, None)
-    if kind == "sampling":
-        model = build(bench, "vc2", mixed_precision=bench.precision)
+    if kind.startswith("sampling-"):
+        family = kind.removeprefix("sampling-")
+        model = build(bench, family, mixed_precision=bench.precision)
         model.freeze_for_sampling()
-        batch = 2 if tiny else SAMPLING["vc2"][2]
-        latents, timesteps, text = random_inputs(bench, model, 2 * batch)  # CFG rows in one call, as sample()
-        sizes = {"batch": batch, "rows": 2 * batch}
+        batch = 2 if tiny else SAMPLING[family][2]
+        rows = batch if family == "t2v_turbo" else 2 * batch  # CFG rows in one call, as sample()
+        latents, timesteps, text = random_inputs(bench, model, rows)
+        sizes = {"batch": batch, "rows": rows}
 
         def work() -> None:
             with torch.no_grad():
@@ -542,21 +546,26 @@ def compile_child(kind: str, tiny: bool) -> None:
         def work() -> None:
             steps(pairs, optimizer)
 
-    eager_s = bench.timed(work, 2 if kind == "sampling" else 1, 5 if kind == "sampling" else 3)
+    sampling = kind != "training"
+    eager_s = bench.timed(work, 2 if sampling else 1, 5 if sampling else 3)
     warnings: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-    logging.getLogger("videodpo_ray.models.base").addHandler(handler)
-    model.compile_denoiser(backend="eager" if tiny else "inductor")
+    logging.getLogger("videodpo_ray.models").addHandler(handler)  # compile_module warns on its fallback
+    backend = "eager" if tiny else "inductor"
+    if sampling:
+        model.compile_for_sampling(backend)
+    else:
+        model.compile_denoiser(backend)
     start = time.perf_counter()
     work()
     bench.sync()
     compile_s = time.perf_counter() - start
-    compiled_s = bench.timed(work, 1, 5 if kind == "sampling" else 3)
+    compiled_s = bench.timed(work, 1, 5 if sampling else 3)
     print(RESULT + json.dumps({**sizes, "eager_s": eager_s, "compiled_s": compiled_s, "compile_s": compile_s,
                                "fell_back": bool(warnings)}), flush=True)
-    if kind == "sampling":
-        check_steps = 2 if tiny else 5  # a divisor of 1000 (VC2's DDIM grid)
+    if sampling:
+        check_steps = min(SAMPLING[family][0], 2 if tiny else 5)  # VC2: a divisor of 1000 (its DDIM grid)
         prompts = [f"{PROMPT} {index}" for index in range(batch)]
         model.sample(prompts, list(range(batch)), num_inference_steps=check_steps)  # warm-up: encoder, decoder
         sample_s = bench.timed(lambda: model.sample(prompts, list(range(batch)), num_inference_steps=check_steps),
@@ -567,10 +576,11 @@ def compile_child(kind: str, tiny: bool) -> None:
 # --- main ------------------------------------------------------------------------------------------------------------
 CASES: list[tuple[str, float, Callable[[Bench], None]]] = [  # name, H200 estimate (s), body; most important first
     ("vc2-sampling", 60, lambda bench: sampling_case(bench, "vc2")),
-    ("vc2-compile-sampling", 170, compile_sampling_case),
+    ("vc2-compile-sampling", 170, lambda bench: compile_sampling_case(bench, "vc2")),
     ("vc2-dpo-full", 60, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
     ("vc2-dpo-lora", 55, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
     ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
+    ("t2v-turbo-compile-sampling", 150, lambda bench: compile_sampling_case(bench, "t2v_turbo")),
     ("vc2-compile-training", 200, compile_training_case),
     ("wan-dpo-lora", 40, lambda bench: dpo_case(bench, "wan", "lora", (1,))),
     ("wan-dpo-full", 45, lambda bench: dpo_case(bench, "wan", "full", (1,))),
@@ -586,7 +596,8 @@ def main() -> None:
     parser.add_argument("--cases", help=f"comma-separated name prefixes of: {', '.join(name for name, *_ in CASES)}")
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip the cases that no longer fit")
     parser.add_argument("--tiny", action="store_true", help="tiny presets (automatic without CUDA)")
-    parser.add_argument("--compile-child", choices=("sampling", "training"), help=argparse.SUPPRESS)
+    parser.add_argument("--compile-child", choices=("sampling-vc2", "sampling-t2v_turbo", "training"),
+                        help=argparse.SUPPRESS)
     args = parser.parse_args()
     tiny = args.tiny or not torch.cuda.is_available()
     if tiny:

@@ -4,9 +4,9 @@
 # into .wheels/site, print the versions in use, then run the benchmark with a time budget. Results: $OUT/gpu.json
 # (written after every measurement) and $OUT/gpu.log.
 # Device call: command "bash benchmarks/gpu_device.sh", carry [".wheels"], timeout_s 520.
-# Arguments go to gpu.py: with 15 device minutes, run the issue-12 cases first,
-#   bash benchmarks/gpu_device.sh --cases vc2-sampling,vc2-compile-sampling,vc2-dpo,t2v   (about 370 s)
-# then, if the budget allows, a second call: BUDGET_S=300 bash benchmarks/gpu_device.sh --cases vc2-dpo-full,vc2-compile-training
+# Arguments go to gpu.py: with 15 device minutes, run the issue-12 cases in two calls,
+#   bash benchmarks/gpu_device.sh --cases vc2-sampling,vc2-compile-sampling,t2v   (sampling targets, about 410 s)
+#   BUDGET_S=330 bash benchmarks/gpu_device.sh --cases vc2-dpo,vc2-compile-training   (MFU, LoRA vs full, auto)
 set -o pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-/tmp/gpu-bench}"

@@ -244,12 +244,17 @@ def test_channels_last_weights_give_the_same_videos(family: str):
     assert max_level_difference(model.sample(PROMPTS[:2], SEEDS[:2], num_inference_steps=STEPS), plain) <= 1
 
 
-def test_dynamo_captures_the_denoiser_unchanged():
-    model = sampler("wan")
+@pytest.mark.parametrize("family", ["vc2", "wan"])
+def test_dynamo_captures_what_sampling_compiles_unchanged(family: str):
+    """`compile: true` in a sampler: the denoiser, plus VC2's 2D VAE decoder (Wan's 3D one stays eager)."""
+    model = sampler(family)
+    names = [name for name, _ in model.named_parameters()]
     plain = model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS)
-    model.compile_denoiser(backend="eager")
+    model.compile_for_sampling(backend="eager")
     assert torch.equal(model.sample(PROMPTS[:1], SEEDS[:1], num_inference_steps=STEPS), plain)
-    assert "denoiser.patch_embedding.weight" in dict(model.named_parameters())  # names unchanged
+    compiled = [module for module in (model.denoiser, model.vae.decoder) if "forward" in vars(module)]
+    assert compiled == ([model.denoiser, model.vae.decoder] if family == "vc2" else [model.denoiser])
+    assert [name for name, _ in model.named_parameters()] == names  # state dict unchanged
 
 
 def test_a_failing_compiler_falls_back_to_eager_with_a_warning(caplog):

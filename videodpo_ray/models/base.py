@@ -209,6 +209,19 @@ class VideoDiffusionModel(nn.Module, ABC):
                 compile_module(module, backend)
         self._compiled = True
 
+    def compile_for_sampling(self, backend: CompileBackend = "inductor") -> None:
+        """`compile_denoiser`, and the VAE decoder where the family names one that compiles as it is
+        (`compilable_decoder`), once per model."""
+        if not self._compiled and self.compilable_decoder is not None:
+            compile_module(self.compilable_decoder, backend)
+        self.compile_denoiser(backend)
+
+    @property
+    def compilable_decoder(self) -> nn.Module | None:
+        """The VAE decoder `compile_for_sampling` compiles; None: the decoder stays eager (the 3D causal decoders
+        carry Python-side frame caches from call to call)."""
+        return None
+
     # --- sampling helpers ---------------------------------------------------------------------------------------
     @contextmanager
     def eval_mode(self) -> Iterator[None]:

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Sequence
 
 import torch
 from diffusers import AutoencoderKL
+from torch import nn
 from transformers import CLIPTextModel
 
 from videodpo_ray.models.base import VideoDiffusionModel
@@ -188,6 +189,11 @@ class VideoCrafter2(VideoDiffusionModel):
         return self.text_encoder(prompts).float()
 
     # --- VAE (a 2D VAE: frame by frame, as lvdm's encode_first_stage_2DAE; decoding pools frames) --------------
+    @property
+    def compilable_decoder(self) -> nn.Module:
+        """The 2D decoder: one graph for every chunk of `vae_decode_frames` frames (a third of T2V-Turbo's time)."""
+        return self.vae.decoder
+
     @property
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -52,7 +52,7 @@ class SamplingConfig(StrictConfig):
     guidance_scale: float | None = Field(None, ge=0.0)
     fps: int = Field(8, ge=1)  # mp4 container frame rate (VideoCrafter saves at 8; the scorers read it)
     channels_last: bool = False  # convolution weights in channels-last layout (VC2 / T2V-Turbo UNet, VAEs)
-    compile: bool = False  # torch.compile the denoiser once per sampler (eager, with a warning, if that fails)
+    compile: bool = False  # torch.compile the denoiser (and a 2D VAE decoder) once per sampler; eager on failure
 
     def sample_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of `VideoDiffusionModel.sample` (the rest sets up the sampler or the mp4 files)."""
