@@ -1,8 +1,10 @@
 """DPO training job: `ray job submit -- python -m jobs.train configs/train_vc2_full.yaml [key.sub=value ...]`.
 
 The driver validates the config, the pair shards and any earlier checkpoint of the same run BEFORE workers start,
-then runs a TorchTrainer (one DeepSpeed rank per worker). Resubmitting the same config (same run.name and
-storage_path) resumes from the run's last committed checkpoint, also after the driver was killed.
+then runs a TorchTrainer (one DeepSpeed rank per worker). With `data.pairs_per_worker: auto` on GPU workers, a one-GPU
+task first measures how many of a step's pairs one micro-batch can carry (`videodpo_ray/training/memory.py`).
+Resubmitting the same config (same run.name and storage_path) resumes from the run's last committed checkpoint, also
+after the driver was killed.
 """
 
 from __future__ import annotations
