@@ -99,8 +99,8 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
         config = micro_batch_measured_on_gpu(config, plan)
     print(
         f"[train {config.run.name}] {plan.num_pairs} pairs in {len(plan.shards)} shard(s), {plan.steps_per_epoch} "
-        f"steps/epoch of {plan.pairs_per_step} pairs ({config.data.pairs_per_worker} pairs x "
-        f"{config.optim.grad_accum} micro-batches x {config.scaling.num_workers} workers), "
+        f"steps/epoch of {plan.pairs_per_step} pairs (workers x accumulation x micro-batch = "
+        f"{config.scaling.num_workers} x {config.optim.grad_accum} x {config.data.pairs_per_worker}), "
         f"ZeRO-{config.deepspeed.zero_stage}; run dir {ckpt.run_dir(config)}",
         flush=True,
     )

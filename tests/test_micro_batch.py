@@ -19,7 +19,12 @@ from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config
 from videodpo_ray.training.inputs import settle_micro_batch, validate_inputs
-from videodpo_ray.training.memory import choose_micro_batch, deepspeed_extra_bytes, probe_micro_batch
+from videodpo_ray.training.memory import (
+    MicroBatchChoice,
+    choose_micro_batch,
+    deepspeed_extra_bytes,
+    probe_micro_batch,
+)
 from videodpo_ray.training.synthetic import synthetic_pair_rows
 
 
@@ -104,6 +109,9 @@ def test_the_largest_divisor_within_the_budget_is_chosen_and_out_of_memory_is_a_
     assert choose(3, 2600).pairs_per_worker == 1  # 2 fits but divides 3 pairs no better than 1
     assert (choose(4, 1499).pairs_per_worker, choose(4, 1499).grad_accum) == (1, 4)  # not even 1 pair fits
     assert choose(1, 10**9).peak_bytes == {1: 1500}  # nothing to pack: 2 pairs never tried
+    gib = 2**30
+    printed = MicroBatchChoice(2, 1, {1: int(38.3 * gib), 2: int(56.5 * gib)}, int(118.8 * gib)).summary()
+    assert printed == "micro-batch 2 x accumulation 1 (peak GiB by micro-batch: 1: 38.3, 2: 56.5; budget 118.8 GiB)"
 
 
 def test_deepspeed_bf16_adds_its_float32_master_copy_split_over_zero_ranks(tmp_path):

@@ -47,7 +47,7 @@ class MicroBatchChoice:
     def summary(self) -> str:
         gib = 2**30
         measured = ", ".join(f"{pairs}: {peak / gib:.1f}" for pairs, peak in sorted(self.peak_bytes.items()))
-        return (f"{self.pairs_per_worker} pairs x {self.grad_accum} accumulation (peak GiB by pairs per micro-step: "
+        return (f"micro-batch {self.pairs_per_worker} x accumulation {self.grad_accum} (peak GiB by micro-batch: "
                 f"{measured}; budget {self.budget_bytes / gib:.1f} GiB)")
 
 
