@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 HIDDEN = ("ray", "deepspeed", "av", "s3fs")
 
@@ -43,6 +45,21 @@ def test_tiny_gpu_benchmark_runs_without_the_cluster_packages(tmp_path: Path):
     sampling = [row for row in data["rows"] if row["case"] == "VC2 sampling" and "s_per_video" in row]
     assert sampling[0]["variant"].startswith("baseline") and sampling[1]["speedup"] > 0
     assert "| case | variant |" in completed.stdout  # the closing markdown table
+
+
+@pytest.mark.slow  # about 35 s each; the tiny run's 60 s budget reaches only the VC2 sampling child
+@pytest.mark.parametrize("kind", ["sampling-t2v_turbo", "training"])
+def test_the_other_compile_children_run_on_the_tiny_presets(tmp_path: Path, kind: str):
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hiding_site(tmp_path)), str(ROOT)]),
+                   "CUDA_VISIBLE_DEVICES": ""}
+    completed = subprocess.run([sys.executable, "benchmarks/gpu.py", "--compile-child", kind, "--tiny"], cwd=ROOT,
+                               env=environment, capture_output=True, text=True, timeout=300, check=False)
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = [json.loads(line.removeprefix("RESULT ")) for line in completed.stdout.splitlines()
+             if line.startswith("RESULT ")]
+    result = {key: value for line in lines for key, value in line.items()}
+    assert result["eager_s"] > 0 and result["compiled_s"] > 0 and result["fell_back"] is False
+    assert ("sample_s" in result) == (kind != "training")
 
 
 def test_the_hidden_packages_are_really_absent(tmp_path: Path):
