@@ -49,7 +49,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.modules import hold_frozen_in, norms_in_input_dtype, weight_dtype
-from videodpo_ray.training.memory import MEMORY_FRACTION, choose_micro_batch, cuda_peak_bytes
+from videodpo_ray.training.memory import choose_micro_batch, cuda_budget_bytes, cuda_peak_bytes
 from videodpo_ray.training.step import dpo_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -422,7 +422,6 @@ def info_auto_micro_batch(bench: Bench, case: str, step: DPOSteps, per_worker: i
         bench.note("skipped", case, "pairs_per_worker auto: needs the CUDA allocator's peak")
         return
     optimizer = torch.optim.AdamW(step.model.trainable_parameters(), lr=0.0, fused=True)
-    budget = int(MEMORY_FRACTION * torch.cuda.get_device_properties(bench.device).total_memory)
 
     def probe_step(pairs: int) -> None:
         try:
@@ -431,7 +430,7 @@ def info_auto_micro_batch(bench: Bench, case: str, step: DPOSteps, per_worker: i
             optimizer.zero_grad(set_to_none=True)
 
     start = time.monotonic()
-    choice = choose_micro_batch(probe_step, per_worker, budget, cuda_peak_bytes)
+    choice = choose_micro_batch(probe_step, per_worker, cuda_budget_bytes(bench.device), cuda_peak_bytes)
     bench.record({"case": case, "variant": f"info: pairs_per_worker auto, {per_worker} pairs per worker per step",
                   "pairs": choice.pairs_per_worker, "note": f"{choice.summary()}; probe "
                   f"{time.monotonic() - start:.0f} s"})

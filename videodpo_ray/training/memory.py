@@ -25,7 +25,6 @@ from typing import Callable, Sequence
 import torch
 
 from videodpo_ray.models import build_model
-from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.step import dpo_step
@@ -58,6 +57,11 @@ def cuda_peak_bytes(run: Callable[[], None]) -> int:
     run()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated()
+
+
+def cuda_budget_bytes(device: torch.device) -> int:
+    """MEMORY_FRACTION of the GPU's total memory: what a micro-step may peak at."""
+    return int(MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
 
 
 def deepspeed_extra_bytes(config: TrainConfig, trainable: int) -> int:
@@ -110,7 +114,13 @@ def probe_micro_batch(
     pairs, repeated to the sizes tried; `budget_bytes` less what DeepSpeed adds (`deepspeed_extra_bytes`).
     Call with optim.grad_accum >= 2 (the plan then holds at least 2 pairs)."""
     # the pair reader imports PyAV: imported here, so that benchmarks/gpu.py can use the rest without it
-    from videodpo_ray.training.data import PairLoader, pair_latents, stores_text_embeddings
+    from videodpo_ray.training.data import (
+        PairLoader,
+        batch_text_embeddings,
+        pair_latents,
+        prompts_to_encode,
+        stores_text_embeddings,
+    )
     from videodpo_ray.training.plan import PairPlan
 
     stored_text = stores_text_embeddings(shard_list)
@@ -121,8 +131,11 @@ def probe_micro_batch(
     batch = next(iter(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_family=config.model.family,
                                  prefetch=0)))
     win, lose = pair_latents(model, batch, device)
-    text = _text_embeddings(model, [pair.text_embedding for pair in batch.pairs], [p.prompt for p in batch.pairs])
-    text = text.to(device)
+    dropped = [False] * len(batch.pairs)  # no CFG dropout here: the empty prompt's embedding is never looked up
+    wanted = prompts_to_encode(batch.pairs, dropped)
+    with torch.no_grad():
+        encoded = dict(zip(wanted, model.encode_prompts(wanted))) if wanted else {}
+    text = batch_text_embeddings(batch.pairs, dropped, torch.empty(0), encoded).to(device)
     trainable = model.trainable_parameters()
     optimizer = torch.optim.AdamW(trainable, lr=0.0, fused=device.type == "cuda")
     generator = torch.Generator(device).manual_seed(0)
@@ -144,14 +157,5 @@ def probe_micro_batch(
 def probe_on_cuda(config: TrainConfig, shard_list: Sequence[ShardInfo]) -> MicroBatchChoice:
     """`probe_micro_batch` on this process's GPU, within MEMORY_FRACTION of its memory."""
     device = torch.device("cuda", torch.cuda.current_device())
-    budget = int(MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
-    return probe_micro_batch(config, shard_list, device, cuda_peak_bytes, budget)
+    return probe_micro_batch(config, shard_list, device, cuda_peak_bytes, cuda_budget_bytes(device))
 
-
-def _text_embeddings(
-    model: VideoDiffusionModel, stored: list[torch.Tensor | None], prompts: list[str]
-) -> torch.Tensor:
-    if all(embedding is not None for embedding in stored):
-        return torch.stack([embedding.to(torch.float32) for embedding in stored])
-    with torch.no_grad():
-        return model.encode_prompts(prompts).to(torch.float32)
