@@ -12,10 +12,11 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
   vs compiled at the sampler's batch, then `sample()` end to end with the UNet and VAE decoder compiled) and VC2
   full-finetune DPO (eager vs compiled steps, 4 pairs);
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
-  checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4), Wan-1.3B LoRA
-  and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA (13x16x60x90 = 49x480x720); baseline = float32
-  frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen base + fused AdamW + input-dtype norms;
-  VC2 full then runs `data.pairs_per_worker: auto`'s choice for 8 pairs per worker per step (CUDA only).
+  checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4, then 1 and 2
+  without checkpointing), Wan-1.3B LoRA and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA
+  (13x16x60x90 = 49x480x720); baseline = float32 frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen
+  base + fused AdamW + input-dtype norms; VC2 full then runs what `data.pairs_per_worker` and
+  `model.gradient_checkpointing` auto choose for 8 pairs per worker per step (CUDA only).
 MFU: FLOPs counted once per case with `torch.utils.flop_counter.FlopCounterMode` (a denoiser call; a whole
 training step, so checkpointing's recompute counts) against a dense bf16 peak of 989 TFLOP/s (H100/H200 SXM),
 also shown as a fraction of the bf16 matmul rate measured first. Results go to `--json` after every measurement
@@ -49,7 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.models.base import VideoDiffusionModel
 from videodpo_ray.models.modules import hold_frozen_in, norms_in_input_dtype, weight_dtype
-from videodpo_ray.training.memory import choose_micro_batch, cuda_budget_bytes, cuda_peak_bytes
+from videodpo_ray.training.memory import choose_memory_layout, cuda_budget_bytes, cuda_peak_bytes
 from videodpo_ray.training.step import dpo_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -371,17 +372,24 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     denoisers = [module for module in (model.denoiser, model.reference_denoiser) if module is not None]
     swapped_norms = sum(plain_norms(module) for module in denoisers)  # the reference figures' UNet
     variants = [("baseline: " + ("fp32 frozen base" if lora else "fp32 master") + " + autocast, foreach AdamW",
-                 1, False)]
+                 1, False, True)]
     fast_label = (f"fast: {'bf16 frozen base, ' if lora else ''}fused AdamW"
                   + (", input-dtype norms" if swapped_norms else ""))
-    variants += [(fast_label, pairs, True) for pairs in pair_counts]
+    variants += [(fast_label, pairs, True, True) for pairs in pair_counts]
     heavy = family in ("wan", "cogvideox")  # seconds per step: 1 timed step (the FLOP count warmed up)
+    flops_by_checkpointing = {True: flops_pair}
+    if not heavy:  # what `model.gradient_checkpointing: auto` picks where a micro-batch fits without it
+        variants += [(fast_label + ", no checkpointing", pairs, True, False) for pairs in pair_counts[:2]]
 
-    def measure(label: str, pairs: int, fast: bool) -> dict[str, Any]:
+    def measure(label: str, pairs: int, fast: bool, checkpointing: bool) -> dict[str, Any]:
         # the frozen LoRA base in float32 (baseline) or the compute dtype (fast); a no-op for a full finetune
         hold_frozen_in(model.denoiser, bench.compute_dtype if fast else torch.float32)
         for module in denoisers if fast else ():
             norms_in_input_dtype(module)
+        model.set_gradient_checkpointing(checkpointing)
+        if checkpointing not in flops_by_checkpointing:
+            flops_by_checkpointing[checkpointing] = count_flops(bench, f"{case}, no checkpointing",
+                                                                lambda: step(1, None))
         optimizer = torch.optim.AdamW(model.trainable_parameters(), lr=1e-6, weight_decay=0.01,
                                       fused=fast and bench.cuda)
         if not heavy:
@@ -389,16 +397,18 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
         bench.reset_peak()
         seconds = bench.timed(lambda: step(pairs, optimizer), warmup=0, repeats=1 if heavy else 3 if pairs == 1 else 2)
         row = {"case": case, "variant": label, "pairs": pairs, "step_s": seconds, "pairs_per_s": pairs / seconds,
-               "peak_gib": bench.peak_gib(), "note": f"latents {latents} per video, bf16 autocast + checkpointing"}
-        return with_mfu(bench, row, flops_pair and flops_pair * pairs, seconds)
+               "peak_gib": bench.peak_gib(),
+               "note": f"latents {latents} per video, bf16 autocast{' + checkpointing' if checkpointing else ''}"}
+        flops = flops_by_checkpointing[checkpointing]
+        return with_mfu(bench, row, flops and flops * pairs, seconds)
 
     baseline_rate = None
-    for label, pairs, fast in variants:
+    for label, pairs, fast, checkpointing in variants:
         if bench.remaining() <= 0:
             bench.note("skipped", case, f"{label}, {pairs} pairs: budget spent")
             continue
         try:
-            row = measure(label, pairs, fast)
+            row = measure(label, pairs, fast, checkpointing)
         except torch.OutOfMemoryError:
             bench.note("errors", case, f"{label}, {pairs} pairs: out of memory")
             continue
@@ -416,8 +426,9 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
 
 
 def info_auto_micro_batch(bench: Bench, case: str, step: DPOSteps, per_worker: int) -> None:
-    """`data.pairs_per_worker: auto` on this GPU: the micro-batch `choose_micro_batch` packs `per_worker` pairs
-    into (fast path, fused AdamW), with the peaks it measured."""
+    """`data.pairs_per_worker: auto` with `model.gradient_checkpointing: auto` on this GPU: whether the job's probe
+    (`choose_memory_layout`) keeps the activations, and the micro-batch it packs `per_worker` pairs into (fast path,
+    fused AdamW), with the peaks it measured."""
     if not bench.cuda:
         bench.note("skipped", case, "pairs_per_worker auto: needs the CUDA allocator's peak")
         return
@@ -430,8 +441,10 @@ def info_auto_micro_batch(bench: Bench, case: str, step: DPOSteps, per_worker: i
             optimizer.zero_grad(set_to_none=True)
 
     start = time.monotonic()
-    choice = choose_micro_batch(probe_step, per_worker, cuda_budget_bytes(bench.device), cuda_peak_bytes)
-    bench.record({"case": case, "variant": f"info: pairs_per_worker auto, {per_worker} pairs per worker per step",
+    choice = choose_memory_layout(probe_step, step.model.set_gradient_checkpointing, (False, True), "auto",
+                                  per_worker, cuda_budget_bytes(bench.device), cuda_peak_bytes)
+    bench.record({"case": case, "variant": f"info: pairs_per_worker and gradient_checkpointing auto, {per_worker} "
+                  "pairs per worker per step",
                   "pairs": choice.pairs_per_worker, "note": f"{choice.summary()}; probe "
                   f"{time.monotonic() - start:.0f} s"})
 
@@ -576,8 +589,8 @@ def compile_child(kind: str, tiny: bool) -> None:
 CASES: list[tuple[str, float, Callable[[Bench], None]]] = [  # name, H200 estimate (s), body; most important first
     ("vc2-sampling", 60, lambda bench: sampling_case(bench, "vc2")),
     ("vc2-compile-sampling", 170, lambda bench: compile_sampling_case(bench, "vc2")),
-    ("vc2-dpo-full", 60, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
-    ("vc2-dpo-lora", 55, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
+    ("vc2-dpo-full", 70, lambda bench: dpo_case(bench, "vc2", "full", (1, 2, 4))),
+    ("vc2-dpo-lora", 65, lambda bench: dpo_case(bench, "vc2", "lora", (1, 2, 4))),
     ("t2v-turbo-sampling", 25, lambda bench: sampling_case(bench, "t2v_turbo")),
     ("t2v-turbo-compile-sampling", 150, lambda bench: compile_sampling_case(bench, "t2v_turbo")),
     ("vc2-compile-training", 200, compile_training_case),

@@ -1,8 +1,9 @@
 """DPO training job: `ray job submit -- python -m jobs.train configs/train_vc2_full.yaml [key.sub=value ...]`.
 
 The driver validates the config, the pair shards and any earlier checkpoint of the same run BEFORE workers start,
-then runs a TorchTrainer (one DeepSpeed rank per worker). With `data.pairs_per_worker: auto` on GPU workers, a one-GPU
-task first measures how many of a step's pairs one micro-batch can carry (`videodpo_ray/training/memory.py`).
+then runs a TorchTrainer (one DeepSpeed rank per worker). With `data.pairs_per_worker` or `model.gradient_checkpointing`
+"auto" on GPU workers, a one-GPU task first measures how many of a step's pairs one micro-batch can carry, and whether
+it needs checkpointing (`videodpo_ray/training/memory.py`).
 Resubmitting the same config (same run.name and storage_path) resumes from the run's last committed checkpoint, also
 after the driver was killed.
 """
@@ -18,7 +19,7 @@ from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.inputs import (
     completed_checkpoint,
-    settle_micro_batch,
+    settle_memory_layout,
     validate_inputs,
     with_absolute_paths,
 )
@@ -86,7 +87,7 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
     A run that already finished (its final checkpoint is on storage) is recognised here, before Ray or any worker
     starts: its Result is read back from storage and nothing is trained.
     """
-    config = settle_micro_batch(with_absolute_paths(config))
+    config = settle_memory_layout(with_absolute_paths(config))
     plan = validate_inputs(config)
     final = completed_checkpoint(config)
     if final is not None:
@@ -95,28 +96,31 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
         print(f"[train {config.run.name}] already complete: {final} is the final step; nothing to train", flush=True)
         return Result.from_path(ckpt.run_dir(config))
     connect_ray()
-    if config.data.pairs_per_worker == "auto":
-        config = micro_batch_measured_on_gpu(config, plan)
+    if not config.memory_settled:
+        config = memory_layout_measured_on_gpu(config, plan)
     print(
         f"[train {config.run.name}] {plan.num_pairs} pairs in {len(plan.shards)} shard(s), {plan.steps_per_epoch} "
         f"steps/epoch of {plan.pairs_per_step} pairs (workers x accumulation x micro-batch = "
         f"{config.scaling.num_workers} x {config.optim.grad_accum} x {config.data.pairs_per_worker}), "
-        f"ZeRO-{config.deepspeed.zero_stage}; run dir {ckpt.run_dir(config)}",
+        f"ZeRO-{config.deepspeed.zero_stage}, gradient checkpointing "
+        f"{'on' if config.model.gradient_checkpointing else 'off'}; run dir {ckpt.run_dir(config)}",
         flush=True,
     )
     return build_trainer(config, train_fn).fit()
 
 
-def micro_batch_measured_on_gpu(config: TrainConfig, plan: PairPlan) -> TrainConfig:
-    """`data.pairs_per_worker: auto` chosen by `training.memory.probe_on_cuda` in a one-GPU Ray task (its process
-    exits after it, freeing the GPU for the workers)."""
+def memory_layout_measured_on_gpu(config: TrainConfig, plan: PairPlan) -> TrainConfig:
+    """`data.pairs_per_worker` / `model.gradient_checkpointing` "auto" chosen by `training.memory.probe_on_cuda` in
+    a one-GPU Ray task (its process exits after it, freeing the GPU for the workers)."""
     import ray
 
     from videodpo_ray.training.memory import probe_on_cuda
 
     probe = ray.remote(num_gpus=1, num_cpus=config.scaling.cpus_per_worker, max_calls=1)(probe_on_cuda)
     choice = ray.get(probe.remote(config, plan.shards))
-    print(f"[train {config.run.name}] data.pairs_per_worker auto: {choice.summary()}", flush=True)
+    print(f"[train {config.run.name}] memory layout measured on one GPU: {choice.summary()}", flush=True)
+    if choice.gradient_checkpointing is not None:
+        config = config.with_gradient_checkpointing(choice.gradient_checkpointing)
     return config.with_micro_batch(choice.pairs_per_worker, choice.grad_accum)
 
 

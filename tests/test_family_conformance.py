@@ -118,6 +118,18 @@ def test_trainable_state_is_a_copy_that_round_trips_strictly(family: str, finetu
 
 
 @pytest.mark.parametrize("family", families())
+def test_gradient_checkpointing_is_set_by_the_config_and_switched_on_a_built_model(family: str):
+    """The train job's memory probe switches it on the model it built (`model.gradient_checkpointing: auto`)."""
+    assert build(family, gradient_checkpointing=True).denoiser.is_gradient_checkpointing
+    model = build(family, gradient_checkpointing="auto")  # a sampler's config may say auto: built without
+    assert not model.denoiser.is_gradient_checkpointing
+    model.set_gradient_checkpointing(True)
+    assert model.denoiser.is_gradient_checkpointing
+    model.set_gradient_checkpointing(False)
+    assert not model.denoiser.is_gradient_checkpointing
+
+
+@pytest.mark.parametrize("family", families())
 def test_presets_are_listed_by_name(family: str):
     presets = model_class(family).presets()
     assert "tiny" in presets and len(set(presets)) == len(presets)

@@ -1,5 +1,6 @@
-"""`data.pairs_per_worker: auto`: the micro-batch chosen from memory (training/memory.py), settled from a checkpoint
-on resume, and the step batch it keeps. The memory probe runs here on the CPU with a peak meter that counts tensor
+"""`data.pairs_per_worker: auto` and `model.gradient_checkpointing: auto`: the micro-batch, and whether it recomputes
+its activations, chosen from memory (training/memory.py), settled from a checkpoint on resume, and the step batch
+auto keeps. The memory probe runs here on the CPU with a peak meter that counts tensor
 storages (the job runs it on a GPU with the CUDA allocator's peak)."""
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from videodpo_ray.config import load_config
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config
-from videodpo_ray.training.inputs import settle_micro_batch, validate_inputs
+from videodpo_ray.training.inputs import settle_memory_layout, validate_inputs
 from videodpo_ray.training.memory import (
     MicroBatchChoice,
     choose_micro_batch,
@@ -141,6 +142,28 @@ def test_the_probe_measures_the_run_s_own_step_and_bounds_larger_micro_batches_f
     assert peaks[4] >= peaks[1] + 3 * (peaks[2] - peaks[1])
 
 
+def test_checkpointing_auto_trains_without_it_when_the_micro_batch_fits_and_with_it_otherwise(vc2_pairs, tmp_path):
+    shard_list = shards.list_shards(str(vc2_pairs), "pairs")
+
+    def probe(checkpointing: str, budget: int, pairs: str = "4") -> MicroBatchChoice:
+        config = config_for(vc2_pairs, tmp_path, f"model.gradient_checkpointing={checkpointing}",
+                            f"data.pairs_per_worker={pairs}", "optim.grad_accum=1")
+        return probe_micro_batch(config, shard_list, torch.device("cpu"), cpu_peak_bytes, budget)
+
+    configured = probe("true", 10**12)
+    assert configured.gradient_checkpointing is None  # configured, not chosen: nothing to settle
+    roomy = probe("auto", 10**12)
+    assert (roomy.gradient_checkpointing, roomy.pairs_per_worker, roomy.fits) == (False, 4, True)
+    kept, recomputed = roomy.peak_bytes[4], configured.peak_bytes[4]
+    assert recomputed < 0.8 * kept  # 4 pairs of activations at 16x16 outweigh the optimizer's temporaries
+    tight = probe("auto", kept - 1)  # one byte short of the peak without checkpointing
+    assert (tight.gradient_checkpointing, tight.pairs_per_worker, tight.peak_bytes) == (True, 4, {4: recomputed})
+    assert tight.summary().startswith(f"gradient checkpointing on (off: 4 pair(s) peaked at {kept / 2**30:.1f} GiB), "
+                                      "micro-batch 4 x accumulation 1")
+    packed = probe("auto", 10**12, pairs="auto")  # both auto: 1 pair (grad_accum 1 settles that on a GPU run)
+    assert (packed.gradient_checkpointing, packed.pairs_per_worker) == (False, 1)
+
+
 # --- settling auto in the job: CPU, nothing to pack, resume ----------------------------------------------------------
 
 
@@ -155,32 +178,46 @@ def write_state(tmp_path: Path, pairs_per_worker: int, grad_accum: int) -> None:
 def test_auto_is_the_default_and_keeps_the_step_batch_of_one_pair_per_micro_batch(vc2_pairs, tmp_path):
     config = config_for(vc2_pairs, tmp_path, "optim.grad_accum=4", "scaling.use_gpu=true")
     assert config.data.pairs_per_worker == "auto" and config.pairs_per_step == 4
-    assert settle_micro_batch(config) is config  # a GPU run measures it
+    assert settle_memory_layout(config) is config  # a GPU run measures it
     assert validate_inputs(config).pairs_per_step == 4
     with pytest.raises(ValueError, match="still 'auto'"):
         deepspeed_config(config)
     settled = config.with_micro_batch(2, 2)
     assert (settled.pairs_per_step, deepspeed_config(settled)["train_micro_batch_size_per_gpu"]) == (4, 2)
 
-    on_cpu = settle_micro_batch(config_for(vc2_pairs, tmp_path, "optim.grad_accum=4"))
+    on_cpu = settle_memory_layout(config_for(vc2_pairs, tmp_path, "optim.grad_accum=4"))
     assert (on_cpu.data.pairs_per_worker, on_cpu.optim.grad_accum) == (1, 4)
-    one = settle_micro_batch(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true"))
+    one = settle_memory_layout(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true"))
     assert (one.data.pairs_per_worker, one.optim.grad_accum) == (1, 1)
-    zero3 = settle_micro_batch(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true", "optim.grad_accum=4",
+    zero3 = settle_memory_layout(config_for(vc2_pairs, tmp_path, "scaling.use_gpu=true", "optim.grad_accum=4",
                                           "deepspeed.zero_stage=3"))
     assert (zero3.data.pairs_per_worker, zero3.optim.grad_accum) == (1, 4)
     with pytest.raises(ValueError, match="pairs_per_worker"):
         config_for(vc2_pairs, tmp_path, "data.pairs_per_worker=0")
 
 
+def test_checkpointing_auto_is_settled_off_on_cpu_on_with_zero3_and_measured_on_a_gpu(vc2_pairs, tmp_path):
+    def settled(*overrides: str) -> TrainConfig:
+        return settle_memory_layout(config_for(vc2_pairs, tmp_path, "model.gradient_checkpointing=auto", *overrides))
+
+    assert settled().model.gradient_checkpointing is False and settled().memory_settled
+    zero3 = settled("scaling.use_gpu=true", "deepspeed.zero_stage=3")
+    assert zero3.model.gradient_checkpointing is True and zero3.memory_settled
+    on_gpu = settled("scaling.use_gpu=true", "data.pairs_per_worker=2")
+    assert on_gpu.model.gradient_checkpointing == "auto" and not on_gpu.memory_settled  # the job's GPU probe
+    with pytest.raises(ValueError, match="model.gradient_checkpointing is still 'auto'"):
+        deepspeed_config(on_gpu)
+    assert deepspeed_config(on_gpu.with_gradient_checkpointing(True))["train_micro_batch_size_per_gpu"] == 2
+
+
 def test_a_resumed_auto_run_keeps_the_micro_batch_its_checkpoint_recorded(vc2_pairs, tmp_path):
     write_state(tmp_path, pairs_per_worker=2, grad_accum=2)
-    resumed = settle_micro_batch(config_for(vc2_pairs, tmp_path, "optim.grad_accum=4", "scaling.use_gpu=true"))
+    resumed = settle_memory_layout(config_for(vc2_pairs, tmp_path, "optim.grad_accum=4", "scaling.use_gpu=true"))
     assert (resumed.data.pairs_per_worker, resumed.optim.grad_accum) == (2, 2)
     validate_inputs(resumed)
     with pytest.raises(ckpt.CheckpointMismatchError, match=r"optim.grad_accum \(pairs per worker per step with "
                        r"data.pairs_per_worker auto\) is 2 but the checkpoint was saved with 4"):
-        settle_micro_batch(config_for(vc2_pairs, tmp_path, "optim.grad_accum=2", "scaling.use_gpu=true"))
+        settle_memory_layout(config_for(vc2_pairs, tmp_path, "optim.grad_accum=2", "scaling.use_gpu=true"))
     with pytest.raises(ckpt.CheckpointMismatchError, match="data.pairs_per_worker is 1 but the checkpoint was saved "
                        "with 2"):
         validate_inputs(config_for(vc2_pairs, tmp_path, "optim.grad_accum=2", "data.pairs_per_worker=1"))

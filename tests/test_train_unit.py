@@ -118,10 +118,10 @@ def test_lr_multiplier_hand_values():
 def test_reference_recipe_config():
     config = load_config(TrainConfig, CONFIGS / "train_vc2_full.yaml")
     assert (config.model.family, config.model.finetune, config.model.fps) == ("vc2", "full", 16)
-    assert config.model.gradient_checkpointing
+    assert config.model.gradient_checkpointing == "auto"  # off if the micro-batch fits without it
     assert config.pairs_per_step == 8 and config.dpo.beta_dpo == 5000 and config.data.cfg_dropout == 0.2
     assert config.data.pairs_per_worker == "auto"  # 2 pairs per worker per step, in one micro-batch if they fit
-    ds = deepspeed_config(config.with_micro_batch(2, 1))
+    ds = deepspeed_config(config.with_micro_batch(2, 1).with_gradient_checkpointing(False))
     assert ds["train_batch_size"] == 8 and ds["gradient_accumulation_steps"] == 1
     assert ds["train_micro_batch_size_per_gpu"] == 2
     assert ds["optimizer"] == {"type": "AdamW", "params": {"lr": 6e-6, "betas": [0.9, 0.999], "eps": 1e-8,
@@ -134,7 +134,8 @@ def test_reference_recipe_config():
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("train_*.yaml")), ids=lambda p: p.name)
 def test_every_train_config_loads(path):
     config = load_config(TrainConfig, path)
-    settled = config.with_micro_batch(config.micro_batch, config.optim.grad_accum)  # auto, as on the CPU
+    settled = config.with_micro_batch(config.micro_batch, config.optim.grad_accum).with_gradient_checkpointing(
+        config.model.gradient_checkpointing is True)  # auto settled as on the CPU
     assert deepspeed_config(settled)["train_batch_size"] == config.pairs_per_step
 
 

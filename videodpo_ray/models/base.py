@@ -140,9 +140,15 @@ class VideoDiffusionModel(nn.Module, ABC):
             for module in (denoiser, self.reference_denoiser):
                 if module is not None:
                     hold_frozen_in(module, torch.bfloat16)
-        if self.config.gradient_checkpointing:
-            denoiser.enable_gradient_checkpointing()
+        self.set_gradient_checkpointing(self.config.gradient_checkpointing is True)  # "auto": as the trainer settles
         self._trainable_names = [name for name, p in denoiser.named_parameters() if p.requires_grad]
+
+    def set_gradient_checkpointing(self, enabled: bool) -> None:
+        """Recompute the denoiser's activations in backward (True) or keep them (False)."""
+        if enabled:
+            self.denoiser.enable_gradient_checkpointing()
+        else:
+            self.denoiser.disable_gradient_checkpointing()
 
     def inject_lora(self) -> list[BaseTunerLayer]:
         """Add the trainable LoRA of `config.lora` to the denoiser; return the tuner layers."""

@@ -63,7 +63,9 @@ class ModelConfig(StrictConfig):
     finetune: FinetuneMode = "full"
     lora: LoraConfig = LoraConfig()
     mixed_precision: Literal["no", "bf16"] = "no"  # bf16 autocast; frozen weights stored in bf16
-    gradient_checkpointing: bool = False
+    # recompute activations in backward; "auto": the train job measures whether its micro-batch fits without
+    # (`training.memory`); samplers ignore it
+    gradient_checkpointing: bool | Literal["auto"] = False
     fps: int = 16  # fps conditioning in training (VC2 family)
     # False: build the model without its text encoder (a trainer whose pair shards store every text embedding);
     # encode_prompts then raises. Never written out (not in any manifest, config dump or checkpoint).

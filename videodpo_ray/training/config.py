@@ -141,6 +141,15 @@ class TrainConfig(StrictConfig):
             "optim": self.optim.model_copy(update={"grad_accum": grad_accum}),
         })
 
+    def with_gradient_checkpointing(self, enabled: bool) -> "TrainConfig":
+        """This config with `model.gradient_checkpointing: auto` settled."""
+        return self.model_copy(update={"model": self.model.model_copy(update={"gradient_checkpointing": enabled})})
+
+    @property
+    def memory_settled(self) -> bool:
+        """Neither `data.pairs_per_worker` nor `model.gradient_checkpointing` is still "auto"."""
+        return "auto" not in (self.data.pairs_per_worker, self.model.gradient_checkpointing)
+
     @property
     def shuffle_seed(self) -> int:
         return self.run.seed if self.data.shuffle_seed is None else self.data.shuffle_seed
@@ -159,8 +168,9 @@ def deepspeed_config(config: TrainConfig, num_trainable: int | None = None) -> d
     allocate and sweep GB-sized buffers every step for a model far smaller than that.
     """
     optim = config.optim
-    if config.data.pairs_per_worker == "auto":
-        raise ValueError("deepspeed_config: data.pairs_per_worker is still 'auto' (settle it with with_micro_batch)")
+    if not config.memory_settled:
+        raise ValueError("deepspeed_config: data.pairs_per_worker or model.gradient_checkpointing is still 'auto' "
+                         "(the train job settles both: training.inputs, training.memory)")
     zero: dict[str, Any] = {"stage": config.deepspeed.zero_stage}
     if num_trainable is not None and config.deepspeed.zero_stage > 0:
         bucket = int(min(5e8, max(num_trainable, 1)))

@@ -65,20 +65,29 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
     return plan
 
 
-def settle_micro_batch(config: TrainConfig) -> TrainConfig:
-    """`data.pairs_per_worker: auto` settled where no GPU has to measure it: as an earlier checkpoint of this run
-    recorded it (exact resume), else 1 pair on CPU workers, when optim.grad_accum is 1 (nothing to pack) and with
-    ZeRO-3 (its weights are split over the ranks: a one-GPU probe would hold them all).
-    Otherwise (or with an integer) the config comes back unchanged: the job measures it (`training.memory`)."""
-    if config.data.pairs_per_worker != "auto":
-        return config
-    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
-    if latest is not None:
-        url, state = latest
-        ckpt.check_resumable(state, config, url)
-        return config.with_micro_batch(state.pairs_per_worker, state.grad_accum)
-    if not config.scaling.use_gpu or config.optim.grad_accum == 1 or config.deepspeed.zero_stage == 3:
-        return config.with_micro_batch(1, config.optim.grad_accum)
+def settle_memory_layout(config: TrainConfig) -> TrainConfig:
+    """The "auto" memory settings settled where no GPU has to measure them.
+
+    - `data.pairs_per_worker: auto`: as an earlier checkpoint of this run recorded it (exact resume), else 1 pair on
+      CPU workers, when optim.grad_accum is 1 (nothing to pack) and with ZeRO-3 (its weights are split over the
+      ranks: a one-GPU probe would hold them all).
+    - `model.gradient_checkpointing: auto`: off on CPU workers, on with ZeRO-3 (for the same reason). A resume
+      measures it again: recomputing activations does not change the numbers.
+    What is left "auto" the job measures on a GPU (`training.memory`); integers and booleans come back unchanged.
+    """
+    if config.data.pairs_per_worker == "auto":
+        latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+        if latest is not None:
+            url, state = latest
+            ckpt.check_resumable(state, config, url)
+            config = config.with_micro_batch(state.pairs_per_worker, state.grad_accum)
+        elif not config.scaling.use_gpu or config.optim.grad_accum == 1 or config.deepspeed.zero_stage == 3:
+            config = config.with_micro_batch(1, config.optim.grad_accum)
+    if config.model.gradient_checkpointing == "auto":
+        if not config.scaling.use_gpu:
+            config = config.with_gradient_checkpointing(False)
+        elif config.deepspeed.zero_stage == 3:
+            config = config.with_gradient_checkpointing(True)
     return config
 
 
