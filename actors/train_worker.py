@@ -97,6 +97,8 @@ class DPOWorker:
         config = self.config
         if self.device.type == "cpu":  # bit-identical resumes; on GPU the deterministic kernels cost speed
             torch.use_deterministic_algorithms(True, warn_only=True)
+            # gloo training never calls DeepSpeed's shared-memory all-reduce; its C++ build takes minutes per machine
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         restored = ray.train.get_checkpoint()
         with restored.as_directory() if restored is not None else contextlib.nullcontext() as directory:
             saved = self._read_saved_state(Path(directory)) if directory else None
@@ -382,9 +384,7 @@ class DPOWorker:
         import deepspeed
 
         parameters = self.model.trainable_parameters()
-        gathered = deepspeed.zero.GatheredParameters(
-            parameters, modifier_rank=None, enabled=self.config.deepspeed.zero_stage == 3
-        )
+        gathered = deepspeed.zero.GatheredParameters(parameters, enabled=self.config.deepspeed.zero_stage == 3)
         export_url = storage.join(ckpt.run_dir(self.config), ckpt.EXPORT_DIR)
         with gathered:
             if self.rank == 0:
