@@ -379,7 +379,8 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     heavy = family in ("wan", "cogvideox")  # seconds per step: 1 timed step (the FLOP count warmed up)
     flops_by_checkpointing = {True: flops_pair}
     if not heavy:  # what `model.gradient_checkpointing: auto` picks where a micro-batch fits without it
-        variants += [(fast_label + ", no checkpointing", pairs, True, False) for pairs in pair_counts[:2]]
+        kept = pair_counts[:1 if bench.tiny else 2]
+        variants += [(fast_label + ", no checkpointing", pairs, True, False) for pairs in kept]
 
     def measure(label: str, pairs: int, fast: bool, checkpointing: bool) -> dict[str, Any]:
         # the frozen LoRA base in float32 (baseline) or the compute dtype (fast); a no-op for a full finetune
