@@ -196,10 +196,7 @@ def build(bench: Bench, family: str, **overrides: Any) -> VideoDiffusionModel:
 
 def latent_shape(model: VideoDiffusionModel) -> tuple[int, ...]:
     """One video's latents at the model's default video size, in the family's layout."""
-    frames, height, width = model.video_size
-    if hasattr(model, "latent_shape"):
-        return tuple(model.latent_shape(frames, height, width))
-    return (model.unet.config.in_channels, frames, height // model.vae_scale, width // model.vae_scale)
+    return model.latent_shape(*model.video_size)
 
 
 def text_shape(model: VideoDiffusionModel) -> tuple[int, int]:

@@ -51,11 +51,6 @@ def _median_seconds(function, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _latent_shape(model, video_size: tuple[int, int, int]) -> tuple[int, ...]:
-    frames, height, width = video_size
-    return tuple(model.encode_videos(torch.zeros((1, frames, height, width, 3), dtype=torch.uint8)).shape[1:])
-
-
 def _dpo_inputs(model, latent_shape: tuple[int, ...], text_shape: tuple[int, ...]):
     generator = torch.Generator().manual_seed(0)
     win = torch.randn((PAIRS, *latent_shape), generator=generator)
@@ -111,7 +106,7 @@ def cpu_family(family: str) -> dict:
     with torch.no_grad():
         forward = _median_seconds(lambda: model.predict(batch, timesteps, text), repeats=5)
     sample = _median_seconds(lambda: model.sample([PROMPT], [0], num_inference_steps=4), repeats=2)
-    memory_shape = _latent_shape(model, MEMORY_VIDEO_SIZE[family])
+    memory_shape = model.latent_shape(*MEMORY_VIDEO_SIZE[family])
     plain = _memory_in_subprocess(family, False, memory_shape, text.shape[1:])
     checkpointed = _memory_in_subprocess(family, True, memory_shape, text.shape[1:])
     return {

@@ -136,9 +136,9 @@ def test_denoise_matches_the_diffusers_cogvideox_pipeline(rope):
         preset = dataclasses.replace(preset, transformer=transformer)
     torch.manual_seed(0)
     model = CogVideoX.from_preset(preset, TINY)
-    noise = model.seeded_noise([7], model.latent_shape(num_frames=9, height=32, width=48))
+    noise, generators = model.seeded_noise([7], model.latent_shape(num_frames=9, height=32, width=48))
     embeddings = model.encode_prompts(["a red car"])
-    ours = model.denoise(noise, embeddings, num_inference_steps=3, guidance_scale=6.0)
+    ours = model.denoise(noise, embeddings, generators, num_inference_steps=3, guidance_scale=6.0)
 
     pipeline = CogVideoXPipeline(
         tokenizer=model.prompt_encoder.tokenizer,

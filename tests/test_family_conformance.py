@@ -18,7 +18,12 @@ import torch
 from videodpo_ray.config import build_config
 from videodpo_ray.errors import CheckpointError, ConfigError
 from videodpo_ray.models import FAMILIES, ModelConfig, build_model, families, model_class
-from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.base import (
+    VideoDiffusionModel,
+    classifier_free_guidance,
+    pixels_to_vae_input,
+    vae_output_to_pixels,
+)
 from videodpo_ray.training.checkpoint import load_exported_model, write_export
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -128,6 +133,47 @@ def test_gradient_checkpointing_is_set_by_the_config_and_switched_on_a_built_mod
     model.set_gradient_checkpointing(False)
     assert not model.denoiser.is_gradient_checkpointing
 
+
+
+@pytest.mark.parametrize("family", families())
+def test_the_sampler_starts_from_latents_the_vae_makes_and_decodes_to_the_asked_size(family: str):
+    """`latent_shape` (what `sample` draws its noise in) is the shape `encode_videos` gives, and a sample of that
+    size decodes to it."""
+    model = build(family)
+    frames, height, width = model.video_size
+    videos = torch.zeros((1, frames, height, width, 3), dtype=torch.uint8)
+    assert tuple(model.encode_videos(videos).shape[1:]) == tuple(model.latent_shape(frames, height, width))
+    sampled = model.sample(["a red car"], [3], num_inference_steps=1)
+    assert sampled.dtype == torch.uint8 and tuple(sampled.shape) == (1, frames, height, width, 3)
+    with pytest.raises(ValueError):
+        model.latent_shape(frames, height + 1, width)
+
+
+# --- what base.py computes for every family --------------------------------------------------------------------------
+def test_pixels_round_trip_through_the_vae_range_exactly():
+    pixels = torch.arange(256, dtype=torch.uint8)
+    signed = pixels_to_vae_input(pixels, torch.float32)
+    assert signed[0] == -1.0 and signed[255] == 1.0 and signed[51] == pytest.approx(51 / 127.5 - 1.0, abs=0)
+    assert torch.equal(vae_output_to_pixels(signed), pixels)
+    assert vae_output_to_pixels(torch.tensor([-3.0, 2.0, 0.0])).tolist() == [0, 255, 128]  # clamped; 127.5 rounds up
+    assert pixels_to_vae_input(pixels, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_classifier_free_guidance_runs_both_rows_in_one_call_and_combines_them():
+    calls = []
+
+    def denoise(x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        calls.append((x.shape[0], t.tolist()))
+        return x * text[:, 0, :1]  # the "prediction" scales x by the embedding's first value
+
+    latents, timesteps = torch.ones(2, 3), torch.tensor([5, 7])
+    text, empty = torch.full((2, 4, 8), 3.0), torch.ones(1, 4, 8)
+    guided = classifier_free_guidance(denoise, latents, timesteps, text, empty, 2.0)
+    assert calls == [(4, [5, 7, 5, 7])]
+    torch.testing.assert_close(guided, torch.full((2, 3), 1.0 + 2.0 * (3.0 - 1.0)), rtol=0, atol=0)
+    torch.testing.assert_close(classifier_free_guidance(denoise, latents, timesteps, text, None, 2.0),
+                               torch.full((2, 3), 3.0), rtol=0, atol=0)  # no empty embedding: no guidance
+    assert calls[-1] == (2, [5, 7])
 
 @pytest.mark.parametrize("family", families())
 def test_presets_are_listed_by_name(family: str):

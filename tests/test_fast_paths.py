@@ -199,9 +199,9 @@ def test_weight_dtype_is_diffusers_dtype_without_the_walk(family: str):
 # --- sampler: batched CFG, batched VAE decode, channels-last, compile ------------------------------------------------
 def test_wan_guidance_in_one_call_equals_two_passes():
     model = sampler("wan")
-    noise = model.seeded_noise(SEEDS[:2], model.latent_shape(*model.video_size))
+    noise, generators = model.seeded_noise(SEEDS[:2], model.latent_shape(*model.video_size))
     text = model.encode_prompts(PROMPTS[:2])
-    batched = model.denoise(noise, text, num_inference_steps=3, guidance_scale=5.0)
+    batched = model.denoise(noise, text, generators, num_inference_steps=3, guidance_scale=5.0)
 
     scheduler = type(model.scheduler).from_config(model.scheduler.config)
     scheduler.set_timesteps(3)

@@ -410,8 +410,8 @@ def test_sampling_matches_the_wan_pipeline(diffusers_directory, tmp_path, schedu
     sampler = type(model.scheduler)
     assert sampler is (UniPCMultistepScheduler if scheduler == "unipc" else FlowMatchEulerDiscreteScheduler)
     prompts, seeds, size = ["a red car", "a blue boat"], [11, 12], dict(num_frames=5, height=32, width=16)
-    noise = model.seeded_noise(seeds, model.latent_shape(**size))
-    ours = model.denoise(noise, model.encode_prompts(prompts), num_inference_steps=4, guidance_scale=5.0)
+    noise, generators = model.seeded_noise(seeds, model.latent_shape(**size))
+    ours = model.denoise(noise, model.encode_prompts(prompts), generators, num_inference_steps=4, guidance_scale=5.0)
 
     reference = WanPipeline(tokenizer=pipeline.tokenizer, text_encoder=pipeline.text_encoder, vae=pipeline.vae,
                             transformer=pipeline.transformer,

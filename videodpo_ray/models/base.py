@@ -24,7 +24,7 @@ import logging
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
 
 import torch
 from torch import nn
@@ -49,6 +49,39 @@ DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 logger = logging.getLogger(__name__)
 
 
+# --- what every family computes the same way ------------------------------------------------------------------------
+def pixels_to_vae_input(videos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 pixels (any layout) -> values in [-1, 1] in `dtype`, computed in float32."""
+    return (videos.float() / 127.5 - 1.0).to(dtype)
+
+
+def vae_output_to_pixels(frames: torch.Tensor) -> torch.Tensor:
+    """A VAE decoder's output (any layout, nominally in [-1, 1]) -> uint8 pixels: clamped, then rounded."""
+    return ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
+
+
+def classifier_free_guidance(
+    denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
+    latents: torch.Tensor,
+    timesteps: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    empty_embedding: torch.Tensor | None,
+    guidance_scale: float,
+) -> torch.Tensor:
+    """`denoise(x, t, text)` guided by `guidance_scale` w against the empty prompt: out(empty) + w (out(text) -
+    out(empty)), the conditional and unconditional rows in one call. No guidance (the conditional output alone) when
+    `empty_embedding` is None: each family decides which scales guide, as its reference sampler does."""
+    if empty_embedding is None:
+        return denoise(latents, timesteps, text_embeddings)
+    both = denoise(
+        torch.cat([latents, latents]),
+        torch.cat([timesteps, timesteps]),
+        torch.cat([text_embeddings, empty_embedding.to(text_embeddings).expand_as(text_embeddings)]),
+    )
+    conditional, unconditional = both.chunk(2)
+    return unconditional + guidance_scale * (conditional - unconditional)
+
+
 # --- the interface --------------------------------------------------------------------------------------------------
 class VideoDiffusionModel(nn.Module, ABC):
     """A text-to-video latent diffusion model with a policy and a frozen reference for DPO.
@@ -66,6 +99,8 @@ class VideoDiffusionModel(nn.Module, ABC):
     temporal_modules: ClassVar[Sequence[str]] = ()  # name parts of the layers finetune="temporal" trains
     denoiser: nn.Module  # the UNet or transformer that DPO trains
     video_size: tuple[int, int, int]  # (frames, height, width) that `sample` produces by default
+    default_num_inference_steps: int  # `sample`'s defaults (the family's reference sampler)
+    default_guidance_scale: float
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
@@ -239,11 +274,13 @@ class VideoDiffusionModel(nn.Module, ABC):
         finally:
             self.denoiser.train(was_training)
 
-    def seeded_noise(self, seeds: Sequence[int], shape: Sequence[int]) -> torch.Tensor:
+    def seeded_noise(self, seeds: Sequence[int], shape: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
         """Starting latents (B, *shape) on the model's device: item i is N(0, 1) from a CPU generator seeded with
-        seeds[i], so a video depends on its own seed only, on any device."""
-        noise = [torch.randn(tuple(shape), generator=torch.Generator().manual_seed(int(seed))) for seed in seeds]
-        return torch.stack(noise).to(self.device)
+        seeds[i], so a video depends on its own seed only, on any device. Also the generators, past that draw: a
+        stochastic sampler draws each sample's later noise from its own."""
+        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+        noise = torch.stack([torch.randn(tuple(shape), generator=generator) for generator in generators])
+        return noise.to(self.device), generators
 
     # --- text ---------------------------------------------------------------------------------------------------
     @abstractmethod
@@ -288,6 +325,23 @@ class VideoDiffusionModel(nn.Module, ABC):
         """Denoiser output for x_t. reference=True runs the frozen reference model without grad."""
 
     @abstractmethod
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """The latents of one video of that size in the family's layout; ValueError naming a size it cannot make."""
+
+    @abstractmethod
+    def denoise(
+        self,
+        noise: torch.Tensor,
+        text_embeddings: torch.Tensor,
+        generators: Sequence[torch.Generator],
+        *,
+        num_inference_steps: int,
+        guidance_scale: float,
+    ) -> torch.Tensor:
+        """The family's sampler with the policy, from `noise` to clean latents; a stochastic one draws sample i's
+        noise from generators[i]."""
+
+    @torch.no_grad()
     def sample(
         self,
         prompts: Sequence[str],
@@ -299,7 +353,20 @@ class VideoDiffusionModel(nn.Module, ABC):
         num_inference_steps: int | None = None,
         guidance_scale: float | None = None,
     ) -> torch.Tensor:
-        """Videos uint8 (B, T, H, W, 3), one per prompt; video i depends only on (prompts[i], seeds[i])."""
+        """Videos uint8 (B, T, H, W, 3), one per prompt; video i depends only on (prompts[i], seeds[i]). Sizes,
+        steps and guidance default to the family's (`video_size`, `default_*`)."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
+        size = [value or default for value, default in zip((num_frames, height, width), self.video_size)]
+        noise, generators = self.seeded_noise(seeds, self.latent_shape(*size))
+        latents = self.denoise(
+            noise,
+            self.encode_prompts(prompts).to(self.device),
+            generators,
+            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
+            guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
+        )
+        return self.decode_latents(latents)
 
     # --- training -----------------------------------------------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

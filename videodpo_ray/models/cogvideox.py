@@ -24,7 +24,12 @@ from transformers import T5Config, T5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.base import (
+    VideoDiffusionModel,
+    classifier_free_guidance,
+    pixels_to_vae_input,
+    vae_output_to_pixels,
+)
 from videodpo_ray.models.cogvideox_presets import (
     PRESETS,
     SCHEDULE_KEYS,
@@ -74,6 +79,8 @@ class CogVideoX(VideoDiffusionModel):
         spatial = self.vae_spatial_factor
         sample = transformer.config
         self.video_size = (sample.sample_frames, sample.sample_height * spatial, sample.sample_width * spatial)
+        self.default_num_inference_steps = preset.num_inference_steps
+        self.default_guidance_scale = preset.guidance_scale
         self.configure_training()
 
     @property
@@ -210,7 +217,7 @@ class CogVideoX(VideoDiffusionModel):
             raise ValueError(f"expected uint8 videos (B, T, H, W, 3), got {videos.dtype} {tuple(videos.shape)}")
         self.latent_shape(videos.shape[1], videos.shape[2], videos.shape[3])
         vae_parameter = next(self.vae.parameters())
-        pixels = videos.to(device=vae_parameter.device).permute(0, 4, 1, 2, 3).to(vae_parameter.dtype) / 127.5 - 1.0
+        pixels = pixels_to_vae_input(videos.to(vae_parameter.device).permute(0, 4, 1, 2, 3), vae_parameter.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latents = posterior.mean if generator is None else posterior.sample(generator)
         return (latents.float() * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
@@ -223,8 +230,7 @@ class CogVideoX(VideoDiffusionModel):
         vae_parameter = next(self.vae.parameters())
         z = latents.to(device=vae_parameter.device, dtype=vae_parameter.dtype).permute(0, 2, 1, 3, 4)
         frames = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        pixels = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 4, 1).cpu()
+        return vae_output_to_pixels(frames).permute(0, 2, 3, 4, 1).cpu()
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -312,50 +318,22 @@ class CogVideoX(VideoDiffusionModel):
         self,
         noise: torch.Tensor,
         text_embeddings: torch.Tensor,
+        generators: Sequence[torch.Generator],
         *,
         num_inference_steps: int,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """DDIM (eta 0, trailing timesteps) from `noise` to clean latents with the policy; classifier-free
-        guidance against the empty prompt when guidance_scale > 1 (the CogVideoXPipeline loop)."""
+        """DDIM (eta 0, trailing timesteps: deterministic, `generators` unused) from `noise` to clean latents with the
+        policy; classifier-free guidance against the empty prompt when guidance_scale > 1 (the CogVideoXPipeline
+        loop)."""
         scheduler = CogVideoXDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
         latents = noise * scheduler.init_noise_sigma
-        use_guidance = guidance_scale > 1.0
-        if use_guidance:
-            empty = self.empty_prompt_embedding().to(text_embeddings)
-            text_embeddings = torch.cat([empty.expand_as(text_embeddings), text_embeddings])
+        empty = self.empty_prompt_embedding() if guidance_scale > 1.0 else None
         with self.eval_mode():
             for timestep in scheduler.timesteps:
-                model_input = torch.cat([latents, latents]) if use_guidance else latents
-                velocity = self.predict(model_input, timestep.expand(model_input.shape[0]), text_embeddings)
-                if use_guidance:
-                    unconditional, conditional = velocity.chunk(2)
-                    velocity = unconditional + guidance_scale * (conditional - unconditional)
+                velocity = classifier_free_guidance(
+                    self.predict, latents, timestep.expand(latents.shape[0]), text_embeddings, empty, guidance_scale
+                )
                 latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
         return latents
-
-    def sample(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        *,
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> torch.Tensor:
-        """Videos uint8 (B, T, H, W, 3) on the CPU; defaults: the variant's size, 50 steps, guidance 6."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        default_frames, default_height, default_width = self.video_size
-        shape = self.latent_shape(num_frames or default_frames, height or default_height, width or default_width)
-        noise = self.seeded_noise(seeds, shape)
-        latents = self.denoise(
-            noise,
-            self.encode_prompts(prompts),
-            num_inference_steps=num_inference_steps or self.preset.num_inference_steps,
-            guidance_scale=self.preset.guidance_scale if guidance_scale is None else guidance_scale,
-        )
-        return self.decode_latents(latents)

@@ -160,14 +160,16 @@ class T2VTurbo(VideoCrafter2):
 
     def denoise(
         self,
-        latents: torch.Tensor,
-        context: torch.Tensor,
+        noise: torch.Tensor,
+        text_embeddings: torch.Tensor,
         generators: Sequence[torch.Generator],
-        num_steps: int,
+        *,
+        num_inference_steps: int,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """x_T -> x_0: LCM multistep (4 steps [999, 759, 519, 279]); w (7.5) is UNet conditioning, no CFG; fps 16."""
-        w_embedding = guidance_scale_embedding(torch.full((latents.shape[0],), guidance_scale, device=self.device))
+        """x_T -> x_0: LCM multistep (4 steps [999, 759, 519, 279], sample i's noise from generators[i]); w (7.5) is
+        UNet conditioning, no CFG; fps 16."""
+        w_embedding = guidance_scale_embedding(torch.full((noise.shape[0],), guidance_scale, device=self.device))
         schedule = self.schedule.config
         scheduler = LCMScheduler(
             num_train_timesteps=schedule.num_train_timesteps,
@@ -178,10 +180,11 @@ class T2VTurbo(VideoCrafter2):
             timestep_scaling=10.0,
             set_alpha_to_one=True,
         )
-        scheduler.set_timesteps(timesteps=lcm_timesteps(num_steps, schedule.num_train_timesteps), device=self.device)
-        denoised = latents
+        steps = lcm_timesteps(num_inference_steps, schedule.num_train_timesteps)
+        scheduler.set_timesteps(timesteps=steps, device=self.device)
+        latents = denoised = noise
         for t in scheduler.timesteps:
             timesteps = torch.full((latents.shape[0],), int(t), dtype=torch.long, device=self.device)
-            eps = self._denoise(self.unet, latents, timesteps, context, self.sample_fps, w_embedding)
+            eps = self._denoise(self.unet, latents, timesteps, text_embeddings, self.sample_fps, w_embedding)
             latents, denoised = scheduler.step(eps, t, latents, generator=list(generators), return_dict=False)
         return denoised

@@ -18,7 +18,12 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import CLIPTextModel
 
-from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.base import (
+    VideoDiffusionModel,
+    classifier_free_guidance,
+    pixels_to_vae_input,
+    vae_output_to_pixels,
+)
 from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
@@ -200,8 +205,7 @@ class VideoCrafter2(VideoDiffusionModel):
 
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        pixels = videos.to(self.vae.device, torch.float32).permute(0, 1, 4, 2, 3) / 127.5 - 1.0  # B, T, 3, H, W
-        pixels = pixels.to(weight_dtype(self.vae))
+        pixels = pixels_to_vae_input(videos.to(self.vae.device).permute(0, 1, 4, 2, 3), weight_dtype(self.vae))
         frames = []
         for index in range(pixels.shape[1]):
             posterior = self.vae.encode(pixels[:, index]).latent_dist
@@ -215,8 +219,8 @@ class VideoCrafter2(VideoDiffusionModel):
         flat = latents.to(self.vae.device, torch.float32).transpose(1, 2).flatten(0, 1) / self.scale_factor
         flat = flat.to(weight_dtype(self.vae))  # (B * T, C, h, w), video-major
         frames = torch.cat([self.vae.decode(chunk).sample for chunk in flat.split(self.vae_decode_frames)])
-        pixels = frames.float().clamp(-1.0, 1.0).unflatten(0, (batch, num_frames))  # B, T, 3, H, W
-        return ((pixels + 1.0) * 127.5).round().to(torch.uint8).permute(0, 1, 3, 4, 2).contiguous()
+        pixels = vae_output_to_pixels(frames).unflatten(0, (batch, num_frames))  # B, T, 3, H, W
+        return pixels.permute(0, 1, 3, 4, 2).contiguous()
 
     # --- diffusion --------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -268,58 +272,30 @@ class VideoCrafter2(VideoDiffusionModel):
         with torch.no_grad(), self.reference_model() as unet:
             return self._denoise(unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
 
-    def initial_noise(
-        self, seeds: Sequence[int], num_frames: int, height: int, width: int
-    ) -> tuple[torch.Tensor, list[torch.Generator]]:
-        """x_T per sample from its own CPU generator (same videos on any device), and those generators."""
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
+        """(C, T, H/8, W/8): height and width must be multiples of the VAE's 8x times the UNet's downsampling."""
         multiple = self.vae_scale * 2**self.unet.num_upsamplers
         if height % multiple or width % multiple:
             raise ValueError(f"height {height} and width {width} must be multiples of {multiple}")
-        shape = (self.unet.config.in_channels, num_frames, height // self.vae_scale, width // self.vae_scale)
-        generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
-        noise = torch.stack([torch.randn(shape, generator=g) for g in generators])
-        return noise.to(self.device), generators
-
-    @torch.no_grad()
-    def sample(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        *,
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> torch.Tensor:
-        """The family's sampler (`denoise`) from per-seed noise, decoded to uint8 videos."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
-        frames, h, w = num_frames or self.video_size[0], height or self.video_size[1], width or self.video_size[2]
-        latents, generators = self.initial_noise(seeds, frames, h, w)
-        context = self.encode_prompts(prompts).to(self.device)
-        steps = num_inference_steps or self.default_num_inference_steps
-        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
-        return self.decode_latents(self.denoise(latents, context, generators, steps, guidance))
+        return self.unet.config.in_channels, num_frames, height // self.vae_scale, width // self.vae_scale
 
     def denoise(
         self,
-        latents: torch.Tensor,
-        context: torch.Tensor,
+        noise: torch.Tensor,
+        text_embeddings: torch.Tensor,
         generators: Sequence[torch.Generator],
-        num_steps: int,
+        *,
+        num_inference_steps: int,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """x_T -> x_0: lvdm DDIM (eta 1.0) with classifier-free guidance against "" at the sampling fps (28)."""
-        uncond = self.empty_prompt_embedding().to(self.device).expand_as(context)
+        """x_T -> x_0: lvdm DDIM (eta 1.0, sample i's noise from generators[i]) with classifier-free guidance
+        against "" (none at scale 1, as lvdm) at the sampling fps (28)."""
+        empty = None if guidance_scale == 1.0 else self.empty_prompt_embedding().to(self.device)
+
+        def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+            return self._denoise(self.unet, x, t, context, self.sample_fps)
 
         def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            if guidance_scale == 1.0:
-                return self._denoise(self.unet, x, t, context, self.sample_fps)
-            both = self._denoise(
-                self.unet, torch.cat([x, x]), torch.cat([t, t]), torch.cat([context, uncond]), self.sample_fps
-            )
-            cond, free = both.chunk(2)
-            return free + guidance_scale * (cond - free)
+            return classifier_free_guidance(unet, x, t, text_embeddings, empty, guidance_scale)
 
-        return self.schedule.ddim_sample(predict_noise, latents, num_steps, self.ddim_eta, generators)
+        return self.schedule.ddim_sample(predict_noise, noise, num_inference_steps, self.ddim_eta, generators)

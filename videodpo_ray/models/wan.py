@@ -31,7 +31,12 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.base import (
+    VideoDiffusionModel,
+    classifier_free_guidance,
+    pixels_to_vae_input,
+    vae_output_to_pixels,
+)
 from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.modules import weight_dtype
@@ -101,6 +106,8 @@ class Wan(VideoDiffusionModel):
         self._prompt_encoder = prompt_encoder
         self._prompt_encoder_directory = prompt_encoder_directory
         self.video_size = preset.video_size
+        self.default_num_inference_steps = preset.num_inference_steps
+        self.default_guidance_scale = preset.guidance_scale
         self.configure_training()
 
     @property
@@ -221,7 +228,7 @@ class Wan(VideoDiffusionModel):
             raise ValueError(f"expected uint8 videos (B, T, H, W, 3), got {videos.dtype} {tuple(videos.shape)}")
         self.latent_shape(videos.shape[1], videos.shape[2], videos.shape[3])
         vae_parameter = next(self.vae.parameters())
-        pixels = videos.to(device=vae_parameter.device).permute(0, 4, 1, 2, 3).to(vae_parameter.dtype) / 127.5 - 1.0
+        pixels = pixels_to_vae_input(videos.to(vae_parameter.device).permute(0, 4, 1, 2, 3), vae_parameter.dtype)
         posterior = self.vae.encode(pixels).latent_dist
         latents = (posterior.mean if generator is None else posterior.sample(generator)).float()
         mean, std = self._latent_statistics(latents)
@@ -236,8 +243,7 @@ class Wan(VideoDiffusionModel):
         z = latents.to(device=vae_parameter.device, dtype=torch.float32)
         mean, std = self._latent_statistics(z)
         frames = self.vae.decode((z * std + mean).to(vae_parameter.dtype)).sample
-        pixels = ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-        return pixels.permute(0, 2, 3, 4, 1).cpu()
+        return vae_output_to_pixels(frames).permute(0, 2, 3, 4, 1).cpu()
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -316,52 +322,23 @@ class Wan(VideoDiffusionModel):
         self,
         noise: torch.Tensor,
         text_embeddings: torch.Tensor,
+        generators: Sequence[torch.Generator],
         *,
         num_inference_steps: int,
         guidance_scale: float,
     ) -> torch.Tensor:
-        """From `noise` to clean latents with the policy and a fresh copy of the sampling scheduler; classifier-free
-        guidance against the empty prompt when guidance_scale > 1, conditional and unconditional rows in one
-        denoiser call (the WanPipeline loop runs them as two)."""
+        """From `noise` to clean latents with the policy and a fresh copy of the sampling scheduler (a deterministic
+        flow solver: `generators` unused); classifier-free guidance against the empty prompt when guidance_scale > 1,
+        conditional and unconditional rows in one denoiser call (the WanPipeline loop runs them as two)."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
         scheduler.set_begin_index(0)
-        use_guidance = guidance_scale > 1.0
-        if use_guidance:
-            empty = self.empty_prompt_embedding().to(text_embeddings)
-            text_embeddings = torch.cat([text_embeddings, empty.expand_as(text_embeddings)])
+        empty = self.empty_prompt_embedding() if guidance_scale > 1.0 else None
         latents = noise
         with self.eval_mode():
             for timestep in scheduler.timesteps:
-                model_input = torch.cat([latents, latents]) if use_guidance else latents
-                velocity = self.predict(model_input, timestep.expand(model_input.shape[0]), text_embeddings)
-                if use_guidance:
-                    conditional, unconditional = velocity.chunk(2)
-                    velocity = unconditional + guidance_scale * (conditional - unconditional)
+                velocity = classifier_free_guidance(
+                    self.predict, latents, timestep.expand(latents.shape[0]), text_embeddings, empty, guidance_scale
+                )
                 latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
         return latents
-
-    def sample(
-        self,
-        prompts: Sequence[str],
-        seeds: Sequence[int],
-        *,
-        num_frames: int | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> torch.Tensor:
-        """Videos uint8 (B, T, H, W, 3) on the CPU; defaults: the variant's size, 50 steps, guidance 5."""
-        if len(prompts) != len(seeds):
-            raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
-        default_frames, default_height, default_width = self.video_size
-        shape = self.latent_shape(num_frames or default_frames, height or default_height, width or default_width)
-        noise = self.seeded_noise(seeds, shape)
-        latents = self.denoise(
-            noise,
-            self.encode_prompts(prompts),
-            num_inference_steps=num_inference_steps or self.preset.num_inference_steps,
-            guidance_scale=self.preset.guidance_scale if guidance_scale is None else guidance_scale,
-        )
-        return self.decode_latents(latents)

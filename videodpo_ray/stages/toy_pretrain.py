@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from videodpo_ray import toy_world as world
 from videodpo_ray.models import ModelConfig
+from videodpo_ray.models.base import pixels_to_vae_input
 from videodpo_ray.models.vc2 import TEMPORAL_MODULES, VC2Preset, VideoCrafter2
 from videodpo_ray.seeds import derive_seed
 from videodpo_ray.toy_world import PretrainSettings
@@ -45,14 +46,14 @@ def _progress(total: int, description: str, show: bool) -> tqdm:
 
 def _foreground_weights(frames: torch.Tensor) -> torch.Tensor:
     """1 on background pixels, 10 on shape pixels (the shape is ~10% of a frame; plain MSE ignores it)."""
-    background = torch.tensor(world.BACKGROUND, dtype=frames.dtype).view(1, 3, 1, 1) / 127.5 - 1.0
+    background = pixels_to_vae_input(torch.tensor(world.BACKGROUND), frames.dtype).view(1, 3, 1, 1)
     return 1.0 + 9.0 * ((frames - background).abs().sum(dim=1, keepdim=True) > 0.05).to(frames.dtype)
 
 
 def train_vae(vae: AutoencoderKL, videos: torch.Tensor, settings: PretrainSettings, progress: bool = True) -> float:
     """Train `vae` in place as an autoencoder on the frames of uint8 `videos` (N, T, H, W, 3); pin its posterior
     variance to ~0; return the latent scale factor (1 / std of the latent means)."""
-    frames = videos.flatten(0, 1).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    frames = pixels_to_vae_input(videos.flatten(0, 1).permute(0, 3, 1, 2), torch.float32)
     generator = torch.Generator().manual_seed(derive_seed(settings.seed, "toy-vae"))
     vae.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
