@@ -80,7 +80,10 @@ class TinyEpsilonModel(VideoDiffusionModel):
     def decode_latents(self, latents):
         raise NotImplementedError
 
-    def sample(self, prompts, seeds, **kwargs):
+    def latent_shape(self, num_frames, height, width):
+        raise NotImplementedError
+
+    def denoise(self, noise, text_embeddings, generators, **kwargs):
         raise NotImplementedError
 
     def trainable_state_dict(self):

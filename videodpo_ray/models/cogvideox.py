@@ -1,4 +1,4 @@
-"""CogVideoX (2B, 5B) on the diffusers classes, behind the `VideoDiffusionModel` interface.
+"""CogVideoX (2B, 5B) on the diffusers classes: a `DiffusersTransformerModel` (`transformer_family`).
 
 - denoiser: `CogVideoXTransformer3DModel` on latents (B, F, C, H, W); the 5B takes 3D RoPE (`image_rotary_emb`);
 - VAE: `AutoencoderKLCogVideoX` (49 frames -> 13 latent frames, 8x spatial), latents scaled by its scaling_factor;
@@ -14,7 +14,7 @@ subfolders, loaded strictly; `save_pretrained` writes that layout. Finetune mode
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import torch
 from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
@@ -24,12 +24,6 @@ from transformers import T5Config, T5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import (
-    VideoDiffusionModel,
-    classifier_free_guidance,
-    pixels_to_vae_input,
-    vae_output_to_pixels,
-)
 from videodpo_ray.models.cogvideox_presets import (
     PRESETS,
     SCHEDULE_KEYS,
@@ -39,12 +33,12 @@ from videodpo_ray.models.cogvideox_presets import (
     CogVideoXPreset,
 )
 from videodpo_ray.models.config import ModelConfig
-from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
-from videodpo_ray.models.modules import weight_dtype
+from videodpo_ray.models.loading import check_preset_config
 from videodpo_ray.models.t5_prompt_encoder import T5PromptEncoder
+from videodpo_ray.models.transformer_family import DiffusersTransformerModel
 
 
-class CogVideoX(VideoDiffusionModel):
+class CogVideoX(DiffusersTransformerModel):
     """CogVideoX text-to-video with a trainable policy and a frozen DPO reference.
 
     Submodules: `denoiser` (the policy transformer, also `transformer`), `vae` (frozen), `reference_denoiser`
@@ -55,6 +49,11 @@ class CogVideoX(VideoDiffusionModel):
     family = "cogvideox"
     prediction_type = "v_prediction"
     PRESETS = PRESETS
+    text_encoder_name = "T5"
+    latent_layout = "B, F, C, H, W"
+    transformer_class = CogVideoXTransformer3DModel
+    vae_class = AutoencoderKLCogVideoX
+    architecture_keys = {"transformer": TRANSFORMER_ARCHITECTURE_KEYS, "vae": VAE_ARCHITECTURE_KEYS}
 
     def __init__(
         self,
@@ -67,33 +66,27 @@ class CogVideoX(VideoDiffusionModel):
         prompt_encoder: T5PromptEncoder | None = None,
         prompt_encoder_directory: Path | None = None,
     ) -> None:
-        super().__init__(config)
         if transformer.config.patch_size_t is not None:
             raise CheckpointError("CogVideoX 1.5 transformers (patch_size_t set) are not supported; use 2b or 5b")
-        self.preset = preset
-        self.denoiser = transformer
-        self.vae = vae.eval().requires_grad_(False)
-        self.scheduler = scheduler
-        self._prompt_encoder = prompt_encoder
-        self._prompt_encoder_directory = prompt_encoder_directory
-        spatial = self.vae_spatial_factor
+        spatial = 2 ** (len(vae.config.block_out_channels) - 1)
         sample = transformer.config
-        self.video_size = (sample.sample_frames, sample.sample_height * spatial, sample.sample_width * spatial)
-        self.default_num_inference_steps = preset.num_inference_steps
-        self.default_guidance_scale = preset.guidance_scale
-        self.configure_training()
-
-    @property
-    def transformer(self) -> CogVideoXTransformer3DModel:
-        """The policy transformer (the base class's `denoiser`)."""
-        return self.denoiser
+        video_size = (sample.sample_frames, sample.sample_height * spatial, sample.sample_width * spatial)
+        super().__init__(
+            transformer,
+            vae,
+            scheduler,
+            config,
+            preset,
+            video_size,
+            prompt_encoder=prompt_encoder,
+            prompt_encoder_directory=prompt_encoder_directory,
+        )
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: CogVideoXPreset, config: ModelConfig) -> "CogVideoX":
         """Random init from explicit component configs (with a random T5 if the preset has an offline tokenizer)."""
-        transformer = CogVideoXTransformer3DModel.from_config(preset.transformer)
-        vae = AutoencoderKLCogVideoX.from_config(preset.vae)
+        transformer, vae = cls.transformer_and_vae(preset, None, config.variant)
         scheduler = CogVideoXDDIMScheduler.from_config(preset.scheduler)
         prompt_encoder = None
         if preset.offline_tokenizer is not None and config.build_text_encoder:
@@ -116,72 +109,30 @@ class CogVideoX(VideoDiffusionModel):
         if config.path is None and config.text_encoder_path is None:
             return cls.from_preset(preset, config)
 
-        text_path = config.text_encoder_path if config.build_text_encoder else None
-        text_directory = storage.local_directory(text_path) if text_path else None
-        if config.path is None:
-            transformer = CogVideoXTransformer3DModel.from_config(preset.transformer)
-            vae = AutoencoderKLCogVideoX.from_config(preset.vae)
-        else:
-            directory = storage.local_directory(config.path)
-            transformer = load_pretrained_component(CogVideoXTransformer3DModel, directory, "transformer")
-            check_preset_config(
-                directory / "transformer",
-                transformer.config,
-                preset.transformer,
-                TRANSFORMER_ARCHITECTURE_KEYS,
-                config.variant,
-            )
-            vae = load_pretrained_component(AutoencoderKLCogVideoX, directory, "vae")
-            check_preset_config(directory / "vae", vae.config, preset.vae, VAE_ARCHITECTURE_KEYS, config.variant)
-            scheduler_directory = directory / "scheduler"
-            if (scheduler_directory / "scheduler_config.json").is_file():
-                stored = CogVideoXDDIMScheduler.load_config(str(scheduler_directory))
-                check_preset_config(scheduler_directory, stored, preset.scheduler, SCHEDULE_KEYS, config.variant)
-            if text_directory is None and (directory / "text_encoder").is_dir():
-                text_directory = directory
-        if not config.build_text_encoder:
-            text_directory = None
-        if text_directory is not None:
-            for subfolder in ("text_encoder", "tokenizer"):
-                if not (text_directory / subfolder).is_dir():
-                    raise CheckpointError(f"{text_directory}: no {subfolder}/ folder for the T5 prompt encoder")
+        directory = storage.local_directory(config.path) if config.path is not None else None
+        transformer, vae = cls.transformer_and_vae(preset, directory, config.variant)
+        if directory is not None and (directory / "scheduler" / "scheduler_config.json").is_file():
+            stored = CogVideoXDDIMScheduler.load_config(str(directory / "scheduler"))
+            check_preset_config(directory / "scheduler", stored, preset.scheduler, SCHEDULE_KEYS, config.variant)
+        text_directory = cls.prompt_encoder_directory(config, directory)
         scheduler = CogVideoXDDIMScheduler.from_config(preset.scheduler)
         return cls(transformer, vae, scheduler, config, preset, prompt_encoder_directory=text_directory)
 
-    def write_pretrained(self, directory: Path) -> None:
-        """The diffusers layout from_config reads: transformer/, vae/, scheduler/ and, when this model has a
-        prompt encoder, text_encoder/ + tokenizer/ (safetensors)."""
-        self.transformer.save_pretrained(str(directory / "transformer"))
-        self.vae.save_pretrained(str(directory / "vae"))
-        self.scheduler.save_pretrained(str(directory / "scheduler"))
-        if self._prompt_encoder is not None or self._prompt_encoder_directory is not None:
-            self.prompt_encoder.save_pretrained(directory)
-
     # --- text ---------------------------------------------------------------------------------------------------
-    @property
-    def prompt_encoder(self) -> T5PromptEncoder:
-        """The T5 prompt encoder, loaded from its directory on first use."""
-        if self._prompt_encoder is None:
-            if self._prompt_encoder_directory is None:
-                raise RuntimeError(
-                    "this CogVideoX has no T5 text encoder: set ModelConfig.text_encoder_path (or a path with "
-                    "text_encoder/ and tokenizer/), or pass precomputed text embeddings"
-                )
-            prompt_encoder = T5PromptEncoder.from_directory(
-                self._prompt_encoder_directory, self.transformer.config.max_text_seq_length
-            )
-            check_preset_config(
-                self._prompt_encoder_directory / "text_encoder",
-                prompt_encoder.encoder.config.to_dict(),
-                self.preset.text_encoder,
-                T5_ARCHITECTURE_KEYS,
-                self.config.variant,
-            )
-            self._prompt_encoder = prompt_encoder
-        return self._prompt_encoder
+    def load_prompt_encoder(self, directory: Path) -> T5PromptEncoder:
+        prompt_encoder = T5PromptEncoder.from_directory(directory, self.transformer.config.max_text_seq_length)
+        check_preset_config(
+            directory / "text_encoder",
+            prompt_encoder.encoder.config.to_dict(),
+            self.preset.text_encoder,
+            T5_ARCHITECTURE_KEYS,
+            self.config.variant,
+        )
+        return prompt_encoder
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.prompt_encoder(prompts, self.device)
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return self.transformer.config.max_text_seq_length, self.transformer.config.text_embed_dim
 
     # --- VAE ----------------------------------------------------------------------------------------------------
     @property
@@ -213,12 +164,7 @@ class CogVideoX(VideoDiffusionModel):
 
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"expected uint8 videos (B, T, H, W, 3), got {videos.dtype} {tuple(videos.shape)}")
-        self.latent_shape(videos.shape[1], videos.shape[2], videos.shape[3])
-        vae_parameter = next(self.vae.parameters())
-        pixels = pixels_to_vae_input(videos.to(vae_parameter.device).permute(0, 4, 1, 2, 3), vae_parameter.dtype)
-        posterior = self.vae.encode(pixels).latent_dist
+        posterior = self.vae.encode(self.vae_input(videos)).latent_dist
         latents = posterior.mean if generator is None else posterior.sample(generator)
         return (latents.float() * self.vae.config.scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
 
@@ -229,8 +175,7 @@ class CogVideoX(VideoDiffusionModel):
             raise ValueError(f"expected latents (B, F, C, H, W) with an odd F, got {tuple(latents.shape)}")
         vae_parameter = next(self.vae.parameters())
         z = latents.to(device=vae_parameter.device, dtype=vae_parameter.dtype).permute(0, 2, 1, 3, 4)
-        frames = self.vae.decode(z / self.vae.config.scaling_factor).sample
-        return vae_output_to_pixels(frames).permute(0, 2, 3, 4, 1).cpu()
+        return self.vae_output_videos(self.vae.decode(z / self.vae.config.scaling_factor).sample)
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -266,74 +211,14 @@ class CogVideoX(VideoDiffusionModel):
             device=latents.device,
         )
 
-    def predict(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        *,
-        reference: bool = False,
-    ) -> torch.Tensor:
-        """The predicted velocity (float32, same shape as noisy_latents)."""
-        transformer_config = self.transformer.config
-        expected_text = (transformer_config.max_text_seq_length, transformer_config.text_embed_dim)
-        if noisy_latents.ndim != 5 or noisy_latents.shape[2] != transformer_config.in_channels:
-            raise ValueError(
-                f"expected latents (B, F, {transformer_config.in_channels}, H, W), got {tuple(noisy_latents.shape)}"
-            )
-        if tuple(text_embeddings.shape[1:]) != expected_text:
-            raise ValueError(
-                f"expected text embeddings (B, {expected_text[0]}, {expected_text[1]}), "
-                f"got {tuple(text_embeddings.shape)}"
-            )
-        rotary = self.rotary_embedding(noisy_latents)
-        if not reference:
-            return self._denoise(self.transformer, noisy_latents, timesteps, text_embeddings, rotary)
-        with torch.no_grad(), self.reference_model() as transformer:
-            return self._denoise(transformer, noisy_latents, timesteps, text_embeddings, rotary)
-
-    def _denoise(
-        self,
-        transformer: CogVideoXTransformer3DModel,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        rotary: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> torch.Tensor:
-        dtype = weight_dtype(transformer)
-        device = noisy_latents.device
-        with self.autocast(device):
-            output = transformer(
-                hidden_states=noisy_latents.to(dtype),
-                encoder_hidden_states=text_embeddings.to(device=device, dtype=dtype),
-                timestep=timesteps.to(device),
-                image_rotary_emb=rotary,
-                return_dict=False,
-            )[0]
-        return output.float()
+    def transformer_inputs(self, noisy_latents: torch.Tensor) -> dict[str, Any]:
+        return {"image_rotary_emb": self.rotary_embedding(noisy_latents)}
 
     # --- sampling -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def denoise(
-        self,
-        noise: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        generators: Sequence[torch.Generator],
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """DDIM (eta 0, trailing timesteps: deterministic, `generators` unused) from `noise` to clean latents with the
-        policy; classifier-free guidance against the empty prompt when guidance_scale > 1 (the CogVideoXPipeline
-        loop)."""
+    def start_sampling(
+        self, noise: torch.Tensor, num_inference_steps: int
+    ) -> tuple[CogVideoXDDIMScheduler, torch.Tensor]:
+        """DDIM (eta 0, trailing timesteps), as the CogVideoXPipeline loop."""
         scheduler = CogVideoXDDIMScheduler.from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
-        latents = noise * scheduler.init_noise_sigma
-        empty = self.empty_prompt_embedding() if guidance_scale > 1.0 else None
-        with self.eval_mode():
-            for timestep in scheduler.timesteps:
-                velocity = classifier_free_guidance(
-                    self.predict, latents, timestep.expand(latents.shape[0]), text_embeddings, empty, guidance_scale
-                )
-                latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
-        return latents
+        return scheduler, noise * scheduler.init_noise_sigma

@@ -1,4 +1,4 @@
-"""Wan2.1 text-to-video (1.3B, 14B) on the diffusers classes, behind the `VideoDiffusionModel` interface.
+"""Wan2.1 text-to-video (1.3B, 14B) on the diffusers classes: a `DiffusersTransformerModel` (`transformer_family`).
 
 - denoiser: `WanTransformer3DModel` on latents (B, C, F, H, W), patch (1, 2, 2), 3D RoPE inside the model;
 - VAE: `AutoencoderKLWan` (frames 1 + 4k -> 1 + k latent frames, 8x spatial); latents are normalised per channel
@@ -17,7 +17,7 @@ loaded strictly; `save_pretrained` writes that layout. Finetune modes "full" and
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from diffusers import (
@@ -31,15 +31,8 @@ from transformers import UMT5Config, UMT5EncoderModel
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import (
-    VideoDiffusionModel,
-    classifier_free_guidance,
-    pixels_to_vae_input,
-    vae_output_to_pixels,
-)
 from videodpo_ray.models.config import ModelConfig
-from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
-from videodpo_ray.models.modules import weight_dtype
+from videodpo_ray.models.transformer_family import DiffusersTransformerModel
 from videodpo_ray.models.wan_presets import (
     PRESETS,
     TRANSFORMER_ARCHITECTURE_KEYS,
@@ -74,7 +67,7 @@ def flow_scheduler(config: dict[str, Any], source: str) -> FlowScheduler:
     return scheduler
 
 
-class Wan(VideoDiffusionModel):
+class Wan(DiffusersTransformerModel):
     """Wan2.1 text-to-video with a trainable policy and a frozen DPO reference.
 
     Submodules: `denoiser` (the policy transformer, also `transformer`), `vae` (frozen), `reference_denoiser`
@@ -85,6 +78,11 @@ class Wan(VideoDiffusionModel):
     family = "wan"
     prediction_type = "flow_prediction"
     PRESETS = PRESETS
+    text_encoder_name = "umT5"
+    latent_layout = "B, C, F, H, W"
+    transformer_class = WanTransformer3DModel
+    vae_class = AutoencoderKLWan
+    architecture_keys = {"transformer": TRANSFORMER_ARCHITECTURE_KEYS, "vae": VAE_ARCHITECTURE_KEYS}
 
     def __init__(
         self,
@@ -97,30 +95,23 @@ class Wan(VideoDiffusionModel):
         prompt_encoder: UMT5PromptEncoder | None = None,
         prompt_encoder_directory: Path | None = None,
     ) -> None:
-        super().__init__(config)
-        self.preset = preset
-        self.denoiser = transformer
-        self.vae = vae.eval().requires_grad_(False)
-        self.scheduler = scheduler
+        super().__init__(
+            transformer,
+            vae,
+            scheduler,
+            config,
+            preset,
+            preset.video_size,
+            prompt_encoder=prompt_encoder,
+            prompt_encoder_directory=prompt_encoder_directory,
+        )
         self.timestep_sampling = preset.timestep_sampling
-        self._prompt_encoder = prompt_encoder
-        self._prompt_encoder_directory = prompt_encoder_directory
-        self.video_size = preset.video_size
-        self.default_num_inference_steps = preset.num_inference_steps
-        self.default_guidance_scale = preset.guidance_scale
-        self.configure_training()
-
-    @property
-    def transformer(self) -> WanTransformer3DModel:
-        """The policy transformer (the base class's `denoiser`)."""
-        return self.denoiser
 
     # --- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: WanPreset, config: ModelConfig) -> "Wan":
         """Random init from explicit component configs (with a random umT5 if the preset has an offline tokenizer)."""
-        transformer = WanTransformer3DModel.from_config(preset.transformer)
-        vae = AutoencoderKLWan.from_config(preset.vae)
+        transformer, vae = cls.transformer_and_vae(preset, None, config.variant)
         prompt_encoder = None
         if preset.offline_tokenizer is not None and config.build_text_encoder:
             encoder = UMT5EncoderModel(UMT5Config(**preset.text_encoder))
@@ -142,64 +133,24 @@ class Wan(VideoDiffusionModel):
         if config.path is None and config.text_encoder_path is None:
             return cls.from_preset(preset, config)
 
-        text_path = config.text_encoder_path if config.build_text_encoder else None
-        text_directory = storage.local_directory(text_path) if text_path else None
+        directory = storage.local_directory(config.path) if config.path is not None else None
+        transformer, vae = cls.transformer_and_vae(preset, directory, config.variant)
         scheduler = flow_scheduler(preset.scheduler, "preset")
-        if config.path is None:
-            transformer = WanTransformer3DModel.from_config(preset.transformer)
-            vae = AutoencoderKLWan.from_config(preset.vae)
-        else:
-            directory = storage.local_directory(config.path)
-            transformer = load_pretrained_component(WanTransformer3DModel, directory, "transformer")
-            check_preset_config(
-                directory / "transformer",
-                transformer.config,
-                preset.transformer,
-                TRANSFORMER_ARCHITECTURE_KEYS,
-                config.variant,
-            )
-            vae = load_pretrained_component(AutoencoderKLWan, directory, "vae")
-            check_preset_config(directory / "vae", vae.config, preset.vae, VAE_ARCHITECTURE_KEYS, config.variant)
-            scheduler_directory = directory / "scheduler"
-            if (scheduler_directory / "scheduler_config.json").is_file():
-                stored = UniPCMultistepScheduler.load_config(str(scheduler_directory))
-                scheduler = flow_scheduler(stored, str(scheduler_directory))
-            if text_directory is None and (directory / "text_encoder").is_dir():
-                text_directory = directory
-        if not config.build_text_encoder:
-            text_directory = None
-        if text_directory is not None:
-            for subfolder in ("text_encoder", "tokenizer"):
-                if not (text_directory / subfolder).is_dir():
-                    raise CheckpointError(f"{text_directory}: no {subfolder}/ folder for the umT5 prompt encoder")
+        if directory is not None and (directory / "scheduler" / "scheduler_config.json").is_file():
+            stored = UniPCMultistepScheduler.load_config(str(directory / "scheduler"))
+            scheduler = flow_scheduler(stored, str(directory / "scheduler"))
+        text_directory = cls.prompt_encoder_directory(config, directory)
         return cls(transformer, vae, scheduler, config, preset, prompt_encoder_directory=text_directory)
 
-    def write_pretrained(self, directory: Path) -> None:
-        """The diffusers layout from_config reads: transformer/, vae/, scheduler/ and, when this model has a
-        prompt encoder, text_encoder/ + tokenizer/ (safetensors)."""
-        self.transformer.save_pretrained(str(directory / "transformer"))
-        self.vae.save_pretrained(str(directory / "vae"))
-        self.scheduler.save_pretrained(str(directory / "scheduler"))
-        if self._prompt_encoder is not None or self._prompt_encoder_directory is not None:
-            self.prompt_encoder.save_pretrained(directory)
-
     # --- text ---------------------------------------------------------------------------------------------------
-    @property
-    def prompt_encoder(self) -> UMT5PromptEncoder:
-        """The umT5 prompt encoder, loaded from its directory on first use."""
-        if self._prompt_encoder is None:
-            if self._prompt_encoder_directory is None:
-                raise RuntimeError(
-                    "this Wan has no umT5 text encoder: set ModelConfig.text_encoder_path (or a path with "
-                    "text_encoder/ and tokenizer/), or pass precomputed text embeddings"
-                )
-            self._prompt_encoder = UMT5PromptEncoder.from_directory(
-                self._prompt_encoder_directory, self.preset.text_length, self.preset.text_encoder, self.config.variant
-            )
-        return self._prompt_encoder
+    def load_prompt_encoder(self, directory: Path) -> UMT5PromptEncoder:
+        return UMT5PromptEncoder.from_directory(
+            directory, self.preset.text_length, self.preset.text_encoder, self.config.variant
+        )
 
-    def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
-        return self.prompt_encoder(prompts, self.device)
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return self.preset.text_length, self.transformer.config.text_dim
 
     # --- VAE ----------------------------------------------------------------------------------------------------
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -224,12 +175,7 @@ class Wan(VideoDiffusionModel):
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """uint8 (B, T, H, W, 3) -> normalised latents (B, C, F, H/8, W/8): (z - latents_mean) / latents_std."""
-        if videos.dtype != torch.uint8 or videos.ndim != 5 or videos.shape[-1] != 3:
-            raise ValueError(f"expected uint8 videos (B, T, H, W, 3), got {videos.dtype} {tuple(videos.shape)}")
-        self.latent_shape(videos.shape[1], videos.shape[2], videos.shape[3])
-        vae_parameter = next(self.vae.parameters())
-        pixels = pixels_to_vae_input(videos.to(vae_parameter.device).permute(0, 4, 1, 2, 3), vae_parameter.dtype)
-        posterior = self.vae.encode(pixels).latent_dist
+        posterior = self.vae.encode(self.vae_input(videos)).latent_dist
         latents = (posterior.mean if generator is None else posterior.sample(generator)).float()
         mean, std = self._latent_statistics(latents)
         return (latents - mean) / std
@@ -242,8 +188,7 @@ class Wan(VideoDiffusionModel):
         vae_parameter = next(self.vae.parameters())
         z = latents.to(device=vae_parameter.device, dtype=torch.float32)
         mean, std = self._latent_statistics(z)
-        frames = self.vae.decode((z * std + mean).to(vae_parameter.dtype)).sample
-        return vae_output_to_pixels(frames).permute(0, 2, 3, 4, 1).cpu()
+        return self.vae_output_videos(self.vae.decode((z * std + mean).to(vae_parameter.dtype)).sample)
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     def sample_timesteps(self, batch_size: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -273,72 +218,10 @@ class Wan(VideoDiffusionModel):
         """The velocity v = eps - x0 (independent of t)."""
         return noise - latents
 
-    def predict(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        *,
-        reference: bool = False,
-    ) -> torch.Tensor:
-        """The predicted velocity (float32, same shape as noisy_latents)."""
-        transformer_config = self.transformer.config
-        expected_text = (self.preset.text_length, transformer_config.text_dim)
-        if noisy_latents.ndim != 5 or noisy_latents.shape[1] != transformer_config.in_channels:
-            raise ValueError(
-                f"expected latents (B, {transformer_config.in_channels}, F, H, W), got {tuple(noisy_latents.shape)}"
-            )
-        if tuple(text_embeddings.shape[1:]) != expected_text:
-            raise ValueError(
-                f"expected text embeddings (B, {expected_text[0]}, {expected_text[1]}), "
-                f"got {tuple(text_embeddings.shape)}"
-            )
-        if not reference:
-            return self._denoise(self.transformer, noisy_latents, timesteps, text_embeddings)
-        with torch.no_grad(), self.reference_model() as transformer:
-            return self._denoise(transformer, noisy_latents, timesteps, text_embeddings)
-
-    def _denoise(
-        self,
-        transformer: WanTransformer3DModel,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-    ) -> torch.Tensor:
-        dtype = weight_dtype(transformer)
-        device = noisy_latents.device
-        with self.autocast(device):
-            output = transformer(
-                hidden_states=noisy_latents.to(dtype),
-                timestep=timesteps.to(device),
-                encoder_hidden_states=text_embeddings.to(device=device, dtype=dtype),
-                return_dict=False,
-            )[0]
-        return output.float()
-
     # --- sampling -----------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def denoise(
-        self,
-        noise: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        generators: Sequence[torch.Generator],
-        *,
-        num_inference_steps: int,
-        guidance_scale: float,
-    ) -> torch.Tensor:
-        """From `noise` to clean latents with the policy and a fresh copy of the sampling scheduler (a deterministic
-        flow solver: `generators` unused); classifier-free guidance against the empty prompt when guidance_scale > 1,
-        conditional and unconditional rows in one denoiser call (the WanPipeline loop runs them as two)."""
+    def start_sampling(self, noise: torch.Tensor, num_inference_steps: int) -> tuple[FlowScheduler, torch.Tensor]:
+        """A fresh copy of the checkpoint's flow scheduler (UniPC or Euler), as the WanPipeline loop."""
         scheduler = type(self.scheduler).from_config(self.scheduler.config)
         scheduler.set_timesteps(num_inference_steps, device=noise.device)
         scheduler.set_begin_index(0)
-        empty = self.empty_prompt_embedding() if guidance_scale > 1.0 else None
-        latents = noise
-        with self.eval_mode():
-            for timestep in scheduler.timesteps:
-                velocity = classifier_free_guidance(
-                    self.predict, latents, timestep.expand(latents.shape[0]), text_embeddings, empty, guidance_scale
-                )
-                latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
-        return latents
+        return scheduler, noise
