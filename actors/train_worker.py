@@ -39,21 +39,13 @@ from videodpo_ray.training.data import (
     prompts_to_encode,
     stores_text_embeddings,
 )
+from videodpo_ray.training.memory import peak_memory_gib
 from videodpo_ray.training.plan import DataPosition, PairPlan
 from videodpo_ray.training.step import DPOObjective
 
-LOG_METRICS = (
-    "loss",
-    "implicit_accuracy",
-    "reward_margin",
-    "model_mse_win",
-    "model_mse_lose",
-    "ref_mse_win",
-    "ref_mse_lose",
-    "mean_weight",
-    "timestep",
-    "cfg_dropped",
-    "data_wait_fraction",
+LOG_METRICS = (  # averaged over the workers
+    "loss", "implicit_accuracy", "reward_margin", "model_mse_win", "model_mse_lose", "ref_mse_win", "ref_mse_lose",
+    "mean_weight", "timestep", "cfg_dropped", "data_wait_fraction",
 )
 
 
@@ -239,6 +231,7 @@ class DPOWorker:
         elapsed = time.perf_counter() - start
         sums["data_wait_fraction"] = waited / elapsed
         metrics = self._mean_over_workers(sums)
+        metrics["peak_memory_gib"] = self._max_over_workers(peak_memory_gib(self.device))
         if grad_norm is None:
             grad_norm = self.engine.get_global_grad_norm()
         metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
@@ -309,6 +302,11 @@ class DPOWorker:
         dist.all_reduce(values)
         values /= self.world_size
         return {key: float(value) for key, value in zip(LOG_METRICS, values)}
+
+    def _max_over_workers(self, value: float) -> float:
+        tensor = torch.tensor([value], dtype=torch.float64, device=self.device)
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return float(tensor)
 
     # --- logging, checkpoints, export -------------------------------------------------------------------------
     def _open_tensorboard(self) -> None:

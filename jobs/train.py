@@ -72,7 +72,8 @@ def progress_printer(name: str) -> Any:
                 f"[train {name}] step {head['step'] + 1}/{head['total_steps']} epoch {head['epoch']} "
                 f"loss {head['loss']:.5f} "
                 f"acc {head['implicit_accuracy']:.3f} margin {head['reward_margin']:.4g} lr {head['lr']:.3g} "
-                f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s{saved}",
+                f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s "
+                f"peak {head['peak_memory_gib']:.1f} GiB{saved}",
                 flush=True,
             )
             if head.get("done"):

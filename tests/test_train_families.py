@@ -76,6 +76,9 @@ def test_tiny_family_trains_five_steps(family, finetune, latents, s3_bucket, ray
     assert scalars["loss"][0] == pytest.approx(math.log(2) * step0_weight, rel=1e-6)
     assert scalars["implicit_accuracy"][0] == 0.0 and scalars["reward_margin"][0] == 0.0
     assert all(math.isfinite(value) for value in scalars["loss"].values())
+    # the workers' memory high-water mark (peak resident set on CPU) in GiB: a torch process holds a few hundred MiB
+    peaks = [scalars["peak_memory_gib"][step] for step in range(5)]
+    assert all(0.2 < peak < 24 for peak in peaks) and peaks == sorted(peaks)
 
     # the export loads into the model layer; the policy moved, the reference did not
     export_url = result.metrics["export_url"]

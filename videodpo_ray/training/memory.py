@@ -25,6 +25,7 @@ the CUDA context, communication buckets and the allocator's fragmentation.
 
 from __future__ import annotations
 
+import resource
 from dataclasses import dataclass, replace
 from typing import Callable, Sequence
 
@@ -78,6 +79,14 @@ def cuda_peak_bytes(run: Callable[[], None]) -> int:
 def cuda_budget_bytes(device: torch.device) -> int:
     """MEMORY_FRACTION of the GPU's total memory: what a micro-step may peak at."""
     return int(MEMORY_FRACTION * torch.cuda.get_device_properties(device).total_memory)
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    """This process's memory high-water mark in GiB: on a GPU the CUDA allocator's peak (what the probe measures, so
+    a run's first steps check its choice), on the CPU the peak resident set (Linux reports it in KiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
 
 
 def deepspeed_extra_bytes(config: TrainConfig, trainable: int) -> int:
