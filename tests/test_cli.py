@@ -124,6 +124,7 @@ def test_status_reports_what_a_run_committed(tmp_path: Path):
         for step, loss in enumerate([0.69, 0.61]):
             writer.add_scalar("train/loss", loss, step)
             writer.add_scalar("train/implicit_accuracy", 0.5 + step / 4, step)
+            writer.add_scalar("train/peak_memory_gib", 1.5 + 0.75 * step, step)
     (root / "evaluate" / "dpo").mkdir(parents=True)
     (root / "evaluate" / "dpo" / "summary.json").write_text(
         json.dumps({"num_prompts": 64, "win_rate": 0.625, "omniscore_gain_mean": 0.0123})
@@ -131,7 +132,8 @@ def test_status_reports_what_a_run_committed(tmp_path: Path):
     result = invoke("status", str(root))
     assert result.exit_code == 0, result.output
     assert "pairs: 2 shard(s), 3 rows committed" in result.output
-    assert f"run {run}: checkpoint at step 2/4; step 2: loss 0.61, implicit_accuracy 0.75" in result.output
+    last_step = "step 2: loss 0.61, implicit_accuracy 0.75, peak_memory_gib 2.25"
+    assert f"run {run}: checkpoint at step 2/4; {last_step}" in result.output
     evaluated = f"evaluate {root / 'evaluate' / 'dpo'}: win rate 0.625 over 64 prompts, OmniScore gain +0.0123"
     assert evaluated in result.output
     assert "nothing committed" in invoke("status", str(tmp_path / "empty")).output

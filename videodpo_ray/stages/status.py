@@ -14,7 +14,7 @@ from videodpo_ray import shards, storage
 from videodpo_ray.training import checkpoint as ckpt
 
 SHARD_KINDS = ("samples", "scores", "pairs")
-LAST_STEP_METRICS = ("loss", "implicit_accuracy", "reward_margin", "mean_weight", "lr")
+LAST_STEP_METRICS = ("loss", "implicit_accuracy", "reward_margin", "mean_weight", "lr", "peak_memory_gib")
 
 
 def run_status(url: str) -> dict[str, Any]:
