@@ -24,6 +24,7 @@ from videodpo_ray.models.base import (
     pixels_to_vae_input,
     vae_output_to_pixels,
 )
+from videodpo_ray.models.transformer_family import DiffusersTransformerModel
 from videodpo_ray.training.checkpoint import load_exported_model, write_export
 
 pytestmark = pytest.mark.usefixtures("single_torch_thread")
@@ -174,6 +175,19 @@ def test_classifier_free_guidance_runs_both_rows_in_one_call_and_combines_them()
     torch.testing.assert_close(classifier_free_guidance(denoise, latents, timesteps, text, None, 2.0),
                                torch.full((2, 3), 3.0), rtol=0, atol=0)  # no empty embedding: no guidance
     assert calls[-1] == (2, [5, 7])
+
+@pytest.mark.parametrize(
+    "family", [family for family in families() if issubclass(model_class(family), DiffusersTransformerModel)]
+)
+def test_a_text_encoder_directory_without_its_tokenizer_is_refused_naming_it(family: str, tmp_path: Path):
+    (tmp_path / "text_encoder").mkdir()
+    name = model_class(family).text_encoder_name
+    with pytest.raises(CheckpointError, match=rf"^{re.escape(str(tmp_path))}: no tokenizer/ folder for the {name} "):
+        build(family, text_encoder_path=str(tmp_path))
+    model = build(family, text_encoder_path=str(tmp_path), build_text_encoder=False)  # for stored embeddings
+    with pytest.raises(RuntimeError, match=f"has no {name} text encoder: set ModelConfig.text_encoder_path"):
+        model.encode_prompts(["a red car"])
+
 
 @pytest.mark.parametrize("family", families())
 def test_presets_are_listed_by_name(family: str):
