@@ -199,20 +199,10 @@ def latent_shape(model: VideoDiffusionModel) -> tuple[int, ...]:
     return model.latent_shape(*model.video_size)
 
 
-def text_shape(model: VideoDiffusionModel) -> tuple[int, int]:
-    """(L, D) of the text embeddings the denoiser takes."""
-    config = model.denoiser.config
-    if model.family == "cogvideox":
-        return config.max_text_seq_length, config.text_embed_dim
-    if model.family == "wan":
-        return model.preset.text_length, config.text_dim
-    return 77, config.cross_attention_dim
-
-
 def random_inputs(bench: Bench, model: VideoDiffusionModel, rows: int) -> tuple[torch.Tensor, ...]:
     generator = torch.Generator(bench.device).manual_seed(0)
     latents = torch.randn((rows, *latent_shape(model)), generator=generator, device=bench.device)
-    text = torch.randn((rows, *text_shape(model)), generator=generator, device=bench.device)
+    text = torch.randn((rows, *model.text_shape), generator=generator, device=bench.device)
     return latents, torch.full((rows,), 500, dtype=torch.long, device=bench.device), text
 
 
@@ -338,7 +328,7 @@ class DPOSteps:
         shape = (pairs_max, *latent_shape(model))
         self.win = torch.randn(shape, generator=self.generator, device=bench.device)
         self.lose = torch.randn(shape, generator=self.generator, device=bench.device)
-        self.text = torch.randn((pairs_max, *text_shape(model)), generator=self.generator, device=bench.device)
+        self.text = torch.randn((pairs_max, *model.text_shape), generator=self.generator, device=bench.device)
 
     def __call__(self, pairs: int, optimizer: torch.optim.Optimizer | None) -> None:
         """One step of `pairs` pairs: reference forward, policy forward/backward, then AdamW if given."""

@@ -150,6 +150,23 @@ def test_the_sampler_starts_from_latents_the_vae_makes_and_decodes_to_the_asked_
         model.latent_shape(frames, height + 1, width)
 
 
+@pytest.mark.parametrize("family", families())
+def test_a_prediction_on_wrong_shapes_names_the_shapes_it_takes(family: str):
+    model = build(family)
+    noisy, timesteps, text = probe(model)
+    assert tuple(text.shape[1:]) == model.text_shape  # what encode_prompts gives is what predict takes
+    length, width = model.text_shape
+    shown = length if model.fixed_text_length else "L"
+    expected_text = rf"expected text embeddings \(B, {shown}, {width}\), got \(2, {length}, {width + 1}\)"
+    with pytest.raises(ValueError, match=expected_text):
+        model.predict(noisy, timesteps, torch.zeros(2, length, width + 1))
+    axis = model.latent_layout.split(", ").index("C")
+    fewer_channels = noisy.narrow(axis, 0, noisy.shape[axis] - 1)
+    expected_latents = re.escape(model.latent_layout.replace("C", str(noisy.shape[axis])))
+    with pytest.raises(ValueError, match=rf"expected latents \({expected_latents}\), got \(2, "):
+        model.predict(fewer_channels, timesteps, text)
+
+
 # --- what base.py computes for every family --------------------------------------------------------------------------
 def test_pixels_round_trip_through_the_vae_range_exactly():
     pixels = torch.arange(256, dtype=torch.uint8)

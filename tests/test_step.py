@@ -25,6 +25,8 @@ class TinyEpsilonModel(VideoDiffusionModel):
 
     family = "vc2"
     prediction_type = "epsilon"
+    latent_layout = "B, C, T, H, W"
+    text_shape = (4, TEXT_DIM)  # unchecked: predict below takes any length
 
     def __init__(self) -> None:
         super().__init__(ModelConfig(family=self.family))

@@ -2,29 +2,27 @@
 
 Jobs and actors only ever talk to `VideoDiffusionModel`; every family difference (latent layout, noising,
 prediction target, sampler, text encoder) stays in that family's module. This module owns what all families do
-the same way (strict weight loading lives beside it, in `models/loading.py`):
-- (the configs live in `models/config.py`; the peft, dtype and compile helpers in `models/modules.py`)
+the same way (configs: `models/config.py`; peft, dtype and compile helpers: `models/modules.py`; strict loading:
+`models/loading.py`; what the diffusers-transformer families share: `models/transformer_family.py`):
 - the finetune modes and their frozen reference (`configure_training`), the trainable weights (copies, loaded
   strictly), the preset registry (`PRESETS` / `presets()` / `preset()`) and `save_pretrained`;
+- sampling (`sample`: per-seed noise, the family's `denoise`, decode), classifier-free guidance, the uint8 <-> VAE
+  range conversions and the checked shapes of a prediction's inputs;
 - the fast paths: frozen weights held in the compute dtype (`hold_frozen_in`, `freeze_for_sampling`), the one bf16
-  autocast (`autocast`), `weight_dtype` (diffusers' `ModelMixin.dtype` without its walk over every submodule),
-  channels-last convolutions and `torch.compile` with an eager fallback (`compile_module`).
+  autocast (`autocast`), channels-last convolutions and `torch.compile` with an eager fallback (`compile_module`).
 
-Conventions shared by every family:
-- videos in and out of the model are uint8 tensors (B, T, H, W, 3);
-- latents are the family's own layout, already multiplied by the VAE scale factor (what the denoiser sees);
-- text embeddings are what the denoiser's cross-attention takes, (B, L, D);
-- timesteps are int64 (B,) on the 0..num_train_timesteps-1 grid.
+Conventions shared by every family: videos in and out of the model are uint8 tensors (B, T, H, W, 3); latents are
+the family's own layout (`latent_layout`), already multiplied by the VAE scale factor; text embeddings are what the
+denoiser's cross-attention takes, (B, L, D); timesteps are int64 (B,) on the 0..num_train_timesteps-1 grid.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -44,9 +42,7 @@ if TYPE_CHECKING:  # peft is imported where LoRA is used: building a model witho
     from peft.tuners.tuners_utils import BaseTunerLayer
 
 PredictionType = Literal["epsilon", "v_prediction", "flow_prediction"]
-ModuleT = TypeVar("ModuleT", bound=nn.Module)
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-logger = logging.getLogger(__name__)
 
 
 # --- what every family computes the same way ------------------------------------------------------------------------
@@ -73,12 +69,9 @@ def classifier_free_guidance(
     `empty_embedding` is None: each family decides which scales guide, as its reference sampler does."""
     if empty_embedding is None:
         return denoise(latents, timesteps, text_embeddings)
-    both = denoise(
-        torch.cat([latents, latents]),
-        torch.cat([timesteps, timesteps]),
-        torch.cat([text_embeddings, empty_embedding.to(text_embeddings).expand_as(text_embeddings)]),
-    )
-    conditional, unconditional = both.chunk(2)
+    empty = empty_embedding.to(text_embeddings).expand_as(text_embeddings)
+    out = denoise(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([text_embeddings, empty]))
+    conditional, unconditional = out.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
 
 
@@ -97,6 +90,8 @@ class VideoDiffusionModel(nn.Module, ABC):
     PRESETS: ClassVar[Mapping[str, Any]]  # variant name -> the family's preset object
     lora_targets: ClassVar[Sequence[str]] = DEFAULT_LORA_TARGETS  # modules a fresh LoRA adapts by default
     temporal_modules: ClassVar[Sequence[str]] = ()  # name parts of the layers finetune="temporal" trains
+    latent_layout: ClassVar[str]  # the axes of the latents `predict` takes, e.g. "B, C, T, H, W"
+    fixed_text_length: ClassVar[bool] = True  # False: the denoiser takes any number of text tokens
     denoiser: nn.Module  # the UNet or transformer that DPO trains
     video_size: tuple[int, int, int]  # (frames, height, width) that `sample` produces by default
     default_num_inference_steps: int  # `sample`'s defaults (the family's reference sampler)
@@ -313,6 +308,24 @@ class VideoDiffusionModel(nn.Module, ABC):
     def training_target(self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """What the denoiser is trained to predict: the noise (epsilon) or the velocity v."""
 
+    @property
+    @abstractmethod
+    def text_shape(self) -> tuple[int, int]:
+        """(L, D) of the text embeddings the denoiser takes."""
+
+    def check_prediction_inputs(self, noisy_latents: torch.Tensor, text_embeddings: torch.Tensor) -> None:
+        """ValueError naming the shapes `predict` takes unless the inputs fit `latent_layout` and `text_shape`."""
+        channels = self.denoiser.config.in_channels
+        if noisy_latents.ndim != 5 or noisy_latents.shape[self.latent_layout.split(", ").index("C")] != channels:
+            expected = self.latent_layout.replace("C", str(channels))
+            raise ValueError(f"expected latents ({expected}), got {tuple(noisy_latents.shape)}")
+        length, width = self.text_shape
+        if text_embeddings.ndim != 3 or text_embeddings.shape[2] != width or (
+            self.fixed_text_length and text_embeddings.shape[1] != length
+        ):
+            shown = length if self.fixed_text_length else "L"
+            raise ValueError(f"expected text embeddings (B, {shown}, {width}), got {tuple(text_embeddings.shape)}")
+
     @abstractmethod
     def predict(
         self,
@@ -359,13 +372,10 @@ class VideoDiffusionModel(nn.Module, ABC):
             raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
         size = [value or default for value, default in zip((num_frames, height, width), self.video_size)]
         noise, generators = self.seeded_noise(seeds, self.latent_shape(*size))
-        latents = self.denoise(
-            noise,
-            self.encode_prompts(prompts).to(self.device),
-            generators,
-            num_inference_steps=num_inference_steps or self.default_num_inference_steps,
-            guidance_scale=self.default_guidance_scale if guidance_scale is None else guidance_scale,
-        )
+        steps = num_inference_steps or self.default_num_inference_steps
+        guidance = self.default_guidance_scale if guidance_scale is None else guidance_scale
+        text = self.encode_prompts(prompts).to(self.device)
+        latents = self.denoise(noise, text, generators, num_inference_steps=steps, guidance_scale=guidance)
         return self.decode_latents(latents)
 
     # --- training -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from videodpo_ray.errors import CheckpointError
 from videodpo_ray.models.loading import describe_key_mismatch
 
 OPENCLIP_HEAD_WIDTH = 64  # every OpenCLIP text tower uses 64-wide heads (ViT-H-14: 1024 / 16)
+OPENCLIP_CONTEXT_LENGTH = 77  # tokens per prompt, SOT and EOT included
 
 
 def clip_text_config(
@@ -25,7 +26,7 @@ def clip_text_config(
     num_hidden_layers: int = 23,
     intermediate_size: int = 4096,
     vocab_size: int = 49408,
-    max_position_embeddings: int = 77,
+    max_position_embeddings: int = OPENCLIP_CONTEXT_LENGTH,
 ) -> CLIPTextConfig:
     """The CLIPTextConfig of an OpenCLIP text tower cut at its penultimate block (defaults: ViT-H-14)."""
     return CLIPTextConfig(

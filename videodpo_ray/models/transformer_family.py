@@ -49,7 +49,6 @@ class DiffusersTransformerModel(VideoDiffusionModel):
     sampling `scheduler` and a lazily loaded prompt encoder; `preset` is the variant's preset object."""
 
     text_encoder_name: ClassVar[str]  # in messages: "T5", "umT5"
-    latent_layout: ClassVar[str]  # the latents' axes, e.g. "B, F, C, H, W"
     transformer_class: ClassVar[type[ModelMixin]]
     vae_class: ClassVar[type[ModelMixin]]
     architecture_keys: ClassVar[dict[str, Sequence[str]]]  # "transformer" / "vae": config keys a checkpoint must match
@@ -148,11 +147,6 @@ class DiffusersTransformerModel(VideoDiffusionModel):
     def encode_prompts(self, prompts: Sequence[str]) -> torch.Tensor:
         return self.prompt_encoder(prompts, self.device)
 
-    @property
-    @abstractmethod
-    def text_shape(self) -> tuple[int, int]:
-        """(L, D) of the text embeddings the transformer takes."""
-
     # --- VAE ----------------------------------------------------------------------------------------------------
     def vae_input(self, videos: torch.Tensor) -> torch.Tensor:
         """uint8 videos (B, T, H, W, 3) of a size the family makes -> the VAE's input (B, 3, T, H, W) in [-1, 1],
@@ -178,13 +172,7 @@ class DiffusersTransformerModel(VideoDiffusionModel):
         reference: bool = False,
     ) -> torch.Tensor:
         """The transformer's prediction (float32, same shape as noisy_latents)."""
-        channels = self.transformer.config.in_channels
-        if noisy_latents.ndim != 5 or noisy_latents.shape[self.latent_layout.split(", ").index("C")] != channels:
-            expected = self.latent_layout.replace("C", str(channels))
-            raise ValueError(f"expected latents ({expected}), got {tuple(noisy_latents.shape)}")
-        if tuple(text_embeddings.shape[1:]) != self.text_shape:
-            length, width = self.text_shape
-            raise ValueError(f"expected text embeddings (B, {length}, {width}), got {tuple(text_embeddings.shape)}")
+        self.check_prediction_inputs(noisy_latents, text_embeddings)
         extra = self.transformer_inputs(noisy_latents)
         if not reference:
             return self._transform(self.transformer, noisy_latents, timesteps, text_embeddings, extra)

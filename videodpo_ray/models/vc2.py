@@ -28,7 +28,7 @@ from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.modules import weight_dtype
-from videodpo_ray.models.openclip_text import OpenCLIPTextEncoder, clip_text_config
+from videodpo_ray.models.openclip_text import OPENCLIP_CONTEXT_LENGTH, OpenCLIPTextEncoder, clip_text_config
 from videodpo_ray.models.vc2_schedule import VC2NoiseSchedule, VC2ScheduleConfig
 from videodpo_ray.models.vc2_unet import VC2UNet3DConditionModel
 
@@ -108,6 +108,8 @@ class VideoCrafter2(VideoDiffusionModel):
     prediction_type = "epsilon"
     PRESETS = PRESETS
     temporal_modules = TEMPORAL_MODULES
+    latent_layout = "B, C, T, H, W"
+    fixed_text_length = False  # the UNet's cross-attention takes any number of tokens; OpenCLIP gives 77
     time_cond_proj_dim: ClassVar[int | None] = None
     sample_fps: ClassVar[int] = 28  # the official VC2 sampling script
     default_num_inference_steps: ClassVar[int] = 50
@@ -193,6 +195,10 @@ class VideoCrafter2(VideoDiffusionModel):
             )
         return self.text_encoder(prompts).float()
 
+    @property
+    def text_shape(self) -> tuple[int, int]:
+        return OPENCLIP_CONTEXT_LENGTH, self.unet.config.cross_attention_dim
+
     # --- VAE (a 2D VAE: frame by frame, as lvdm's encode_first_stage_2DAE; decoding pools frames) --------------
     @property
     def compilable_decoder(self) -> nn.Module:
@@ -266,6 +272,7 @@ class VideoCrafter2(VideoDiffusionModel):
         *,
         reference: bool = False,
     ) -> torch.Tensor:
+        self.check_prediction_inputs(noisy_latents, text_embeddings)
         condition = self.timestep_condition(noisy_latents.shape[0], noisy_latents.device)
         if not reference:
             return self._denoise(self.unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
