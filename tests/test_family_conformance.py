@@ -18,9 +18,10 @@ import torch
 from videodpo_ray.config import build_config
 from videodpo_ray.errors import CheckpointError, ConfigError
 from videodpo_ray.models import FAMILIES, ModelConfig, build_model, families, model_class
-from videodpo_ray.models.base import (
-    VideoDiffusionModel,
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.functional import (
     classifier_free_guidance,
+    guidance_embeddings,
     pixels_to_vae_input,
     vae_output_to_pixels,
 )
@@ -167,7 +168,7 @@ def test_a_prediction_on_wrong_shapes_names_the_shapes_it_takes(family: str):
         model.predict(fewer_channels, timesteps, text)
 
 
-# --- what base.py computes for every family --------------------------------------------------------------------------
+# --- the formulas every family shares (functional.py) ----------------------------------------------------------------
 def test_pixels_round_trip_through_the_vae_range_exactly():
     pixels = torch.arange(256, dtype=torch.uint8)
     signed = pixels_to_vae_input(pixels, torch.float32)
@@ -186,12 +187,17 @@ def test_classifier_free_guidance_runs_both_rows_in_one_call_and_combines_them()
 
     latents, timesteps = torch.ones(2, 3), torch.tensor([5, 7])
     text, empty = torch.full((2, 4, 8), 3.0), torch.ones(1, 4, 8)
-    guided = classifier_free_guidance(denoise, latents, timesteps, text, empty, 2.0)
+    embeddings = guidance_embeddings(text, empty)  # once per sampling loop: [text; empty]
+    assert embeddings[:, 0, 0].tolist() == [3.0, 3.0, 1.0, 1.0]
+    guided = classifier_free_guidance(denoise, latents, timesteps, embeddings, 2.0)
     assert calls == [(4, [5, 7, 5, 7])]
     torch.testing.assert_close(guided, torch.full((2, 3), 1.0 + 2.0 * (3.0 - 1.0)), rtol=0, atol=0)
-    torch.testing.assert_close(classifier_free_guidance(denoise, latents, timesteps, text, None, 2.0),
-                               torch.full((2, 3), 3.0), rtol=0, atol=0)  # no empty embedding: no guidance
+    plain = guidance_embeddings(text, None)  # no empty embedding: no guidance
+    assert plain is text
+    torch.testing.assert_close(classifier_free_guidance(denoise, latents, timesteps, plain, 2.0),
+                               torch.full((2, 3), 3.0), rtol=0, atol=0)
     assert calls[-1] == (2, [5, 7])
+
 
 @pytest.mark.parametrize(
     "family", [family for family in families() if issubclass(model_class(family), DiffusersTransformerModel)]

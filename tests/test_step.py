@@ -88,6 +88,9 @@ class TinyEpsilonModel(VideoDiffusionModel):
     def denoise(self, noise, text_embeddings, generators, **kwargs):
         raise NotImplementedError
 
+    def run_denoiser(self, denoiser, noisy_latents, timesteps, text_embeddings):  # predict above is the whole model
+        raise NotImplementedError
+
     def trainable_state_dict(self):
         raise NotImplementedError
 

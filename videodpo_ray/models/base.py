@@ -6,8 +6,8 @@ the same way (configs: `models/config.py`; peft, dtype and compile helpers: `mod
 `models/loading.py`; what the diffusers-transformer families share: `models/transformer_family.py`):
 - the finetune modes and their frozen reference (`configure_training`), the trainable weights (copies, loaded
   strictly), the preset registry (`PRESETS` / `presets()` / `preset()`) and `save_pretrained`;
-- sampling (`sample`: per-seed noise, the family's `denoise`, decode), classifier-free guidance, the uint8 <-> VAE
-  range conversions and the checked shapes of a prediction's inputs;
+- `predict` (checked input shapes, policy or frozen reference) and `sample` (per-seed noise, the family's
+  `denoise`, decode); the formulas the families share (pixel ranges, classifier-free guidance) are in `functional.py`;
 - the fast paths: frozen weights held in the compute dtype (`hold_frozen_in`, `freeze_for_sampling`), the one bf16
   autocast (`autocast`), channels-last convolutions and `torch.compile` with an eager fallback (`compile_module`).
 
@@ -22,7 +22,7 @@ import copy
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterator, Literal, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -43,36 +43,6 @@ if TYPE_CHECKING:  # peft is imported where LoRA is used: building a model witho
 
 PredictionType = Literal["epsilon", "v_prediction", "flow_prediction"]
 DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-
-
-# --- what every family computes the same way ------------------------------------------------------------------------
-def pixels_to_vae_input(videos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 pixels (any layout) -> values in [-1, 1] in `dtype`, computed in float32."""
-    return (videos.float() / 127.5 - 1.0).to(dtype)
-
-
-def vae_output_to_pixels(frames: torch.Tensor) -> torch.Tensor:
-    """A VAE decoder's output (any layout, nominally in [-1, 1]) -> uint8 pixels: clamped, then rounded."""
-    return ((frames.float().clamp(-1.0, 1.0) + 1.0) * 127.5).round().to(torch.uint8)
-
-
-def classifier_free_guidance(
-    denoise: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor],
-    latents: torch.Tensor,
-    timesteps: torch.Tensor,
-    text_embeddings: torch.Tensor,
-    empty_embedding: torch.Tensor | None,
-    guidance_scale: float,
-) -> torch.Tensor:
-    """`denoise(x, t, text)` guided by `guidance_scale` w against the empty prompt: out(empty) + w (out(text) -
-    out(empty)), the conditional and unconditional rows in one call. No guidance (the conditional output alone) when
-    `empty_embedding` is None: each family decides which scales guide, as its reference sampler does."""
-    if empty_embedding is None:
-        return denoise(latents, timesteps, text_embeddings)
-    empty = empty_embedding.to(text_embeddings).expand_as(text_embeddings)
-    out = denoise(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), torch.cat([text_embeddings, empty]))
-    conditional, unconditional = out.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
 
 
 # --- the interface --------------------------------------------------------------------------------------------------
@@ -326,7 +296,6 @@ class VideoDiffusionModel(nn.Module, ABC):
             shown = length if self.fixed_text_length else "L"
             raise ValueError(f"expected text embeddings (B, {shown}, {width}), got {tuple(text_embeddings.shape)}")
 
-    @abstractmethod
     def predict(
         self,
         noisy_latents: torch.Tensor,
@@ -335,7 +304,18 @@ class VideoDiffusionModel(nn.Module, ABC):
         *,
         reference: bool = False,
     ) -> torch.Tensor:
-        """Denoiser output for x_t. reference=True runs the frozen reference model without grad."""
+        """Denoiser output for x_t (float32). reference=True runs the frozen reference model without grad."""
+        self.check_prediction_inputs(noisy_latents, text_embeddings)
+        if not reference:
+            return self.run_denoiser(self.denoiser, noisy_latents, timesteps, text_embeddings)
+        with torch.no_grad(), self.reference_model() as denoiser:
+            return self.run_denoiser(denoiser, noisy_latents, timesteps, text_embeddings)
+
+    @abstractmethod
+    def run_denoiser(
+        self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor
+    ) -> torch.Tensor:
+        """`denoiser` (the policy or the reference) on checked inputs, with the family's training-time conditioning."""
 
     @abstractmethod
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:

@@ -2,9 +2,9 @@
 
 A family of this kind has a video transformer as its denoiser, a frozen 3D VAE, a sampling scheduler and a T5-style
 prompt encoder. The prompt encoder loads from its directory on first use, so training on stored text embeddings never
-loads it. `DiffusersTransformerModel` owns the construction, the text side, the transformer call (input checks,
-autocast, the DPO reference), the VAE's pixel conversions, the diffusers layout `save_pretrained` writes and the
-sampling loop (CFG in one call). A family adds its presets, loading, latent layout, noising and sampler start.
+loads it. `DiffusersTransformerModel` owns the construction, the text side, the transformer call under autocast,
+the VAE's pixel conversions, the diffusers layout `save_pretrained` writes and the sampling loop (CFG in one call).
+A family adds its presets, loading, latent layout, noising and sampler start.
 """
 
 from __future__ import annotations
@@ -19,13 +19,14 @@ from torch import nn
 
 from videodpo_ray import storage
 from videodpo_ray.errors import CheckpointError
-from videodpo_ray.models.base import (
-    VideoDiffusionModel,
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.config import ModelConfig
+from videodpo_ray.models.functional import (
     classifier_free_guidance,
+    guidance_embeddings,
     pixels_to_vae_input,
     vae_output_to_pixels,
 )
-from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_preset_config, load_pretrained_component
 from videodpo_ray.models.modules import weight_dtype
 
@@ -163,45 +164,24 @@ class DiffusersTransformerModel(VideoDiffusionModel):
         return vae_output_to_pixels(frames).permute(0, 2, 3, 4, 1).cpu()
 
     # --- the transformer ----------------------------------------------------------------------------------------
-    def predict(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        *,
-        reference: bool = False,
+    def run_denoiser(
+        self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        """The transformer's prediction (float32, same shape as noisy_latents)."""
-        self.check_prediction_inputs(noisy_latents, text_embeddings)
-        extra = self.transformer_inputs(noisy_latents)
-        if not reference:
-            return self._transform(self.transformer, noisy_latents, timesteps, text_embeddings, extra)
-        with torch.no_grad(), self.reference_model() as transformer:
-            return self._transform(transformer, noisy_latents, timesteps, text_embeddings, extra)
-
-    def transformer_inputs(self, noisy_latents: torch.Tensor) -> dict[str, Any]:
-        """Extra keyword inputs of the transformer call for these latents (none by default)."""
-        return {}
-
-    def _transform(
-        self,
-        transformer: nn.Module,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        extra: dict[str, Any],
-    ) -> torch.Tensor:
-        dtype = weight_dtype(transformer)
+        dtype = weight_dtype(denoiser)
         device = noisy_latents.device
         with self.autocast(device):
-            output = transformer(
+            output = denoiser(
                 hidden_states=noisy_latents.to(dtype),
                 encoder_hidden_states=text_embeddings.to(device=device, dtype=dtype),
                 timestep=timesteps.to(device),
                 return_dict=False,
-                **extra,
+                **self.transformer_inputs(noisy_latents),
             )[0]
         return output.float()
+
+    def transformer_inputs(self, noisy_latents: torch.Tensor) -> dict[str, Any]:
+        """Extra keyword inputs of the transformer call for these latents (none by default)."""
+        return {}
 
     # --- sampling -----------------------------------------------------------------------------------------------
     @abstractmethod
@@ -222,11 +202,11 @@ class DiffusersTransformerModel(VideoDiffusionModel):
         unused); classifier-free guidance against the empty prompt when guidance_scale > 1, as the diffusers
         pipelines, with the conditional and unconditional rows in one transformer call."""
         scheduler, latents = self.start_sampling(noise, num_inference_steps)
-        empty = self.empty_prompt_embedding() if guidance_scale > 1.0 else None
+        embeddings = guidance_embeddings(text_embeddings, self.empty_prompt_embedding() if guidance_scale > 1 else None)
         with self.eval_mode():
             for timestep in scheduler.timesteps:
                 velocity = classifier_free_guidance(
-                    self.predict, latents, timestep.expand(latents.shape[0]), text_embeddings, empty, guidance_scale
+                    self.predict, latents, timestep.expand(latents.shape[0]), embeddings, guidance_scale
                 )
                 latents = scheduler.step(velocity, timestep, latents, return_dict=False)[0]
         return latents

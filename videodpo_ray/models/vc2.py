@@ -18,14 +18,15 @@ from diffusers import AutoencoderKL
 from torch import nn
 from transformers import CLIPTextModel
 
-from videodpo_ray.models.base import (
-    VideoDiffusionModel,
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.config import ModelConfig
+from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
+from videodpo_ray.models.functional import (
     classifier_free_guidance,
+    guidance_embeddings,
     pixels_to_vae_input,
     vae_output_to_pixels,
 )
-from videodpo_ray.models.config import ModelConfig
-from videodpo_ray.models.convert_vc2 import VC2Components, load_components, load_text_encoder, save_components
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.modules import weight_dtype
 from videodpo_ray.models.openclip_text import OPENCLIP_CONTEXT_LENGTH, OpenCLIPTextEncoder, clip_text_config
@@ -264,20 +265,12 @@ class VideoCrafter2(VideoDiffusionModel):
             ).sample
         return output.to(latents.dtype)
 
-    def predict(
-        self,
-        noisy_latents: torch.Tensor,
-        timesteps: torch.Tensor,
-        text_embeddings: torch.Tensor,
-        *,
-        reference: bool = False,
+    def run_denoiser(
+        self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        self.check_prediction_inputs(noisy_latents, text_embeddings)
+        """At the training fps, with the family's `timestep_condition`."""
         condition = self.timestep_condition(noisy_latents.shape[0], noisy_latents.device)
-        if not reference:
-            return self._denoise(self.unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
-        with torch.no_grad(), self.reference_model() as unet:
-            return self._denoise(unet, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
+        return self._denoise(denoiser, noisy_latents, timesteps, text_embeddings, self.config.fps, condition)
 
     def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, int, int, int]:
         """(C, T, H/8, W/8): height and width must be multiples of the VAE's 8x times the UNet's downsampling."""
@@ -298,11 +291,12 @@ class VideoCrafter2(VideoDiffusionModel):
         """x_T -> x_0: lvdm DDIM (eta 1.0, sample i's noise from generators[i]) with classifier-free guidance
         against "" (none at scale 1, as lvdm) at the sampling fps (28)."""
         empty = None if guidance_scale == 1.0 else self.empty_prompt_embedding().to(self.device)
+        embeddings = guidance_embeddings(text_embeddings, empty)
 
         def unet(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
             return self._denoise(self.unet, x, t, context, self.sample_fps)
 
         def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return classifier_free_guidance(unet, x, t, text_embeddings, empty, guidance_scale)
+            return classifier_free_guidance(unet, x, t, embeddings, guidance_scale)
 
         return self.schedule.ddim_sample(predict_noise, noise, num_inference_steps, self.ddim_eta, generators)

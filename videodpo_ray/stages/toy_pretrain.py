@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from videodpo_ray import toy_world as world
 from videodpo_ray.models import ModelConfig
-from videodpo_ray.models.base import pixels_to_vae_input
+from videodpo_ray.models.functional import pixels_to_vae_input
 from videodpo_ray.models.vc2 import TEMPORAL_MODULES, VC2Preset, VideoCrafter2
 from videodpo_ray.seeds import derive_seed
 from videodpo_ray.toy_world import PretrainSettings
