@@ -43,7 +43,7 @@ class OmniScorer:
             name: load_scorer_model(name, self.config.spec(name), self.device) for name in self.config.dimensions
         }
         self.output_names = [key for name in self.config.dimensions for key in dimension_outputs(name)]
-        self.computes_omniscore = set(self.config.omniscore.dimensions) <= set(self.output_names)
+        self.computes_omniscore = not self.config.dimensions_missing_for_omniscore()
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Every row of `batch` scored, in batches of `batch_size` rows (`stages.common.batch_slices`)."""

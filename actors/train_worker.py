@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
+import math
 import tempfile
 import time
 from pathlib import Path
@@ -25,11 +25,12 @@ import torch.distributed as dist
 
 from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.config import dump_config
-from videodpo_ray.errors import NonFiniteLossError
+from videodpo_ray.errors import NonFiniteTrainingError
 from videodpo_ray.models import build_model
-from videodpo_ray.seeds import drops_prompt, noise_seed
+from videodpo_ray.seeds import drops_prompt, pair_noise_seeds
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
+from videodpo_ray.training.curves import TrainingCurves
 from videodpo_ray.training.data import (
     MicroBatch,
     PairLoader,
@@ -49,12 +50,13 @@ LOG_METRICS = (  # averaged over the workers
 )
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=config.model_dump())`)."""
+def train_loop_per_worker(config: dict[str, Any]) -> NonFiniteTrainingError | None:
+    """Ray Train entry point (`TorchTrainer(train_loop_per_worker, train_loop_config=config.model_dump())`); returns
+    the NonFiniteTrainingError that stopped the run early, which `jobs.train.run_training` raises."""
     # Quiet by default: Ray Train's worker logs each report with its whole metrics dict at INFO on the root logger;
     # the driver prints one progress line per step instead.
     logging.getLogger().setLevel(logging.WARNING)
-    DPOWorker(TrainConfig.model_validate(config)).run()
+    return DPOWorker(TrainConfig.model_validate(config)).run()
 
 
 class DPOWorker:
@@ -78,11 +80,11 @@ class DPOWorker:
         self.seed = config.shuffle_seed
         self.pair_log: list[dict[str, Any]] = []
         self.last_checkpoint_step: int | None = None
-        self.tensorboard = None
-        self.tensorboard_dir: str | None = None
+        self.curves: TrainingCurves | None = None  # rank 0's TensorBoard event files
 
     # --- setup ------------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def run(self) -> NonFiniteTrainingError | None:
+        """Train to the end; a NaN/inf loss or gradient norm ends the run early and is returned, not raised."""
         import deepspeed
         import ray.train
 
@@ -136,12 +138,15 @@ class DPOWorker:
             self.prompt_cache = PromptEmbeddingCache(model, config.data.prompt_cache_entries)
             self.empty_prompt = self.prompt_cache.encode("")
         if self.rank == 0:
-            self._open_tensorboard()
+            self.curves = TrainingCurves(ckpt.run_dir(config))
         try:
             self._train()
+        except NonFiniteTrainingError as error:  # raised on every rank together (an all-reduced check)
+            return error  # rank 0's return value: the driver raises it, so Ray Train does not replay the same steps
         finally:
-            if self.tensorboard is not None:
-                self.tensorboard.close()
+            if self.curves is not None:
+                self.curves.close()
+        return None
 
     def _from_rank0(self, compute: Callable[[], Any]) -> Any:
         """`compute()` on rank 0, broadcast: every rank plans on the same shard list and builds the same model."""
@@ -214,12 +219,16 @@ class DPOWorker:
                 raise RuntimeError(f"data plan out of step: got {(batch.step, batch.micro)}, "
                                    f"expected {(self.step_in_epoch, micro)}")
             win, lose, embeddings, weights, dropped = self._tensors(batch)
-            generator = torch.Generator().manual_seed(noise_seed(config.run.seed, self.global_step, self.rank, micro))
-            loss, metrics = self.engine(win, lose, embeddings, weights, generator)
-            self._check_finite(loss, batch, micro)
+            seeds = pair_noise_seeds(config.run.seed, self.global_step, self.rank, micro, self.plan.pairs_per_worker)
+            generators = [torch.Generator().manual_seed(seed) for seed in seeds]
+            loss, metrics = self.engine(win, lose, embeddings, weights, generators)
+            self._check_finite("DPO loss", loss.detach(), batch.pair_ids, f"micro-batch {micro}")
+            step_pair_ids.extend(batch.pair_ids)
             self.engine.backward(loss)
             if self.engine.is_gradient_accumulation_boundary():
                 grad_norm = self._grad_norm_stage0()
+                if grad_norm is not None:  # ZeRO-0 applies whatever the gradients are: checked before the update
+                    self._check_finite("gradient norm", grad_norm, step_pair_ids, "the step's gradients")
             lr = self.scheduler.get_last_lr()[0]
             self.engine.step()
             sums["loss"] += float(loss.detach()) / accum
@@ -227,13 +236,14 @@ class DPOWorker:
                 if key in sums:
                     sums[key] += float(value) / accum
             sums["cfg_dropped"] += dropped / accum
-            step_pair_ids.extend(batch.pair_ids)
         elapsed = time.perf_counter() - start
         sums["data_wait_fraction"] = waited / elapsed
         metrics = self._mean_over_workers(sums)
         metrics["peak_memory_gib"] = self._max_over_workers(peak_memory_gib(self.device))
-        if grad_norm is None:
+        if grad_norm is None:  # ZeRO 1-3: DeepSpeed skips an update whose gradients overflow; it must not count
             grad_norm = self.engine.get_global_grad_norm()
+            if grad_norm is not None:
+                self._check_finite("gradient norm", grad_norm, step_pair_ids, "the step's gradients")
         metrics["grad_norm"] = float("nan") if grad_norm is None else float(grad_norm)
         metrics["lr"] = lr
         metrics["pairs_per_s"] = config.pairs_per_step / elapsed
@@ -247,7 +257,8 @@ class DPOWorker:
         self.step_in_epoch += 1
         if self.step_in_epoch == self.plan.steps_per_epoch:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
-        self._log(metrics)
+        if self.curves is not None:
+            self.curves.log(metrics)
         final = self.global_step == self.total_steps
         if final:
             metrics.update(self._finish())
@@ -274,19 +285,21 @@ class DPOWorker:
         weights = torch.tensor([pair.weight for pair in batch.pairs], dtype=torch.float32, device=self.device)
         return win, lose, embeddings, weights, sum(dropped) / len(dropped)
 
-    def _check_finite(self, loss: torch.Tensor, batch: MicroBatch, micro: int) -> None:
-        bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).all() else 1.0], device=self.device)
+    def _check_finite(self, quantity: str, value: Any, pair_ids: list[str], where: str) -> None:
+        """NonFiniteTrainingError on every rank together when `value` (the loss, the gradient norm) is NaN or
+        infinite on any rank, naming each rank's value and pairs."""
+        value = float(value)
+        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0], device=self.device)
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
         if bad.item() == 0.0:
             return
         everyone = [None] * self.world_size
-        dist.all_gather_object(everyone, (self.rank, float(loss.detach()), batch.pair_ids))
-        where = "; ".join(f"rank {rank}: loss {value} on pairs {ids}" for rank, value, ids in everyone)
+        dist.all_gather_object(everyone, (self.rank, value, pair_ids))
+        values = "; ".join(f"rank {rank}: {quantity} {value} on pairs {ids}" for rank, value, ids in everyone)
         kept = (f"the last good checkpoint ({ckpt.checkpoint_dir_name(self.last_checkpoint_step)}) is kept"
                 if self.last_checkpoint_step is not None else "no checkpoint was written yet")
-        raise NonFiniteLossError(
-            f"non-finite DPO loss at step {self.global_step} (0-based; epoch {self.epoch}, micro-batch {micro}): "
-            f"{where}. "
+        raise NonFiniteTrainingError(
+            f"non-finite {quantity} at step {self.global_step} (0-based; epoch {self.epoch}, {where}): {values}. "
             f"Training stopped before this update; {kept}. Check these pairs (latents, weights) or lower optim.lr."
         )
 
@@ -309,28 +322,6 @@ class DPOWorker:
         return float(tensor)
 
     # --- logging, checkpoints, export -------------------------------------------------------------------------
-    def _open_tensorboard(self) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.tensorboard_dir = tempfile.mkdtemp(prefix="videodpo-tensorboard-")
-        self.tensorboard = SummaryWriter(self.tensorboard_dir)
-
-    def _log(self, metrics: dict[str, Any]) -> None:
-        if self.tensorboard is None:
-            return
-        for key, value in metrics.items():
-            if isinstance(value, float) and key not in ("step", "epoch"):
-                self.tensorboard.add_scalar(f"train/{key}", value, metrics["step"])
-
-    def _upload_tensorboard(self) -> None:
-        """Copy the event files to `{run dir}/tensorboard/` (TensorBoard reads s3:// and gs:// directly)."""
-        if self.tensorboard is None:
-            return
-        self.tensorboard.flush()
-        target = storage.join(ckpt.run_dir(self.config), "tensorboard")
-        for name in sorted(os.listdir(self.tensorboard_dir)):
-            storage.write_bytes_atomic(storage.join(target, name), Path(self.tensorboard_dir, name).read_bytes())
-
     def _save_checkpoint(self, metrics: dict[str, Any]) -> None:
         import ray.train
         from ray.train import Checkpoint
@@ -362,7 +353,8 @@ class DPOWorker:
                 Path(directory, ckpt.TRAIN_STATE).write_text(state.to_json())
                 Path(directory, ckpt.PAIR_LOG).write_text(ckpt.write_pair_log(self.pair_log))
                 Path(directory, "config.yaml").write_text(dump_config(self.config))
-                self._upload_tensorboard()
+                if self.curves is not None:
+                    self.curves.upload()
             ray.train.report(
                 metrics,
                 checkpoint=Checkpoint.from_directory(directory),

@@ -13,6 +13,7 @@ from videodpo_ray.errors import (
     CheckpointError,
     ConfigError,
     IncompleteStageError,
+    NonFiniteTrainingError,
     PromptFileError,
     ShardError,
     VideoInputError,
@@ -116,7 +117,7 @@ def job_main(
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    except IncompleteStageError as error:
+    except (IncompleteStageError, NonFiniteTrainingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     except Exception as error:

@@ -32,7 +32,7 @@ from videodpo_ray.stages.generate import (
     chunk_failures,
     committed_samples,
     plan_generate,
-    record_sampler_device,
+    record_devices,
     recorded_failures,
     request_blocks,
     split_failures,
@@ -65,9 +65,9 @@ def generate(
         sampler_class, scorer_class = sampler_class or SamplerActor, scorer_class or OmniScorer
 
         connect_ray()
+        record_devices(config, ray.cluster_resources().get("GPU", 0.0))
         sources = []
         if plan.to_sample:
-            record_sampler_device(config, ray.cluster_resources().get("GPU", 0.0))
             sources.append(
                 ray.data.from_arrow(request_blocks(config, plan.to_sample)).map_batches(
                     sampler_class,

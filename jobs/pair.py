@@ -35,7 +35,7 @@ def make_pairs(config: PairConfig) -> PairReport:
     if plan.pending:
         import ray  # only now (with Ray, torch and the actor): bad input fails before any cluster work or import
 
-        from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor
+        from actors.latent_encoder import LatentEncoderActor, empty_prompt_of
         from videodpo_ray import tensor_bytes
 
         connect_ray()
@@ -50,14 +50,15 @@ def make_pairs(config: PairConfig) -> PairReport:
                     "dtype": config.latent_dtype,
                     "text_dtype": config.embedding_dtype,
                     "init_seed": config.model_init_seed,
+                    "batch_size": config.encoder_pool.batch_size,
                 },
-                **pool_options(config.encoder_pool),
+                **{**pool_options(config.encoder_pool), "batch_size": None},  # a task = a chunk, see batch_slices
             )
         )
 
         def commit(chunk: int, rows: pa.Table) -> None:
             if not report.written:  # the empty-prompt embedding lands before the first shard that relies on it
-                empty = next(data for data in rows.column(EMPTY_PROMPT_COLUMN).to_pylist() if data is not None)
+                empty = empty_prompt_of(chunk, rows)
                 storage.write_bytes_atomic(tensor_bytes.empty_prompt_url(config.pairs_root), empty)
             shards.write_shard(pair_shard(rows, config.keep_videos), config.pairs_root, "pairs", chunk)
             report.written.append(chunk)

@@ -21,6 +21,7 @@ from jobs.generate import generate
 from jobs.pair import make_pairs
 from jobs.train import run_training
 from videodpo_ray import storage
+from videodpo_ray.errors import NonFiniteTrainingError
 from videodpo_ray.stages.pipeline import (
     REPORT_MD,
     PipelineConfig,
@@ -80,7 +81,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
         stage = time.monotonic()
         try:
             result = run_training(trained)
-        except TrainingFailedError as error:  # the report still shows the stages that worked
+        except (TrainingFailedError, NonFiniteTrainingError) as error:  # the report still shows what worked
             cause = root_cause(error)
             report["train"] = {"status": f"failed: {type(cause).__name__}: {cause}"}
             write_report(report, time.monotonic() - started)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 
 from jobs.common import connect_ray, job_main
 from videodpo_ray.config import load_config
+from videodpo_ray.errors import NonFiniteTrainingError
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.inputs import (
@@ -83,7 +84,8 @@ def progress_printer(name: str) -> Any:
 
 
 def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = None):
-    """Validate inputs, then join Ray (or start a local one) and train; returns the ray.train Result.
+    """Validate inputs, then join Ray (or start a local one) and train; returns the ray.train Result, or raises the
+    NonFiniteTrainingError that stopped the workers (not retried: a retry would replay the same steps).
 
     A run that already finished (its final checkpoint is on storage) is recognised here, before Ray or any worker
     starts: its Result is read back from storage and nothing is trained.
@@ -107,7 +109,10 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
         f"{'on' if config.model.gradient_checkpointing else 'off'}; run dir {ckpt.run_dir(config)}",
         flush=True,
     )
-    return build_trainer(config, train_fn).fit()
+    result = build_trainer(config, train_fn).fit()
+    if isinstance(result.return_value, NonFiniteTrainingError):  # the workers stopped together instead of failing
+        raise result.return_value
+    return result
 
 
 def memory_layout_measured_on_gpu(config: TrainConfig, plan: PairPlan) -> TrainConfig:

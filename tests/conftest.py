@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -9,6 +10,17 @@ from pathlib import Path
 import pytest
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+def commit_checkpoint(run_dir: Path, state_json: str, step: int) -> Path:
+    """A checkpoint directory of `run_dir` at `step` holding the train state `state_json`, committed as Ray Train
+    records it (its checkpoint manager's snapshot names the latest committed directory)."""
+    directory = run_dir / f"checkpoint-{step:08d}"
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "train_state.json").write_text(state_json)
+    snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": directory.name, "metrics": {}}}
+    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    return directory
 VC2_TINY = SHARED / "fixtures" / "vc2-tiny"
 
 

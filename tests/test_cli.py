@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import commit_checkpoint
 from typer.testing import CliRunner
 
 from videodpo_ray.cli import app
@@ -116,8 +117,7 @@ def test_status_reports_what_a_run_committed(tmp_path: Path):
     write_synthetic_pairs(model, str(root), num_pairs=3, pairs_per_shard=2, num_frames=4, height=16, width=16)
     run = root / "train" / "dpo"
     state = ckpt.TrainState(2, 0, 2, 4, 1, 2, 1, 1, 0, [])
-    (run / ckpt.checkpoint_dir_name(2)).mkdir(parents=True)
-    (run / ckpt.checkpoint_dir_name(2) / ckpt.TRAIN_STATE).write_text(state.to_json())
+    commit_checkpoint(run, state.to_json(), 2)
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(str(run / "tensorboard")) as writer:

@@ -64,6 +64,20 @@ def test_summary_arithmetic_by_hand_on_three_prompts():
     assert vbench["semantic"] is None and "total" not in vbench and "overall_consistency" in vbench["missing"]
 
 
+def test_a_seed_failed_on_one_side_is_left_out_of_both():
+    """Base and tuned are compared on the same seeds: prompt A's base sample 0 failed, so A compares seed 1 alone
+    (0.6 vs 0.6: a tie), not the tuned mean of both seeds (0.65, a win) against base seed 1."""
+    rows = hand_results().to_pylist()
+    failed = next(row for row in rows if (row["prompt_id"], row["sample_index"], row["model"]) == ("A", 0, "base"))
+    failed.update(omniscore=None, temporal_flickering=None, failed_reason="sample: CUDA out of memory")
+    summary = summarize(pa.Table.from_pylist(rows))
+    assert summary["num_prompts"] == 3
+    assert summary["win_rate"] == pytest.approx(1.0 / 3)  # A ties, B loses, C ties
+    assert summary["omniscore_gain_mean"] == pytest.approx(-0.1 / 3)
+    assert summary["omniscore_after"] == pytest.approx((0.6 + 0.3 + 0.5) / 3)
+    assert summary["dimensions"]["temporal_flickering"]["after"] == pytest.approx((0.97 + 0.80 + 0.90) / 3)
+
+
 def test_win_rate_interval_edges():
     assert all(math.isnan(bound) for bound in wilson_interval(0, 0))  # no prompts, no interval
     low, high = wilson_interval(64, 64)

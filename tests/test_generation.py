@@ -9,17 +9,25 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from videodpo_ray import shards, storage
 from videodpo_ray.errors import ConfigError, IncompleteStageError, PromptFileError
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.seeds import sample_seed
-from videodpo_ray.stages.common import ChunkCollector, ChunkProgress, check_manifest, format_duration, record_manifest
+from videodpo_ray.stages.common import (
+    ChunkCollector,
+    ChunkProgress,
+    SamplingConfig,
+    check_manifest,
+    format_duration,
+    record_manifest,
+)
 from videodpo_ray.stages.generate import (
     GenerateConfig,
     SampleFailure,
     chunk_prompts,
-    record_sampler_device,
+    record_devices,
     sample_isolating_failures,
     sample_requests,
     split_failures,
@@ -207,6 +215,24 @@ def test_transient_failures_are_retried_and_infrastructure_errors_raised():
         sample_isolating_failures(FakeSampler(flaky=1, error=MemoryError), [0], 2, infrastructure_errors=(MemoryError,))
 
 
+@pytest.mark.parametrize("fault", [torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+                                   torch.OutOfMemoryError("CUDA out of memory")])
+def test_a_gpu_fault_in_the_sampler_actor_fails_its_chunk_instead_of_blaming_the_prompts(fault, monkeypatch):
+    from actors.sampler import SamplerActor
+
+    actor = SamplerActor(ModelConfig(family="vc2", variant="tiny"), SamplingConfig(num_inference_steps=1), 0)
+    calls = []
+
+    def broken(prompts, seeds):
+        calls.append(prompts)
+        raise fault
+
+    monkeypatch.setattr(actor, "sample", broken)
+    with pytest.raises(type(fault)):
+        actor(pa.table({"prompt": ["a fox", "a cat"], "seed": [1, 2]}))
+    assert calls == [["a fox", "a cat"]]  # raised at once: not retried, not split into "poison" prompts
+
+
 def test_rows_that_fail_only_together_are_all_recorded():
     class FailsWhenPaired(FakeSampler):
         def __call__(self, rows):
@@ -358,11 +384,18 @@ def test_json_prompt_files_list_dict_and_vbench_info(tmp_path: Path):
 
 
 def test_a_resume_on_another_device_type_is_refused_naming_it(tmp_path: Path):
-    config = _config(str(tmp_path / "gen"))  # sampler_pool.num_gpus "auto": a GPU per actor when the cluster has one
-    record_sampler_device(config, cluster_gpus=8)
-    record_sampler_device(config, cluster_gpus=4)  # another GPU cluster: the same device type
-    with pytest.raises(ConfigError, match=r"sampler_device: recorded 'cuda', now 'cpu'"):
-        record_sampler_device(config, cluster_gpus=0)
+    out = str(tmp_path / "gen")
+    config = _config(out, scorer_pool={"batch_size": 2})  # pools' num_gpus "auto": a GPU per actor where there is one
+    record_devices(config, cluster_gpus=8)
+    record_devices(config, cluster_gpus=4)  # another GPU cluster: the same device types
+    with pytest.raises(ConfigError, match=r"sampler_device: recorded 'cuda', now 'cpu'; scorer_device: recorded "
+                                          r"'cuda', now 'cpu'"):
+        record_devices(config, cluster_gpus=0)
+    # the scorers on the CPUs of a GPU cluster: float32 where the recorded GPU scores were partly float16
+    with pytest.raises(ConfigError, match=r"generation-device.json: .*\(scorer_device: recorded 'cuda', now 'cpu'\)"):
+        record_devices(_config(out, scorer_pool={"batch_size": 2, "num_gpus": 0}), cluster_gpus=8)
+    record_devices(_config(out, scorer_pool={"batch_size": 2, "num_gpus": 0}, scorer={"tiny": True, "device": "cuda"}),
+                   cluster_gpus=8)  # scorer.device says cuda
 
 
 def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path: Path):
@@ -376,6 +409,23 @@ def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path:
         plan_generate(other, PROMPTS)
     more_actors = config.model_copy(update={"sampler_pool": config.sampler_pool.model_copy(update={"max_actors": 3})})
     plan_generate(more_actors, PROMPTS)  # actor counts do not change the numbers
+
+
+def test_a_resume_sampling_another_export_at_the_same_url_is_refused(tmp_path: Path):
+    """Retraining a run rewrites `{run}/export`: an evaluation resumed into the same output must not mix the old
+    export's videos with the new one's."""
+    from videodpo_ray.stages.generate import plan_generate
+    from videodpo_ray.training import checkpoint as ckpt
+
+    export = str(tmp_path / "run" / "export")
+    tiny = ModelConfig(family="vc2", variant="tiny")
+    ckpt.write_export({"w": torch.zeros(3)}, tiny, export, step=4, dtype="float32", init_seed=0)
+    config = _config(str(tmp_path / "out"), tuned=export)
+    plan_generate(config, PROMPTS)
+    plan_generate(config, PROMPTS)  # the same export resumes
+    ckpt.write_export({"w": torch.ones(3)}, tiny, export, step=4, dtype="float32", init_seed=0)  # retrained
+    with pytest.raises(ConfigError, match=r"tuned_export: recorded \{.*'weights_sha256': '[0-9a-f]{64}'\}, now"):
+        plan_generate(config, PROMPTS)
 
 
 def test_a_poison_prompt_is_recorded_its_chunk_commits_and_retry_failed_redoes_it(ray_cluster, tmp_path: Path):

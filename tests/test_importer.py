@@ -12,9 +12,9 @@ from typer.testing import CliRunner
 
 from videodpo_ray import shards
 from videodpo_ray.cli import app
-from videodpo_ray.errors import DatasetImportError
+from videodpo_ray.errors import ConfigError, DatasetImportError
 from videodpo_ray.pairs import product_weight
-from videodpo_ray.stages.importer import import_videodpo
+from videodpo_ray.stages.importer import IMPORT_MANIFEST, import_videodpo
 from videodpo_ray.video import decode_mp4, encode_mp4
 
 WIN_VALUE, LOSE_VALUE = 200, 40
@@ -166,6 +166,61 @@ def test_missing_index_file_is_a_clear_error(tmp_path: Path) -> None:
     (src / "pair.json").write_text("{not json")
     with pytest.raises(DatasetImportError, match="pair.json: not valid JSON"):
         import_videodpo(str(src), str(tmp_path / "out"))
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def test_rerun_with_the_recorded_settings_resumes(tmp_path: Path) -> None:
+    src, out = build_release(tmp_path / "release"), str(tmp_path / "out")
+    import_videodpo(str(src), out, rows_per_shard=2)
+    manifest = json.loads((tmp_path / "out" / IMPORT_MANIFEST).read_text())
+    assert (manifest["rows_per_shard"], manifest["src"], manifest["weight_fn"]) == (2, str(src), None)
+    rows = read_pairs(out)
+    shards.uncommit_shard(out, "pairs", 1)  # as if the first run had stopped before committing shard 1
+
+    rerun = import_videodpo(str(src), out, rows_per_shard=2)
+    assert ([info.index for info in rerun.written], rerun.skipped_shards, rerun.imported) == ([1], [0, 2], 2)
+    assert read_pairs(out) == rows
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_rerun_with_other_rows_per_shard_is_refused(tmp_path: Path, overwrite: bool) -> None:
+    src, out = build_release(tmp_path / "release", num_pairs=3), str(tmp_path / "out")
+    import_videodpo(str(src), out, rows_per_shard=2)  # shard 0 = pairs 0, 1; shard 1 = pair 2
+    before = files_under(tmp_path / "out")
+    with pytest.raises(ConfigError, match="rows_per_shard: recorded 2, now 1.*new output location"):
+        import_videodpo(str(src), out, rows_per_shard=1, overwrite=overwrite)  # would write pair 1 again as shard 1
+    assert files_under(tmp_path / "out") == before
+
+
+def test_rerun_with_another_source_or_weighting_is_refused(tmp_path: Path) -> None:
+    src = build_release(tmp_path / "release", num_pairs=2, scores=[[0.8, 0.6], [0.9, 0.4]])
+    out = str(tmp_path / "out")
+    weight = partial(product_weight, alpha=1.0)
+    import_videodpo(str(src), out, rows_per_shard=1, weight_fn=weight)
+    before = files_under(tmp_path / "out")
+    with pytest.raises(ConfigError, match=r"weight_fn: recorded 'videodpo_ray.pairs.product_weight\(alpha=1.0\)', now"):
+        import_videodpo(str(src), out, rows_per_shard=1, weight_fn=partial(product_weight, alpha=2.0))
+    with pytest.raises(ConfigError, match="source_name: recorded 'videodpo', now 'mine'"):
+        import_videodpo(str(src), out, rows_per_shard=1, weight_fn=weight, source_name="mine")
+    other = build_release(tmp_path / "other", num_pairs=2, scores=[[0.8, 0.6], [0.9, 0.5]])
+    with pytest.raises(ConfigError, match="pair_json_sha256: recorded .*; src: recorded"):
+        import_videodpo(str(other), out, rows_per_shard=1, weight_fn=weight)
+    assert files_under(tmp_path / "out") == before
+
+
+def test_bad_rows_per_shard_and_cli_refusal_exit_2(tmp_path: Path) -> None:
+    src, out = build_release(tmp_path / "release", num_pairs=2), str(tmp_path / "out")
+    with pytest.raises(ConfigError, match="rows_per_shard must be positive, got 0"):
+        import_videodpo(str(src), out, rows_per_shard=0)
+    import_videodpo(str(src), out, rows_per_shard=2)  # the settings the command records (no weighting)
+    before = files_under(tmp_path / "out")
+    result = CliRunner().invoke(app, ["import-videodpo", "--src", str(src), "--out", out, "--rows-per-shard", "1"])
+    assert result.exit_code == 2  # refused in the driver, before Ray starts
+    assert "rows_per_shard: recorded 2, now 1" in result.output
+    assert files_under(tmp_path / "out") == before
 
 
 def test_the_ray_data_import_writes_what_the_serial_one_does(tmp_path: Path, ray_cluster) -> None:

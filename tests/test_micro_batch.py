@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 
 import pytest
 import torch
+from conftest import commit_checkpoint
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -170,9 +171,7 @@ def test_checkpointing_auto_trains_without_it_when_the_micro_batch_fits_and_with
 def write_state(tmp_path: Path, pairs_per_worker: int, grad_accum: int) -> None:
     state = ckpt.TrainState(global_step=1, epoch=0, step_in_epoch=1, total_steps=4, world_size=1, zero_stage=2,
                             pairs_per_worker=pairs_per_worker, grad_accum=grad_accum, seed=0, shards=[])
-    directory = tmp_path / "runs" / "auto" / ckpt.checkpoint_dir_name(1)
-    directory.mkdir(parents=True)
-    (directory / ckpt.TRAIN_STATE).write_text(state.to_json())
+    commit_checkpoint(tmp_path / "runs" / "auto", state.to_json(), 1)
 
 
 def test_auto_is_the_default_and_keeps_the_step_batch_of_one_pair_per_micro_batch(vc2_pairs, tmp_path):

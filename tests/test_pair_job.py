@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
 from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
 from videodpo_ray.errors import ConfigError
-from videodpo_ray.models import ModelConfig
-from videodpo_ray.stages.pair import PairConfig
+from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.stages.common import ChunkCollector
+from videodpo_ray.stages.pair import PAIRING_MANIFEST, PairConfig, plan_pair_shards, plan_pairs
 from videodpo_ray.video import decode_mp4, encode_mp4
 
 TINY_VC2 = ModelConfig(family="vc2", variant="tiny")
@@ -52,8 +55,6 @@ def _write_generation(root: str) -> dict[str, bytes]:
 
 
 def test_plan_pairs_weights_follow_the_config(tmp_path: Path):
-    from videodpo_ray.stages.pair import plan_pairs
-
     root = str(tmp_path)
     _write_generation(root)
     # all 11 scored samples: bins 0.40 x4, 0.50 x2, 0.60 x2, 0.30, 0.70, 0.80 x1; beta_w = 4/11 (most frequent bin)
@@ -74,9 +75,87 @@ def test_plan_pairs_weights_follow_the_config(tmp_path: Path):
     assert report.score_gap == pytest.approx({"mean": 0.35, "min": 0.2, "max": 0.5})
 
 
+def test_a_prompt_with_a_failed_sample_loses_only_the_rank_pairs_it_is_short_of(tmp_path: Path):
+    root = str(tmp_path)
+    _write_generation(root)  # 4 samples per prompt; 000002 has 3 scored (ranks 0..2): 0.7 (-0), 0.6 (-3), 0.5 (-2)
+    pairing = {"strategy": "rank_pairs", "rank_pairs": [[0, 1], [0, 3]]}
+    report, pairs, _ = plan_pairs(PairConfig(data=root, pairing=pairing))
+    assert [pair.pair_id for pair in pairs] == [
+        "000000/000000-1/000000-3", "000000/000000-1/000000-2", "000002/000002-0/000002-3",
+    ]  # fmt: skip
+    assert (report.num_pairs, report.prompts_without_pair) == (3, 1)
+    assert (report.prompts_short, report.rank_pairs_short) == (1, 1)
+    assert "1 prompts without a pair, 1 rank pairs of 1 prompts short of scored samples)" in report.summary()
+    report, pairs, _ = plan_pairs(PairConfig(data=root, pairing={"strategy": "rank_pairs", "rank_pairs": [[0, 3]]}))
+    assert [pair.pair_id for pair in pairs] == ["000000/000000-1/000000-2"]
+    assert (report.prompts_without_pair, report.prompts_short, report.rank_pairs_short) == (2, 1, 1)
+    report, pairs, _ = plan_pairs(PairConfig(data=root))  # best_worst: (0, N-1) of each prompt's scored samples
+    assert [pair.pair_id for pair in pairs] == ["000000/000000-1/000000-2", "000002/000002-0/000002-2"]
+    assert (report.prompts_short, report.rank_pairs_short) == (0, 0)
+
+
+def test_a_rank_pair_beyond_the_generated_samples_fails_before_any_write(tmp_path: Path):
+    root = str(tmp_path)
+    _write_generation(root)
+    config = PairConfig(data=root, pairing={"strategy": "rank_pairs", "rank_pairs": [[0, 1], [0, 4]]})
+    message = f"pairing.rank_pairs [(0, 4)] need more than 4 samples per prompt (ranks are 0..3); {root}/scores has 4"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)} per prompt$"):
+        plan_pair_shards(config)
+    assert not (tmp_path / PAIRING_MANIFEST).exists()
+
+
+def test_a_rerun_with_another_encoder_batch_size_is_refused(tmp_path: Path):
+    """The encoder cuts each chunk into VAE batches of `encoder_pool.batch_size` pairs: a latent's rounding depends
+    on its batch, so the batch size is part of what the shards were made with."""
+    root = str(tmp_path)
+    _write_generation(root)
+    plan_pair_shards(PairConfig(data=root, encoder_pool={"batch_size": 2}))
+    with pytest.raises(ConfigError, match=r"encoder_batch_size: recorded 2, now 4"):
+        plan_pair_shards(PairConfig(data=root, encoder_pool={"batch_size": 4}))
+
+
+def test_scores_without_an_omniscore_are_refused_before_any_write(tmp_path: Path):
+    """A scorer run without every OmniScore dimension leaves `omniscore` empty on rows that did not fail: pairing
+    them would find no pair at all, so the stage names the shard and the sample instead."""
+    root = str(tmp_path)
+    _write_generation(root)
+    info = shards.list_shards(root, "scores")[0]
+    rows = shards.read_shard(info).to_pylist()
+    rows[0]["omniscore"] = math.nan
+    shards.write_shard(shards.make_table("scores", rows), root, "scores", info.index, overwrite=True)
+    with pytest.raises(ConfigError, match=rf"{re.escape(info.url)}: sample '{rows[0]['sample_id']}' has scores but "
+                                          r"no OmniScore"):
+        plan_pair_shards(PairConfig(data=root))
+    assert not (tmp_path / PAIRING_MANIFEST).exists()
+
+
+def test_every_chunk_carries_the_empty_prompt_embedding_however_batches_cut_it(single_torch_thread):
+    from actors.latent_encoder import EMPTY_PROMPT_COLUMN, LatentEncoderActor, empty_prompt_of, first_row_of_each_chunk
+
+    assert first_row_of_each_chunk(pa.table({"chunk": [5, 5, 2, 5, 2]})) == [True, False, True, False, False]
+    assert first_row_of_each_chunk(pa.table({"pair_id": ["a", "b", "c"]})) == [True, False, False]
+    # chunk 5 (3 pairs) then chunk 2 (1 pair) cut into batches of 2, as Ray Data batches across blocks: chunk 2 is
+    # never a batch's first row, and it completes (and commits) first
+    requests = [{"chunk": chunk, "position": position, "pair_id": f"{chunk}/{position}", "prompt": f"prompt {chunk}",
+                 "win_video": _video(2 * position), "lose_video": _video(2 * position + 1)}
+                for chunk, position in ((5, 0), (5, 1), (5, 2), (2, 0))]
+    actor = LatentEncoderActor(TINY_VC2, "float32", init_seed=0)
+    collector = ChunkCollector({5: 3, 2: 1})
+    assert collector.add(actor(pa.Table.from_pylist(requests[:2]))) == []
+    done = collector.add(actor(pa.Table.from_pylist(requests[2:])))
+    assert [(chunk, rows.column("position").to_pylist()) for chunk, rows in done] == [(2, [0]), (5, [0, 1, 2])]
+    assert [rows.column(EMPTY_PROMPT_COLUMN).null_count for _, rows in done] == [0, 1]
+    expected = tensor_bytes.empty_prompt_bytes(actor.model.encode_prompts([""])[0])  # test_text_embeddings: = trainer's
+    assert [empty_prompt_of(chunk, rows) for chunk, rows in done] == [expected, expected]
+    without = done[0][1].set_column(done[0][1].schema.get_field_index(EMPTY_PROMPT_COLUMN), EMPTY_PROMPT_COLUMN,
+                                    pa.nulls(1, pa.binary()))
+    with pytest.raises(RuntimeError, match=r"^chunk 2: none of its 1 encoded pair rows carries 'empty_text_embedding' "
+                       r"\(the latent encoder sets it on the first row of each chunk in a batch\)$"):
+        empty_prompt_of(2, without)
+
+
 def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, single_torch_thread, s3_bucket: str):
     from jobs.pair import make_pairs
-    from videodpo_ray.models import build_model
 
     data, out = f"{s3_bucket}/gen", f"{s3_bucket}/pairs"  # moto S3 server: Ray workers read the samples from it
     videos = _write_generation(data)

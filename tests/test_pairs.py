@@ -250,15 +250,35 @@ def test_invalid_configs(data, message):
         build_config(PairingConfig, data, "pairing.yaml")
 
 
-def test_rank_beyond_num_samples():
+def test_a_rank_pair_beyond_the_samples_per_prompt_is_a_config_error():
     config = _config(strategy="rank_pairs", rank_pairs=[(0, 2), (1, 4)])
-    with pytest.raises(ConfigError, match=r"\[\(1, 4\)\] need more than 4 samples per prompt"):
-        config.rank_pairs_for(4)
-    assert config.rank_pairs_for(5) == [(0, 2), (1, 4)]
+    with pytest.raises(ConfigError, match=r"^pairing\.rank_pairs \[\(1, 4\)\] need more than 4 samples per prompt "
+                       r"\(ranks are 0\.\.3\)$"):
+        config.check_samples_per_prompt(4)
+    config.check_samples_per_prompt(5)
+    for fits_any_number in (_config(), _config(strategy="all_pairs")):
+        fits_any_number.check_samples_per_prompt(1)
+        assert fits_any_number.unfit_rank_pairs(1) == []
+
+
+def test_rank_pairs_count_the_scored_samples_of_each_prompt():
+    config = _config(strategy="rank_pairs", rank_pairs=[(0, 2), (1, 4)])
+    assert [config.rank_pairs_for(n) for n in (5, 4, 2)] == [[(0, 2), (1, 4)], [(0, 2)], []]
+    assert [config.unfit_rank_pairs(n) for n in (5, 4, 2)] == [[], [(1, 4)], [(0, 2), (1, 4)]]
+    # p1 and p2 lost samples (failed sampling or scoring): the rank pairs they still fit still count
     five, four = {"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.2, "e": 0.1}, {"a": 0.5, "b": 0.4, "c": 0.3, "d": 0.2}
-    data = _data({"p0": five, "p1": four})
-    with pytest.raises(ConfigError, match="prompt 'p1': pairing.rank_pairs"):
-        build_pairs(data, config)
+    data = _data({"p0": five, "p1": four, "p2": {"a": 0.5, "b": 0.4}})
+    assert _ids(build_pairs(data, config)) == ["p0/a/c", "p0/b/e", "p1/a/c"]
+
+
+def test_a_prompt_short_of_samples_gets_no_rank_pair_and_best_worst_ranks_its_scored_samples():
+    # 4 samples per prompt, p1's sample "d" failed: rank 3 does not exist for p1, best_worst pairs its best and worst
+    data = _data({"p0": {"a": 0.8, "b": 0.6, "c": 0.7, "d": 0.5}, "p1": {"a": 0.4, "b": 0.9, "c": 0.6}})
+    assert _ids(build_pairs(data, _config(strategy="rank_pairs", rank_pairs=[(0, 3)]))) == ["p0/a/d"]
+    assert [(p.pair_id, p.win_score, p.lose_score) for p in build_pairs(data, _config())] == [
+        ("p0/a/d", 0.8, 0.5), ("p1/b/a", 0.9, 0.4),
+    ]  # fmt: skip
+    assert _ids(build_pairs(data, _config(strategy="all_pairs")))[-3:] == ["p1/b/c", "p1/b/a", "p1/c/a"]
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), None])
@@ -296,8 +316,6 @@ def _samples(spec: dict[str, list[float]]) -> dict[str, list[ScoredSample]]:
 @settings(max_examples=150, deadline=None)
 @given(spec=DATASETS, config=CONFIGS)
 def test_pairs_are_higher_lower_and_never_ties(spec, config):
-    if config.strategy == "rank_pairs":
-        spec = {prompt: scores for prompt, scores in spec.items() if len(scores) >= 3}
     pairs = build_pairs(_samples(spec), config)
     assert len({pair.pair_id for pair in pairs}) == len(pairs)
     for pair in pairs:
@@ -317,8 +335,6 @@ def test_pairs_are_higher_lower_and_never_ties(spec, config):
 @settings(max_examples=50, deadline=None)
 @given(spec=DATASETS, config=CONFIGS, data=st.data())
 def test_output_does_not_depend_on_input_order(spec, config, data):
-    if config.strategy == "rank_pairs":
-        spec = {prompt: scores for prompt, scores in spec.items() if len(scores) >= 3}
     samples = _samples(spec)
     shuffled = {
         prompt: data.draw(st.permutations(samples[prompt])) for prompt in data.draw(st.permutations(list(samples)))

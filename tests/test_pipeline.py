@@ -28,6 +28,12 @@ def test_tiny_config_is_valid_and_on_policy():
         train_config(off_policy)
     with pytest.raises(ConfigError, match="generate.samples_per_prompt"):
         load_pipeline_config(TINY_CONFIG, ["generate.samples_per_prompt=1"])
+    # refused when the config loads, before anything is generated
+    with pytest.raises(ConfigError, match=r"generate.scorer.dimensions do not score subject_consistency, "
+                                          r"motion_smoothness, .* which OmniScore blends"):
+        load_pipeline_config(TINY_CONFIG, ["generate.scorer.dimensions=[temporal_flickering]"])
+    with pytest.raises(ConfigError, match=r"pairing.rank_pairs \[\(0, 4\)\] need more than 4 samples per prompt"):
+        load_pipeline_config(TINY_CONFIG, ["pair.pairing={strategy: rank_pairs, rank_pairs: [[0, 1], [0, 4]]}"])
 
 
 @pytest.mark.parametrize("name", ["pipeline_vc2.yaml", "pipeline_wan.yaml"])

@@ -15,20 +15,23 @@ from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.runs import apply_clean, plan_clean
 
 STATE = ckpt.TrainState(2, 0, 2, 4, 1, 2, 1, 1, 0, []).to_json().encode()
+COMMITTED = b'{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint-00000002", "metrics": {}}}'
 TREE = {
     "run-kept/.validate_storage_marker": b"",
     "run-kept/checkpoint-00000002/train_state.json": STATE,
+    "run-kept/checkpoint_manager_snapshot.json": COMMITTED,
     "run-kept/checkpoint-00000002/deepspeed/mp_rank_00_model_states.pt": b"weights",
     "run-kept/_tmp-checkpoint_manager_snapshot.json-0a1b": b"partial",
     "run-crashed-early/.validate_storage_marker": b"",
     "run-crashed-early/tensorboard/events.out": b"events",
     "run-upload-interrupted/checkpoint-00000001/deepspeed/latest": b"x",
+    "run-never-committed/checkpoint-00000001/train_state.json": STATE,  # uploaded; Ray Train did not commit it
     "pairs/shard-00000.parquet": b"data",
     "pairs/shard-00000.json": b"{}",
     "pairs/_tmp-shard-00001.parquet-5f3e": b"partial",
     "not-a-run/notes.txt": b"keep me",
 }
-REMOVED_RUNS = ["run-crashed-early", "run-upload-interrupted"]
+REMOVED_RUNS = ["run-crashed-early", "run-never-committed", "run-upload-interrupted"]
 REMOVED_TEMPORARY = ["pairs/_tmp-shard-00001.parquet-5f3e", "run-kept/_tmp-checkpoint_manager_snapshot.json-0a1b"]
 
 
@@ -82,14 +85,14 @@ def test_cli_is_a_dry_run_unless_told_yes(tmp_path):
     runner = CliRunner()
     dry = runner.invoke(app, ["runs", "clean", root, "--min-age", "0"])
     assert dry.exit_code == 0, dry.output
-    assert "would remove 2 run folder(s), 2 temporary object(s); kept 1 run(s)" in dry.output
+    assert "would remove 3 run folder(s), 2 temporary object(s); kept 1 run(s)" in dry.output
     assert f"would remove: {root}/run-crashed-early/ (no committed checkpoint)" in dry.output
     assert "dry run: nothing was deleted; pass --yes to delete" in dry.output
     assert remaining(root) == set(TREE)
 
     done = runner.invoke(app, ["runs", "clean", root, "--min-age", "0", "--yes"])
     assert done.exit_code == 0, done.output
-    assert "removed 2 run folder(s), 2 temporary object(s); kept 1 run(s)" in done.output
+    assert "removed 3 run folder(s), 2 temporary object(s); kept 1 run(s)" in done.output
     assert "run-kept/checkpoint-00000002/train_state.json" in remaining(root)
     assert not any(name.startswith(tuple(REMOVED_RUNS)) for name in remaining(root))
     assert fsspec.filesystem("file").exists(f"{root}/not-a-run/notes.txt")

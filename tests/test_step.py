@@ -179,6 +179,37 @@ def test_seeded_generator_makes_the_step_deterministic(shared_noise):
     assert first.loss.item() != other.loss.item()
 
 
+@pytest.mark.parametrize("shared_noise", [True, False])
+def test_one_generator_per_pair_draws_each_pair_as_a_micro_batch_of_it_alone(shared_noise):
+    """What keeps `data.pairs_per_worker: auto` from changing a step: 3 pairs packed in one micro-batch, each with
+    its own generator, train on exactly the timesteps and noise of 3 one-pair micro-batches, and give their mean
+    loss."""
+    model = TinyEpsilonModel()
+    _perturb_policy(model)
+    win, lose, text = _pair_batch(num_pairs=3)
+    weights = torch.tensor([1.0, 2.0, 0.5])
+
+    def seeded(seeds):
+        return [torch.Generator().manual_seed(seed) for seed in seeds]
+
+    packed = dpo_step(model, win, lose, text, weights, beta_dpo=5000.0, generator=seeded([7, 8, 9]),
+                      shared_noise=shared_noise)
+    (packed_noising,) = [call for call in model.calls if call["op"] == "add_noise"]
+    alone = []
+    for index, seed in enumerate([7, 8, 9]):
+        model.calls.clear()
+        one = slice(index, index + 1)
+        alone.append(dpo_step(model, win[one], lose[one], text[one], weights[one], beta_dpo=5000.0,
+                              generator=torch.Generator().manual_seed(seed), shared_noise=shared_noise))
+        (noising,) = [call for call in model.calls if call["op"] == "add_noise"]
+        for rows, packed_rows in ((0, index), (1, 3 + index)):  # winner row, loser row
+            assert torch.equal(noising["timesteps"][rows], packed_noising["timesteps"][packed_rows])
+            assert torch.equal(noising["noise"][rows], packed_noising["noise"][packed_rows])
+    assert packed.loss.item() == pytest.approx(sum(step.loss.item() for step in alone) / 3, rel=1e-6)
+    with pytest.raises(ValueError, match="2 generators for 3 pairs"):
+        dpo_step(model, win, lose, text, None, beta_dpo=5000.0, generator=seeded([1, 2]))
+
+
 @pytest.mark.parametrize("model_class", [TinyEpsilonModel, TinyVelocityModel])
 def test_loss_is_ln2_at_initialisation(model_class):
     model = model_class()

@@ -12,15 +12,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import commit_checkpoint
 from typer.testing import CliRunner
 
 from jobs.train import main as train_main
 from videodpo_ray import shards
 from videodpo_ray.cli import app
 from videodpo_ray.config import load_config
-from videodpo_ray.errors import ConfigError, ShardError
+from videodpo_ray.errors import CheckpointError, ConfigError, ShardError
 from videodpo_ray.models import ModelConfig, build_model
-from videodpo_ray.seeds import derive_seed, drops_prompt
+from videodpo_ray.seeds import derive_seed, drops_prompt, pair_noise_seeds
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
@@ -51,6 +52,26 @@ def test_each_epoch_sees_each_pair_at_most_once_and_drops_less_than_a_step(worke
         assert len(seen) == len(set(seen)) == p.steps_per_epoch * p.pairs_per_step
         assert p.num_pairs - len(seen) < p.pairs_per_step
         assert set(seen) <= {RowRef(s, r) for s, n in enumerate((3, 5, 4, 1)) for r in range(n)}
+
+
+def test_the_micro_batch_layout_changes_neither_a_step_s_pairs_nor_their_noise_seeds():
+    """`data.pairs_per_worker: auto` packs a worker's grad_accum pairs into fewer micro-batches: each pair must stay
+    in the same step on the same rank, with the same noise seed (what it trains on), in every layout."""
+
+    def seeds_by_pair(per_worker: int, accum: int) -> dict[tuple[int, int, RowRef], int]:
+        layout = plan(rows=(6, 6, 6), workers=2, per_worker=per_worker, accum=accum)
+        return {
+            (step, rank, ref): seed
+            for rank in range(2)
+            for step, micro, refs in layout.micro_batches(0, rank)
+            for ref, seed in zip(refs, pair_noise_seeds(5, step, rank, micro, per_worker), strict=True)
+        }
+
+    one_by_one = seeds_by_pair(1, 4)
+    assert len(one_by_one) == 16 and len(set(one_by_one.values())) == 16
+    assert seeds_by_pair(2, 2) == one_by_one
+    assert seeds_by_pair(4, 1) == one_by_one
+    assert pair_noise_seeds(5, 0, 1, 2, 1) == [derive_seed(5, "noise", 0, 1, 2)]  # unchanged for 1 pair per micro
 
 
 def test_plan_is_deterministic_and_reshuffles_every_epoch():
@@ -235,9 +256,7 @@ def test_resume_with_another_world_size_is_refused_before_start(tmp_path, pair_r
     config = train_config(tmp_path, tmp_path)
     saved = ckpt.TrainState(global_step=2, epoch=0, step_in_epoch=2, total_steps=4, world_size=2, zero_stage=2,
                             pairs_per_worker=1, grad_accum=1, seed=0, shards=[])
-    directory = tmp_path / "runs" / "unit" / ckpt.checkpoint_dir_name(2)
-    directory.mkdir(parents=True)
-    (directory / ckpt.TRAIN_STATE).write_text(saved.to_json())
+    commit_checkpoint(tmp_path / "runs" / "unit", saved.to_json(), 2)
     validate_inputs(config)
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match="scaling.num_workers is 1 but the checkpoint was saved with 2.*not resharded"):
@@ -252,16 +271,34 @@ def test_a_finished_run_is_recognised_from_storage_before_any_worker(tmp_path, p
     assert completed_checkpoint(config) is None  # no checkpoint yet
     frozen = PairPlan(shards.list_shards(str(tmp_path), "pairs"), seed=0, num_workers=2, pairs_per_worker=1,
                       grad_accum=1).to_json()
+    run = tmp_path / "runs" / "unit"
     for step in (1, 2):
-        directory = tmp_path / "runs" / "unit" / ckpt.checkpoint_dir_name(step)
-        directory.mkdir(parents=True)
         state = ckpt.TrainState(global_step=step, epoch=step // 2, step_in_epoch=step % 2, total_steps=2,
                                 world_size=2, zero_stage=2, pairs_per_worker=1, grad_accum=1, seed=0, shards=frozen)
-        (directory / ckpt.TRAIN_STATE).write_text(state.to_json())
+        if step == 2:  # uploaded, but not committed yet: Ray Train would resume from step 1
+            uploaded = run / ckpt.checkpoint_dir_name(2)
+            uploaded.mkdir()
+            (uploaded / ckpt.TRAIN_STATE).write_text(state.to_json())
+            assert completed_checkpoint(config) is None
+        directory = commit_checkpoint(run, state.to_json(), step)
         final = completed_checkpoint(config)
         assert final == (str(directory) if step == 2 else None)
     assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout, "data.epochs=2")) is None  # continues
     assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout[:2], "data.epochs=2", "data.max_steps=2"))
+
+
+def test_a_broken_checkpoint_record_is_named(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ckpt.RAY_CHECKPOINT_SNAPSHOT).write_text('{"latest_checkpoint_result": {"checkpoint_dir')
+    with pytest.raises(CheckpointError, match=r"checkpoint_manager_snapshot.json: Ray Train's checkpoint record"):
+        ckpt.latest_checkpoint_state(str(run))
+    (run / ckpt.RAY_CHECKPOINT_SNAPSHOT).write_text('{"latest_checkpoint_result": null}')  # nothing committed yet
+    assert ckpt.latest_checkpoint_state(str(run)) is None
+    commit_checkpoint(run, "{}", 3)
+    (run / ckpt.checkpoint_dir_name(3) / ckpt.TRAIN_STATE).unlink()
+    with pytest.raises(CheckpointError, match=r"checkpoint-00000003: committed by Ray Train but without train_state"):
+        ckpt.latest_checkpoint_state(str(run))
 
 
 def test_train_cli_reports_bad_input_and_exits_2(tmp_path, capsys):

@@ -186,10 +186,13 @@ def import_videodpo(
     """Import the released VideoDPO pair dataset into pair shards, one Ray Data task per shard (bad pairs are reported
     by index)."""
     from jobs.import_videodpo import import_dataset
-    from videodpo_ray.errors import DatasetImportError
+    from videodpo_ray.errors import ConfigError, DatasetImportError
 
     try:
         report = import_dataset(src, out, rows_per_shard=rows_per_shard, strict=strict)
+    except ConfigError as error:  # e.g. a rerun with other settings than {out}/import.json records
+        typer.echo(f"import-videodpo: {error}", err=True)
+        raise typer.Exit(code=2)
     except DatasetImportError as error:
         typer.echo(f"import-videodpo: {error}", err=True)
         raise typer.Exit(code=1)

@@ -69,5 +69,6 @@ class IncompleteStageError(RuntimeError):
         self.report = report  # the stage's report: `incomplete` names the chunks
 
 
-class NonFiniteLossError(RuntimeError):
-    """The DPO loss became NaN or infinite; the run stops before the update, keeping the last good checkpoint."""
+class NonFiniteTrainingError(RuntimeError):
+    """The DPO loss or the gradient norm became NaN or infinite. The run stops before the update, keeping the last
+    good checkpoint, and is not retried: a retry from that checkpoint would replay the same pairs and noise."""

@@ -2,10 +2,12 @@
 
 `build_pairs` runs three stages over the whole data set, in this order:
 
-1. strategy, per prompt, on the samples sorted by score descending (ties broken by sample id), ranks 0..N-1:
-   "best_worst" = rank pair (0, N-1); "rank_pairs" = the union of the configured rank pairs such as (0, 2);
+1. strategy, per prompt, on its N scored samples sorted by score descending (ties broken by sample id), ranks
+   0..N-1: "best_worst" = rank pair (0, N-1); "rank_pairs" = the union of the configured rank pairs such as (0, 2);
    "all_pairs" = every (i, j) with i < j. Two samples with equal scores never become a pair, and a pair is always
-   (higher score, lower score).
+   (higher score, lower score). Ranks count the prompt's scored samples only: a prompt with failed samples has a
+   smaller N, and a configured rank pair beyond its N gives it no pair (`PairingConfig.unfit_rank_pairs`); that a
+   rank pair fits the generated samples per prompt is checked up front (`PairingConfig.check_samples_per_prompt`).
 2. filters: `min_gap` (keep S_w - S_l >= min_gap), then `mean_filter` (keep S_w > mean > S_l, where mean is the
    mean OmniScore of ALL scored samples of the data set, every prompt's N samples counted once), then
    `drop_smallest_gap_fraction` (drop the floor(fraction x count) pairs with the smallest gaps among those left).
@@ -78,20 +80,28 @@ class PairingConfig(StrictConfig):
             raise ValueError(f"rank_pairs is only used by strategy 'rank_pairs', not {self.strategy!r}")
         return self
 
+    def check_samples_per_prompt(self, samples_per_prompt: int) -> None:
+        """ConfigError if a rank pair needs more samples than a prompt is generated with; call it before any work."""
+        too_far = self.unfit_rank_pairs(samples_per_prompt)
+        if too_far:
+            raise ConfigError(
+                f"pairing.rank_pairs {too_far} need more than {samples_per_prompt} samples per prompt "
+                f"(ranks are 0..{samples_per_prompt - 1})"
+            )
+
+    def unfit_rank_pairs(self, num_samples: int) -> list[tuple[int, int]]:
+        """The configured rank pairs that a prompt with `num_samples` scored samples is too small for."""
+        return [pair for pair in self.rank_pairs if pair[1] >= num_samples]
+
     def rank_pairs_for(self, num_samples: int) -> list[tuple[int, int]]:
-        """The (better rank, worse rank) pairs for a prompt with `num_samples` samples; ConfigError if a rank
-        pair needs more samples. Jobs can call it with the generation N to fail before any work starts."""
+        """The (better rank, worse rank) pairs of a prompt with `num_samples` scored samples (ranks 0..num_samples-1);
+        a configured rank pair beyond them is left out."""
         if self.strategy == "best_worst":
             return [(0, num_samples - 1)] if num_samples >= 2 else []
         if self.strategy == "all_pairs":
             return list(combinations(range(num_samples), 2))
-        too_far = [pair for pair in self.rank_pairs if pair[1] >= num_samples]
-        if too_far:
-            raise ConfigError(
-                f"pairing.rank_pairs {too_far} need more than {num_samples} samples per prompt "
-                f"(ranks are 0..{num_samples - 1})"
-            )
-        return list(self.rank_pairs)
+        unfit = self.unfit_rank_pairs(num_samples)
+        return [pair for pair in self.rank_pairs if pair not in unfit]
 
 
 @dataclass(frozen=True)
@@ -167,14 +177,10 @@ def _validated_samples(prompt_id: str, samples: Sequence[ScoredSample]) -> list[
 
 
 def candidate_pairs(prompt_id: str, samples: Sequence[ScoredSample], config: PairingConfig) -> list[Pair]:
-    """The strategy's pairs for one prompt (weight 1, no filters); tied samples never pair."""
+    """The strategy's pairs for one prompt's scored samples (weight 1, no filters); tied samples never pair."""
     ranked = _validated_samples(prompt_id, samples)
-    try:
-        rank_pairs = config.rank_pairs_for(len(ranked))
-    except ConfigError as error:
-        raise ConfigError(f"prompt {prompt_id!r}: {error}") from error
     pairs = []
-    for better, worse in rank_pairs:
+    for better, worse in config.rank_pairs_for(len(ranked)):
         win, lose = ranked[better], ranked[worse]
         if win.score > lose.score:
             pairs.append(Pair(prompt_id, win.sample_id, lose.sample_id, float(win.score), float(lose.score)))

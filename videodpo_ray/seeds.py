@@ -21,9 +21,13 @@ def sample_seed(base_seed: int, prompt_id: str, sample_index: int) -> int:
     return derive_seed(base_seed, "sample", prompt_id, sample_index)
 
 
-def noise_seed(run_seed: int, step: int, rank: int, micro_batch: int) -> int:
-    """The seed of the timesteps and noise of one training micro-batch."""
-    return derive_seed(run_seed, "noise", step, rank, micro_batch)
+def pair_noise_seeds(run_seed: int, step: int, rank: int, micro_batch: int, pairs_per_micro_batch: int) -> list[int]:
+    """The seeds of the timesteps and noise of each pair of a training micro-batch, one per pair, by the pair's
+    position in its worker's share of optimizer step `step` (micro-batch m, row j: m x pairs per micro-batch + j):
+    a pair gets the same draw whatever micro-batches the share is cut in (`data.pairs_per_worker`)."""
+    first = micro_batch * pairs_per_micro_batch
+    return [derive_seed(run_seed, "noise", step, rank, position)
+            for position in range(first, first + pairs_per_micro_batch)]
 
 
 def drops_prompt(seed: int, pair_id: str, epoch: int, probability: float) -> bool:

@@ -139,6 +139,11 @@ class ScorerConfig(StrictConfig):
                 )
         return self
 
+    def dimensions_missing_for_omniscore(self) -> list[str]:
+        """What `omniscore` blends that no configured dimension outputs: empty when the scorer computes OmniScore."""
+        outputs = {key for name in self.dimensions for key in dimension_outputs(name)}
+        return [name for name in self.omniscore.dimensions if name not in outputs]
+
     def spec(self, dimension: str) -> ModelSpec:
         """The model spec of `dimension`, with the config-wide `tiny` applied."""
         spec = self.models.get(dimension, ModelSpec())

@@ -139,28 +139,37 @@ def _finite(value: Any) -> bool:
     return value is not None and math.isfinite(value)
 
 
-def _per_prompt_means(rows: list[dict[str, Any]], column: str) -> dict[str, dict[str, float]]:
-    """{model: {prompt_id: mean of the finite values of `column` over the prompt's samples}}."""
-    values: dict[str, dict[str, list[float]]] = {which: {} for which in MODELS}
+def _paired_prompt_means(rows: list[dict[str, Any]], column: str) -> dict[str, dict[str, float]]:
+    """{model: {prompt_id: mean of `column` over the prompt's seeds}}, on the seeds whose value is finite for both
+    models: base and tuned are compared on the same seeds (a sample that failed on one side drops that seed from
+    both). A prompt without such a seed is left out."""
+    values: dict[str, dict[tuple[str, int], float]] = {which: {} for which in MODELS}
     for row in rows:
         if _finite(row[column]) and row["failed_reason"] is None:
-            values[row["model"]].setdefault(row["prompt_id"], []).append(row[column])
-    return {which: {p: statistics.fmean(v) for p, v in by_prompt.items()} for which, by_prompt in values.items()}
+            values[row["model"]][(row["prompt_id"], row["sample_index"])] = row[column]
+    shared = sorted(values["base"].keys() & values["tuned"].keys())
+    means: dict[str, dict[str, float]] = {}
+    for which in MODELS:
+        by_prompt: dict[str, list[float]] = {}
+        for prompt_id, index in shared:
+            by_prompt.setdefault(prompt_id, []).append(values[which][(prompt_id, index)])
+        means[which] = {prompt_id: statistics.fmean(seeds) for prompt_id, seeds in by_prompt.items()}
+    return means
 
 
 def summarize(results: pa.Table) -> dict[str, Any]:
-    """The summary of a results table (see the module docstring); prompts missing a side's score are left out."""
+    """The summary of a results table (see the module docstring), on the seeds scored for both models."""
     rows = results.to_pylist()
-    omni = _per_prompt_means(rows, "omniscore")
-    prompts = sorted(set(omni["base"]) & set(omni["tuned"]))
+    omni = _paired_prompt_means(rows, "omniscore")
+    prompts = sorted(omni["base"])
     gains = [omni["tuned"][p] - omni["base"][p] for p in prompts]
     wins = sum(1.0 if gain > 0 else 0.5 if gain == 0 else 0.0 for gain in gains)
     gain = Difference.of(gains)
     dimensions = [name for name in results.column_names if name in DIMENSIONS]
     per_dimension, means = {}, {which: {} for which in MODELS}
     for name in dimensions:
-        side = _per_prompt_means(rows, name)
-        both = sorted(set(side["base"]) & set(side["tuned"]))
+        side = _paired_prompt_means(rows, name)
+        both = sorted(side["base"])
         if not both:
             continue
         difference = Difference.of([side["tuned"][p] - side["base"][p] for p in both])

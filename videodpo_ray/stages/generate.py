@@ -32,10 +32,11 @@ from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.seeds import sample_seed
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, incomplete_lines, record_manifest
 from videodpo_ray.stages.prompts import MAX_PROMPT_CHARS, PromptRow, prompts_jsonl
+from videodpo_ray.training import checkpoint as ckpt
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"
-DEVICE_MANIFEST = "generation-device.json"  # the sampler's device type, known once the cluster is (see below)
+DEVICE_MANIFEST = "generation-device.json"  # sampler's and scorers' device types, known once the cluster is
 
 
 class GenerationSettings(StrictConfig):
@@ -242,6 +243,7 @@ def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) ->
         "model": config.model.model_dump(mode="json"),
         "model_init_seed": config.model_init_seed,
         "tuned": config.tuned,
+        "tuned_export": ckpt.read_export_info(config.tuned) if config.tuned else None,  # the same URL, new weights?
         "sampling": config.sampling.model_dump(mode="json"),
         "sampler_batch_size": config.sampler_pool.batch_size,
         "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
@@ -300,11 +302,16 @@ class GeneratePlan:
         return rows | {chunk.index: self.committed_rows[chunk.index] for chunk in self.to_score}
 
 
-def record_sampler_device(config: GenerateConfig, cluster_gpus: float) -> None:
-    """Record (or check) the sampler's device type: "cuda" when its actors get GPUs on this cluster, else "cpu".
-    A GPU sample and a CPU sample differ in their float rounding, so a resume on the other kind is refused."""
-    device = "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu"
-    record_manifest(storage.join(config.out, DEVICE_MANIFEST), {"sampler_device": device})
+def record_devices(config: GenerateConfig, cluster_gpus: float) -> None:
+    """Record (or check) the device types of the sampler and the scorers on this cluster: "cuda" where their actors
+    get GPUs (the scorers: or `scorer.device` says so), else "cpu". A GPU sample and a CPU sample differ in their
+    float rounding, and on a GPU some scorers run in float16, so a resume on the other kind is refused."""
+    scorer = config.scorer.device.split(":")[0]
+    if scorer == "auto":
+        scorer = "cuda" if config.scorer_pool.gpus(cluster_gpus) > 0 else "cpu"
+    devices = {"sampler_device": "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu",
+               "scorer_device": scorer}
+    record_manifest(storage.join(config.out, DEVICE_MANIFEST), devices)
 
 
 def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> GeneratePlan:

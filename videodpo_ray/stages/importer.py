@@ -6,6 +6,9 @@ video2: 2k+1, label: 0, frame_caption, optional score}); video1 always wins. Eac
 metadata names (`clip_path`, as the reference loader resolves it; else `{globalidx:06d}.mp4`).
 
 Pair k goes to shard k // rows_per_shard, so shard keys are stable across reruns; committed shards are skipped.
+`{out}/import.json` records what fixes the shards' keys and content (rows_per_shard, the source's URL and the
+sha256 of its pair.json and metadata.json, source_name, the weighting); a rerun with a different value there is
+refused (ConfigError) instead of mixing two layouts in one output.
 Every bad pair is reported by index with its reason (or raises with `strict`), never silently dropped. A shard is
 one unit of work (`plan_import` -> `import_shard` -> `add_shard_import`): `import_videodpo` runs them in turn,
 `jobs.import_videodpo` as parallel Ray Data tasks.
@@ -13,6 +16,8 @@ one unit of work (`plan_import` -> `import_shard` -> `add_shard_import`): `impor
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import math
 import posixpath
@@ -20,9 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from videodpo_ray import shards, storage
-from videodpo_ray.errors import DatasetImportError, VideoDecodeError
+from videodpo_ray.errors import ConfigError, DatasetImportError, VideoDecodeError
 from videodpo_ray.pairs import Pair
+from videodpo_ray.stages.common import record_manifest
 
+IMPORT_MANIFEST = "import.json"
 WeightFn = Callable[[Optional[float], Optional[float]], float]
 
 
@@ -86,13 +93,34 @@ class ShardImport:
     rejected: tuple[RejectedPair, ...]
 
 
-def plan_import(src: str, out: str, rows_per_shard: int = 64, overwrite: bool = False) -> ImportPlan:
-    """Read metadata.json and pair.json; pair k goes to shard k // rows_per_shard; committed shards are skipped
-    unless `overwrite`."""
+def plan_import(
+    src: str,
+    out: str,
+    rows_per_shard: int = 64,
+    overwrite: bool = False,
+    weight_fn: WeightFn | None = None,
+    source_name: str = "videodpo",
+) -> ImportPlan:
+    """Read metadata.json and pair.json, record (or check) `{out}/import.json` before any shard is written, and list
+    the shards to write: pair k goes to shard k // rows_per_shard; committed shards are skipped unless `overwrite`.
+
+    `weight_fn` and `source_name` are the ones `import_shard` will get (they change the rows, so they are recorded).
+    `overwrite` re-imports every shard with the recorded settings and is refused, like any rerun, when one differs:
+    an interrupted overwrite would otherwise leave shards of two layouts under one manifest.
+    """
     if rows_per_shard <= 0:
-        raise ValueError(f"rows_per_shard must be positive, got {rows_per_shard}")
-    metadata = _read_json_list(src, "metadata.json")
-    pairs = _read_json_list(src, "pair.json")
+        raise ConfigError(f"rows_per_shard must be positive, got {rows_per_shard}")
+    metadata, metadata_sha256 = _read_json_list(src, "metadata.json")
+    pairs, pairs_sha256 = _read_json_list(src, "pair.json")
+    manifest = {
+        "rows_per_shard": rows_per_shard,
+        "src": storage.absolute_url(src).rstrip("/"),
+        "pair_json_sha256": pairs_sha256,
+        "metadata_json_sha256": metadata_sha256,
+        "source_name": source_name,
+        "weight_fn": _weight_label(weight_fn),
+    }
+    record_manifest(storage.join(out, IMPORT_MANIFEST), manifest)
     plan = ImportPlan(ImportReport(source=src, output=out, num_pairs=len(pairs)), [])
     for index in range(math.ceil(len(pairs) / rows_per_shard)):
         if not overwrite and shards.shard_exists(out, "pairs", index):
@@ -155,26 +183,41 @@ def import_videodpo(
     `pairs.Pair.pair_id`. Weight: `weight_fn(win_score, lose_score)` if given (scores from pair.json `score` =
     [win, lose], else None; e.g. `functools.partial(pairs.product_weight, alpha=1)`), otherwise 1.0. `strict` raises
     DatasetImportError at the first bad pair, before its shard is written. Committed shards are skipped unless
-    `overwrite`.
+    `overwrite`; a rerun with other settings than `{out}/import.json` records raises ConfigError (`plan_import`).
     """
-    plan = plan_import(src, out, rows_per_shard, overwrite)
+    plan = plan_import(src, out, rows_per_shard, overwrite, weight_fn, source_name)
     for source in plan.pending:
         result = import_shard(src, out, source, strict, weight_fn, source_name, overwrite)
         add_shard_import(plan.report, result, strict)
     return plan.report
 
 
-def _read_json_list(src: str, name: str) -> list[Any]:
+def _weight_label(weight_fn: WeightFn | None) -> str | None:
+    """The weighting as the manifest records it: None (every weight 1.0), or the function's module.qualname with a
+    partial's arguments (a lambda or closure is known by its name only)."""
+    if weight_fn is None:
+        return None
+    if isinstance(weight_fn, functools.partial):
+        arguments = [repr(value) for value in weight_fn.args]
+        arguments += [f"{key}={value!r}" for key, value in sorted(weight_fn.keywords.items())]
+        return f"{_weight_label(weight_fn.func)}({', '.join(arguments)})"
+    name = getattr(weight_fn, "__qualname__", type(weight_fn).__qualname__)
+    return f"{getattr(weight_fn, '__module__', type(weight_fn).__module__)}.{name}"
+
+
+def _read_json_list(src: str, name: str) -> tuple[list[Any], str]:
+    """The JSON list in `{src}/{name}` and the sha256 of the file's bytes."""
     url = storage.join(src, name)
     try:
-        content = json.loads(storage.read_bytes(url))
+        data = storage.read_bytes(url)
+        content = json.loads(data)
     except FileNotFoundError:
         raise DatasetImportError(f"{url}: missing (not a VideoDPO dataset directory?)") from None
     except ValueError as error:
         raise DatasetImportError(f"{url}: not valid JSON ({error})") from None
     if not isinstance(content, list):
         raise DatasetImportError(f"{url}: expected a JSON list, got {type(content).__name__}")
-    return content
+    return content, hashlib.sha256(data).hexdigest()
 
 
 def _pair_row(

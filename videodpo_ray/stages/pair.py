@@ -5,7 +5,9 @@ per generation chunk, the pairs of its prompts; chunk c becomes `{out}/pairs/sha
 VAE-encoded and its prompts text-encoded (the runtime does that on latent-encoder actors). The empty-prompt
 embedding (CFG dropout) is stored once per run, at `tensor_bytes.empty_prompt_url(out)`, before the first shard commits.
 
-Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report.
+Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report; ranks count a
+prompt's scored samples, so a rank pair beyond them gives that prompt no pair (counted in the report too), while a
+rank pair beyond the generated samples per prompt is a ConfigError before any work.
 `{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the
 whole data set, so a rerun over other scores or settings is refused rather than mixing weightings.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
@@ -21,7 +24,7 @@ import pyarrow as pa
 
 from videodpo_ray import shards, storage
 from videodpo_ray.config import StrictConfig
-from videodpo_ray.errors import ShardError
+from videodpo_ray.errors import ConfigError, ShardError
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.pairs import Pair, PairingConfig, ScoredSample, build_pairs
 from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
@@ -81,6 +84,8 @@ class PairReport:
     unscored: list[str] = field(default_factory=list)  # sample ids whose scoring failed
     num_pairs: int = 0
     prompts_without_pair: int = 0  # every sample tied (or filtered out)
+    prompts_short: int = 0  # prompts with too few scored samples (some failed) for some rank pair
+    rank_pairs_short: int = 0  # the (prompt, rank pair)s left out for it
     omniscore: dict[str, float] = field(default_factory=dict)  # mean / min / max over the scored samples
     score_gap: dict[str, float] = field(default_factory=dict)  # mean / min / max of S_w - S_l
     weight: dict[str, float] = field(default_factory=dict)  # mean / min / max pair weight
@@ -93,7 +98,9 @@ class PairReport:
         gap = self.score_gap
         lines = [
             f"pair -> {self.out}: {self.num_pairs} pairs from {self.num_prompts} prompts ({self.num_samples} scored "
-            f"samples, {len(self.unscored)} unscored left out, {self.prompts_without_pair} prompts without a pair); "
+            f"samples, {len(self.unscored)} unscored left out, {self.prompts_without_pair} prompts without a pair"
+            + (f", {self.rank_pairs_short} rank pairs of {self.prompts_short} prompts short of scored samples"
+               if self.rank_pairs_short else "") + "); "
             f"{len(self.written)} shard(s) written, {len(self.skipped)} already committed; {self.seconds:.1f} s",
         ]
         if gap:
@@ -104,24 +111,42 @@ class PairReport:
         return "\n".join(lines + incomplete_lines(self.incomplete, "pair shard", "pairs"))
 
 
-def scored_samples(data: str) -> tuple[dict[str, list[ScoredSample]], dict[str, int], list[str]]:
-    """(prompt id -> its scored samples, prompt id -> chunk, unscored sample ids) from the committed scores shards."""
-    by_prompt: dict[str, list[ScoredSample]] = {}
-    chunk_of: dict[str, int] = {}
-    unscored: list[str] = []
+@dataclass
+class CommittedScores:
+    """The committed scores shards, grouped by prompt for pairing."""
+
+    by_prompt: dict[str, list[ScoredSample]]  # prompt id -> its scored samples
+    chunk_of: dict[str, int]  # prompt id -> chunk, for every prompt (one whose samples all failed scoring too)
+    unscored: list[str]  # sample ids whose scoring failed
+    samples_per_prompt: int  # N: the most scores rows (scored or failed) of a prompt; generate commits all N
+
+
+def committed_scores(data: str) -> CommittedScores:
+    """Read `{data}/scores`; ShardError if a prompt's samples are in two shards, ConfigError if a sample was scored
+    without an OmniScore (a scorer without every dimension OmniScore blends)."""
+    scores = CommittedScores({}, {}, [], 0)
+    rows_of: Counter[str] = Counter()
     for info in shards.list_shards(data, "scores"):
-        table = shards.read_shard(info).select(["sample_id", "prompt_id", "omniscore"])
+        table = shards.read_shard(info).select(["sample_id", "prompt_id", "omniscore", "failed_reason"])
         for row in table.to_pylist():
-            chunk_of.setdefault(row["prompt_id"], info.index)
-            if chunk_of[row["prompt_id"]] != info.index:
-                other = chunk_of[row["prompt_id"]]
-                raise ShardError(f"{info.url}: prompt {row['prompt_id']!r} also has samples in shard {other}")
+            prompt_id = row["prompt_id"]
+            chunk = scores.chunk_of.setdefault(prompt_id, info.index)
+            if chunk != info.index:
+                raise ShardError(f"{info.url}: prompt {prompt_id!r} also has samples in shard {chunk}")
+            rows_of[prompt_id] += 1
             score = row["omniscore"]
             if score is None or not math.isfinite(score):
-                unscored.append(row["sample_id"])
+                if row["failed_reason"] is None:  # scored, but not every dimension OmniScore blends was
+                    raise ConfigError(
+                        f"{info.url}: sample {row['sample_id']!r} has scores but no OmniScore: the scorer did not "
+                        "score every dimension of scorer.omniscore, and pairs are ranked by OmniScore. Score the "
+                        "samples with those dimensions (generate with them, or `videodpo-ray score`)."
+                    )
+                scores.unscored.append(row["sample_id"])
                 continue
-            by_prompt.setdefault(row["prompt_id"], []).append(ScoredSample(row["sample_id"], score))
-    return by_prompt, chunk_of, unscored
+            scores.by_prompt.setdefault(prompt_id, []).append(ScoredSample(row["sample_id"], score))
+    scores.samples_per_prompt = max(rows_of.values(), default=0)
+    return scores
 
 
 def pair_requests(pairs: Sequence[Pair], chunk_of: dict[str, int]) -> dict[int, pa.Table]:
@@ -172,18 +197,27 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
 
 
 def plan_pairs(config: PairConfig) -> tuple[PairReport, list[Pair], dict[str, int]]:
-    """The pairs of the committed scores (no Ray, no writes): (report without shard counts, pairs, prompt -> chunk)."""
-    by_prompt, chunk_of, unscored = scored_samples(config.data)
+    """The pairs of the committed scores (no Ray, no writes): (report without shard counts, pairs, prompt -> chunk).
+    ConfigError first if a rank pair needs more samples than were generated per prompt."""
+    committed, scores_url = committed_scores(config.data), storage.join(config.data, "scores")
+    by_prompt, chunk_of = committed.by_prompt, committed.chunk_of
     if not chunk_of:
-        raise ShardError(f"{storage.join(config.data, 'scores')}: no committed scores shards to pair")
+        raise ShardError(f"{scores_url}: no committed scores shards to pair")
+    try:
+        config.pairing.check_samples_per_prompt(committed.samples_per_prompt)
+    except ConfigError as error:
+        raise ConfigError(f"{error}; {scores_url} has {committed.samples_per_prompt} per prompt") from error
     pairs = build_pairs(by_prompt, config.pairing)
+    short = [config.pairing.unfit_rank_pairs(len(by_prompt.get(prompt_id, []))) for prompt_id in chunk_of]
     report = PairReport(
         out=config.pairs_root,
         num_prompts=len(chunk_of),
         num_samples=sum(len(samples) for samples in by_prompt.values()),
-        unscored=unscored,
+        unscored=committed.unscored,
         num_pairs=len(pairs),
         prompts_without_pair=len(chunk_of) - len({pair.prompt_id for pair in pairs}),
+        prompts_short=sum(1 for unfit in short if unfit),
+        rank_pairs_short=sum(len(unfit) for unfit in short),
     )
     scores = [sample.score for samples in by_prompt.values() for sample in samples]
     if scores:
@@ -241,4 +275,5 @@ def pairing_manifest(config: PairConfig) -> dict[str, Any]:
         "latent_dtype": config.latent_dtype,
         "text_embedding_dtype": config.embedding_dtype,
         "keep_videos": config.keep_videos,
+        "encoder_batch_size": config.encoder_pool.batch_size,  # a latent's rounding depends on its VAE batch
     }

@@ -104,6 +104,11 @@ class PipelineConfig(StrictConfig):
     def _check_pairs_possible(self) -> "PipelineConfig":
         if self.generate.samples_per_prompt < 2:
             raise ValueError("generate.samples_per_prompt must be >= 2: a pair needs two samples of a prompt")
+        missing = self.generate.scorer.dimensions_missing_for_omniscore()
+        if missing:
+            raise ValueError(f"generate.scorer.dimensions do not score {', '.join(missing)}, which OmniScore blends "
+                             "(generate.scorer.omniscore): the pair stage ranks samples by OmniScore")
+        self.pair.pairing.check_samples_per_prompt(self.generate.samples_per_prompt)
         return self
 
     def generate_config(self, prompts_url: str, model_init_seed: int = 0) -> GenerateConfig:
@@ -203,6 +208,7 @@ def pairs_section(paired: PairReport) -> dict[str, Any]:
         "scored_samples": paired.num_samples,
         "unscored_samples": len(paired.unscored),
         "prompts_without_pair": paired.prompts_without_pair,
+        "rank_pairs_short_of_scored_samples": paired.rank_pairs_short,
         "omniscore": paired.omniscore,
         "score_gap": paired.score_gap,
         "weight": paired.weight,

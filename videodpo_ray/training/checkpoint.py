@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import yaml
 
 from videodpo_ray import storage
 from videodpo_ray.config import build_config
-from videodpo_ray.errors import CheckpointMismatchError, ConfigError
+from videodpo_ray.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training.config import TrainConfig
 
@@ -47,7 +46,7 @@ EXPORT_WEIGHTS = "trainable.safetensors"
 EXPORT_MODEL = "model.yaml"
 EXPORT_INFO = "export.json"
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_MODEL, EXPORT_INFO)
-_CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the committed checkpoints
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -114,26 +113,35 @@ def check_resumable(state: TrainState, config: TrainConfig, source: str) -> None
         )
 
 
-def latest_checkpoint_state(run_url: str) -> tuple[str, TrainState] | None:
-    """(checkpoint URL, TrainState) of the highest-step checkpoint directory of a run that has a train state."""
-    fs, path = storage.filesystem_for(run_url)
-    fs.invalidate_cache(path)
+def committed_checkpoint_name(run_url: str) -> str | None:
+    """The directory name of the run's latest committed checkpoint, as Ray Train's checkpoint manager records it
+    (`RAY_CHECKPOINT_SNAPSHOT`), or None before the first commit. Ray Train uploads every worker's files into the
+    checkpoint's final directory and records the commit only once all of them are there, so a directory that is
+    not in the record may be an interrupted upload."""
+    url = storage.join(run_url, RAY_CHECKPOINT_SNAPSHOT)
     try:
-        entries = fs.ls(path, detail=True)
+        snapshot = json.loads(storage.read_bytes(url))
     except FileNotFoundError:
         return None
-    steps = []
-    for entry in entries:
-        match = _CHECKPOINT_NAME.match(entry["name"].rstrip("/").rsplit("/", 1)[-1])
-        if match and entry["type"] == "directory":
-            steps.append(int(match.group(1)))
-    for step in sorted(steps, reverse=True):
-        url = storage.join(run_url, checkpoint_dir_name(step))
-        try:
-            return url, TrainState.from_json(storage.read_bytes(storage.join(url, TRAIN_STATE)).decode())
-        except FileNotFoundError:
-            continue  # an upload interrupted before rank 0's files landed
-    return None
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{url}: Ray Train's checkpoint record is not valid JSON ({error})") from error
+    latest = snapshot.get("latest_checkpoint_result") if isinstance(snapshot, dict) else None
+    return latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+
+
+def latest_checkpoint_state(run_url: str) -> tuple[str, TrainState] | None:
+    """(checkpoint URL, TrainState) of the run's latest committed checkpoint (`committed_checkpoint_name`), or None
+    before the first commit."""
+    fs, path = storage.filesystem_for(run_url)
+    fs.invalidate_cache(path)  # s3fs answers from its listing cache otherwise
+    name = committed_checkpoint_name(run_url)
+    if name is None:
+        return None
+    url = storage.join(run_url, name)
+    try:
+        return url, TrainState.from_json(storage.read_bytes(storage.join(url, TRAIN_STATE)).decode())
+    except FileNotFoundError:
+        raise CheckpointError(f"{url}: committed by Ray Train but without {TRAIN_STATE}") from None
 
 
 def read_pair_log(lines: str) -> list[dict[str, Any]]:
@@ -182,7 +190,8 @@ def write_export(
         for name, tensor in state_dict.items()
     }
     weights_url = storage.join(export_url, EXPORT_WEIGHTS)
-    storage.write_bytes_atomic(weights_url, save_safetensors(tensors, metadata={"step": str(step)}))
+    weights = save_safetensors(tensors, metadata={"step": str(step)})
+    storage.write_bytes_atomic(weights_url, weights)
     storage.write_bytes_atomic(
         storage.join(export_url, EXPORT_MODEL),
         yaml.safe_dump(model_config.model_dump(mode="json"), sort_keys=False).encode(),
@@ -194,6 +203,7 @@ def write_export(
         "dtype": dtype,
         "num_tensors": len(tensors),
         "init_seed": init_seed,
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),  # which weights: a rerun of the run rewrites them
     }
     storage.write_bytes_atomic(storage.join(export_url, EXPORT_INFO), json.dumps(info, indent=2).encode())
     return weights_url
@@ -204,13 +214,21 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     from safetensors.torch import load as load_safetensors
 
     config_url = storage.join(export_url, EXPORT_MODEL)
+    info = read_export_info(export_url)
     try:
         model_config = build_config(ModelConfig, yaml.safe_load(storage.read_bytes(config_url)) or {}, config_url)
         weights = load_safetensors(storage.read_bytes(storage.join(export_url, EXPORT_WEIGHTS)))
-        info = json.loads(storage.read_bytes(storage.join(export_url, EXPORT_INFO)))
     except FileNotFoundError as error:
         raise ConfigError(f"{export_url}: not a training export ({error})") from None
     return model_config, weights, info
+
+
+def read_export_info(export_url: str) -> dict[str, Any]:
+    """An export's export.json: its step, family, dtype, init seed and the sha256 of its weights file."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(export_url, EXPORT_INFO)))
+    except FileNotFoundError as error:
+        raise ConfigError(f"{export_url}: not a training export ({error})") from None
 
 
 def export_url_of(run_or_export: str) -> str:

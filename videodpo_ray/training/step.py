@@ -1,13 +1,14 @@
 """One training step's math on the `VideoDiffusionModel` interface: Diffusion-DPO and plain diffusion (SFT).
 
 Everything random (timesteps, noise) comes from the caller's `torch.Generator`, so a seeded generator gives the
-same step on every run. Optimizer, DeepSpeed and Ray stay outside: these functions only build the loss.
+same step on every run; one generator per pair makes each pair's draw independent of the micro-batch it is in.
+Optimizer, DeepSpeed and Ray stay outside: these functions only build the loss.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
@@ -57,6 +58,39 @@ def _draw_timesteps(
     return model.sample_timesteps(batch_size, generator=generator).to(device=device, dtype=torch.int64)
 
 
+def draw_pair_noise(
+    model: VideoDiffusionModel,
+    win_latents: torch.Tensor,
+    generator: torch.Generator | Sequence[torch.Generator],
+    shared_noise: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Timesteps (2B,) and noise (2B, ...) for B pairs, the winners' rows first.
+
+    One generator draws for the whole micro-batch; a sequence of B generators draws each pair from its own, exactly
+    as a micro-batch of that pair alone would, so a pair trains on the same timestep and noise whatever micro-batch
+    it is packed in. `shared_noise`: one timestep and one noise per pair, for the winner and the loser alike.
+    """
+    if not isinstance(generator, torch.Generator):
+        if len(generator) != win_latents.shape[0]:
+            raise ValueError(f"{len(generator)} generators for {win_latents.shape[0]} pairs: pass one per pair")
+        timesteps, noise = zip(*(draw_pair_noise(model, win_latents[index : index + 1], one, shared_noise)
+                                 for index, one in enumerate(generator)))
+        return _winners_first(timesteps), _winners_first(noise)
+    num_pairs = win_latents.shape[0]
+    if shared_noise:
+        timesteps = _draw_timesteps(model, num_pairs, generator, win_latents.device).repeat(2)
+        noise = _draw_noise(win_latents, generator).repeat((2,) + (1,) * (win_latents.ndim - 1))
+    else:
+        timesteps = _draw_timesteps(model, 2 * num_pairs, generator, win_latents.device)
+        noise = _draw_noise(torch.cat([win_latents, win_latents]), generator)
+    return timesteps, noise
+
+
+def _winners_first(per_pair: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One-pair draws (winner row, loser row) concatenated as a micro-batch's: every winner row, then every loser's."""
+    return torch.cat([rows[:1] for rows in per_pair] + [rows[1:] for rows in per_pair])
+
+
 def dpo_step(
     model: VideoDiffusionModel,
     win_latents: torch.Tensor,
@@ -65,7 +99,7 @@ def dpo_step(
     weights: torch.Tensor | None,
     *,
     beta_dpo: float,
-    generator: torch.Generator,
+    generator: torch.Generator | Sequence[torch.Generator],
     shared_noise: bool = True,
     reduction: DPOReduction = "mean",
     beta_schedule: BetaSchedule = "constant",
@@ -79,7 +113,8 @@ def dpo_step(
             winner and loser alike, by passing the empty-prompt embedding).
         weights: per-pair weights (B,) or None for 1.
         beta_dpo: DPO KL strength.
-        generator: source of the timesteps and the noise.
+        generator: source of the timesteps and the noise: one for the micro-batch, or one per pair
+            (`draw_pair_noise`).
         shared_noise: True (Diffusion-DPO, diffusers): one timestep and one noise per pair, used for both the
             winner and the loser. False reproduces the released VideoDPO code, which draws the timestep and
             the noise independently for all 2B samples (more variance; reproduction switch only).
@@ -97,12 +132,7 @@ def dpo_step(
         raise ValueError(f"text_embeddings has batch {text_embeddings.shape[0]}, expected {num_pairs} (one per pair)")
 
     latents = torch.cat([win_latents, lose_latents])
-    if shared_noise:
-        timesteps = _draw_timesteps(model, num_pairs, generator, latents.device).repeat(2)
-        noise = _draw_noise(win_latents, generator).repeat((2,) + (1,) * (win_latents.ndim - 1))
-    else:
-        timesteps = _draw_timesteps(model, 2 * num_pairs, generator, latents.device)
-        noise = _draw_noise(latents, generator)
+    timesteps, noise = draw_pair_noise(model, win_latents, generator, shared_noise)
     embeddings = torch.cat([text_embeddings, text_embeddings])
 
     noisy_latents = model.add_noise(latents, noise, timesteps)
@@ -164,7 +194,7 @@ class DPOObjective(nn.Module):
         lose_latents: torch.Tensor,
         text_embeddings: torch.Tensor,
         weights: torch.Tensor,
-        generator: torch.Generator,
+        generator: torch.Generator | Sequence[torch.Generator],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         output = dpo_step(
             self.model,
