@@ -1,8 +1,10 @@
 """Sample job: `videodpo-ray sample --model vc2 --weights PATH|tiny --prompts FILE --out DIR [--tuned RUN] ...`.
 
 Small prompt files run in-process; with `ray: true` (or above `ray_above_prompts` prompts) the batches fan out to
-sampler actors with Ray Data (one per GPU). Either way the driver writes each video as its batch comes back and
-`index.jsonl` at the end; a rerun skips the batches whose files all exist.
+sampler actors with Ray Data (one per GPU). The settings are recorded (or checked: a rerun with others exits 2)
+before any sampling. Either way the driver writes each video as its batch comes back, then `index.jsonl` (the done
+samples) and `failures.jsonl` (the samples the sampler gave up on: not written, reported, exit code 1); a rerun
+skips the batches whose samples are all done, so it retries the failed ones.
 """
 
 from __future__ import annotations
@@ -16,42 +18,55 @@ import pyarrow as pa
 from jobs.common import INPUT_ERRORS, connect_ray, job_main, pool_options, setup_logging
 from videodpo_ray import storage
 from videodpo_ray.config import apply_overrides, build_config, load_config
+from videodpo_ray.errors import IncompleteStageError
+from videodpo_ray.stages.common import record_manifest
 from videodpo_ray.stages.prompts import read_prompts
 from videodpo_ray.stages.sample import (
+    FAILURES,
     INDEX,
+    SAMPLE_MANIFEST,
     SampleConfig,
     SampleReport,
     check_inputs,
+    failure_row,
+    gif_file,
     index_lines,
+    jsonl,
     plan_sample,
+    record_device,
     request_table,
     resolved_model,
+    sample_manifest,
     uses_ray,
 )
 
 
 def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleReport:
-    """Validate inputs, sample every pending batch, write the videos and `index.jsonl`."""
+    """Validate inputs and record the settings, sample every pending batch, write the videos, `index.jsonl` and
+    `failures.jsonl`. IncompleteStageError (with the report) when some samples failed."""
     started = time.monotonic()
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
     check_inputs(config)
     prompts = read_prompts(config.prompts)
     model, init_seed, export_url = resolved_model(config)
+    manifest = sample_manifest(config, prompts, model, init_seed, export_url)
+    record_manifest(storage.join(config.out, SAMPLE_MANIFEST), manifest)
     plan = plan_sample(config, prompts)
-    report = SampleReport(out=config.out, num_prompts=len(prompts))
-    existing = set(storage.list_files(config.out))
-    report.skipped = sum(item.file in existing for batch in plan.batches for item in batch)
+    report = SampleReport(out=config.out, num_prompts=len(prompts), skipped=plan.num_done())
     actor_kwargs = {"model": model, "sampling": config.sampling, "init_seed": init_seed,
                     "tuned_export": export_url, "gif": config.gif}
 
     def write(rows: pa.Table) -> None:
         for row in rows.to_pylist():
-            if row["file"] not in existing:
-                storage.write_bytes_atomic(storage.join(config.out, row["file"]), row["video"])
-                if config.gif:
-                    gif = row["file"].removesuffix(".mp4") + ".gif"
-                    storage.write_bytes_atomic(storage.join(config.out, gif), row["gif"])
-                report.written += 1
+            if row["video"] is None:
+                report.failures.append(failure_row(row))
+                continue
+            data = {row["file"]: row["video"], **({gif_file(row["file"]): row["gif"]} if config.gif else {})}
+            missing = [name for name in data if name not in plan.existing]
+            for name in missing:
+                storage.write_bytes_atomic(storage.join(config.out, name), data[name])
+                plan.existing.add(name)
+            report.written += bool(missing)
 
     tables = [request_table(plan.batches[index]) for index in plan.pending]
     if tables:
@@ -61,6 +76,8 @@ def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleRepor
 
         report.mode = "ray"
         connect_ray(num_cpus)
+        cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
+        record_device(config.out, "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu")
         dataset = ray.data.from_arrow(tables).map_batches(
             SamplerActor,
             batch_format="pyarrow",
@@ -71,10 +88,14 @@ def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleRepor
             write(rows)
     elif tables:
         sampler = SamplerActor(**actor_kwargs)
+        record_device(config.out, sampler.device.type)
         for table in tables:
             write(sampler(table))
     storage.write_bytes_atomic(storage.join(config.out, INDEX), index_lines(config, plan, model, export_url))
+    storage.write_bytes_atomic(storage.join(config.out, FAILURES), jsonl(report.failures))
     report.seconds = time.monotonic() - started
+    if report.failures:
+        raise IncompleteStageError(report)
     return report
 
 
@@ -89,7 +110,8 @@ def run_sample_command(
     ray: bool,
     overrides: Sequence[str],
 ) -> int:
-    """The `videodpo-ray sample` command: build and validate the config, sample, print the summary; the exit code."""
+    """The `videodpo-ray sample` command: build and validate the config, sample, print the summary; the exit code
+    (`jobs.common.job_main`'s: 2 bad input, 1 some samples failed)."""
     setup_logging()
     model = {"family": family, "variant": "tiny"} if weights == "tiny" else {"family": family, "path": weights}
     data = {"model": model, "prompts": prompts, "out": out, "tuned": tuned, "seed": seed,
@@ -100,6 +122,9 @@ def run_sample_command(
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    except IncompleteStageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     print(report.summary())
     return 0
 

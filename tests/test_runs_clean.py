@@ -26,6 +26,9 @@ TREE = {
     "run-crashed-early/tensorboard/events.out": b"events",
     "run-upload-interrupted/checkpoint-00000001/deepspeed/latest": b"x",
     "run-never-committed/checkpoint-00000001/train_state.json": STATE,  # uploaded; Ray Train did not commit it
+    "run-exported/.validate_storage_marker": b"",  # the final checkpoint's upload failed after the export
+    "run-exported/export/export.json": b"{}",
+    "run-exported/export/trainable.safetensors": b"weights",
     "pairs/shard-00000.parquet": b"data",
     "pairs/shard-00000.json": b"{}",
     "pairs/_tmp-shard-00001.parquet-5f3e": b"partial",
@@ -63,7 +66,8 @@ def test_plan_lists_exactly_the_runs_without_checkpoint_and_the_orphans(root):
     plan = plan_clean(root, min_age_s=3600, now=later)
     assert plan.runs == [storage.join(root, name) for name in REMOVED_RUNS]
     assert plan.temporary == [storage.join(root, name) for name in REMOVED_TEMPORARY]
-    assert plan.kept == {storage.join(root, "run-kept"): "has a committed checkpoint"}
+    assert plan.kept == {storage.join(root, "run-kept"): "has a committed checkpoint",
+                         storage.join(root, "run-exported"): "has an export"}
     assert remaining(root) == set(TREE)  # planning deletes nothing
 
     apply_clean(plan)
@@ -75,7 +79,7 @@ def test_recent_runs_and_writes_are_left_alone(root):
     write_tree(root)
     plan = plan_clean(root, min_age_s=3600)  # everything was written just now
     assert plan.runs == [] and plan.temporary == []
-    assert set(plan.kept) == {storage.join(root, name) for name in ("run-kept", *REMOVED_RUNS)}
+    assert set(plan.kept) == {storage.join(root, name) for name in ("run-kept", "run-exported", *REMOVED_RUNS)}
     assert "may still be running" in plan.kept[storage.join(root, "run-crashed-early")]
 
 
@@ -85,14 +89,14 @@ def test_cli_is_a_dry_run_unless_told_yes(tmp_path):
     runner = CliRunner()
     dry = runner.invoke(app, ["runs", "clean", root, "--min-age", "0"])
     assert dry.exit_code == 0, dry.output
-    assert "would remove 3 run folder(s), 2 temporary object(s); kept 1 run(s)" in dry.output
-    assert f"would remove: {root}/run-crashed-early/ (no committed checkpoint)" in dry.output
+    assert "would remove 3 run folder(s), 2 temporary object(s); kept 2 run(s)" in dry.output
+    assert f"would remove: {root}/run-crashed-early/ (no committed checkpoint, no export)" in dry.output
     assert "dry run: nothing was deleted; pass --yes to delete" in dry.output
     assert remaining(root) == set(TREE)
 
     done = runner.invoke(app, ["runs", "clean", root, "--min-age", "0", "--yes"])
     assert done.exit_code == 0, done.output
-    assert "removed 3 run folder(s), 2 temporary object(s); kept 1 run(s)" in done.output
+    assert "removed 3 run folder(s), 2 temporary object(s); kept 2 run(s)" in done.output
     assert "run-kept/checkpoint-00000002/train_state.json" in remaining(root)
     assert not any(name.startswith(tuple(REMOVED_RUNS)) for name in remaining(root))
     assert fsspec.filesystem("file").exists(f"{root}/not-a-run/notes.txt")

@@ -1,4 +1,5 @@
-"""`videodpo-ray sample`: prompt formats and families, determinism, tuned exports, resume and bad input."""
+"""`videodpo-ray sample`: prompt formats and families, determinism, tuned exports, resume, failures, recorded settings
+and bad input."""
 
 from __future__ import annotations
 
@@ -116,9 +117,10 @@ def test_an_interrupted_ray_run_resumes_with_only_the_missing_files(ray_cluster,
     written: list[str] = []
 
     def crash_after_three(url: str, data: bytes) -> None:
-        if len(written) == 3:
-            raise KeyboardInterrupt  # the run is killed
-        written.append(url)
+        if url.endswith(".mp4"):
+            if len(written) == 3:
+                raise KeyboardInterrupt  # the run is killed
+            written.append(url)
         real_write(url, data)
 
     monkeypatch.setattr(jobs.sample.storage, "write_bytes_atomic", crash_after_three)
@@ -140,6 +142,94 @@ def test_an_interrupted_ray_run_resumes_with_only_the_missing_files(ray_cluster,
     assert "3 video(s) written, 3 already there (ray)" in output
     for name in sorted(p.name for p in (tmp_path / "whole").glob("*.mp4")):
         assert (tmp_path / "out" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes()
+
+
+def test_a_failing_prompt_is_reported_not_written_and_a_rerun_retries_it(tmp_path, monkeypatch, single_torch_thread):
+    from actors.sampler import SamplerActor
+
+    real_sample = SamplerActor.sample
+
+    def sample_or_fail(self, prompts: list[str], seeds: list[int]) -> torch.Tensor:
+        if any("poison" in prompt for prompt in prompts):
+            raise ValueError("cannot sample a poison prompt")
+        return real_sample(self, prompts, seeds)
+
+    monkeypatch.setattr(SamplerActor, "sample", sample_or_fail)
+    (tmp_path / "p.txt").write_text("a red square moving left\na poison prompt\n")
+    out = tmp_path / "out"
+    arguments = ["--model", "vc2", "--prompts", str(tmp_path / "p.txt"), "--out", str(out), "--samples-per-prompt",
+                 "2", *FAST]
+    code, output = sample(*arguments)
+    assert code == 1, output
+    assert "2 video(s) written, 0 already there" in output and "2 sample(s) failed and were not written" in output
+    # one batch of 4 tried twice, then each row alone (the poison twice): 4 sampler calls
+    assert "000001 'a poison prompt' sample 1 (seed 124) [4 attempts]: ValueError: cannot sample a poison" in output
+    good = ["000000-seed123.mp4", "000000-seed124.mp4"]
+    assert [entry["file"] for entry in read_index(out)] == good and sorted(p.name for p in out.glob("*.mp4")) == good
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert [(f["file"], f["sample_index"], f["attempts"]) for f in failures] == [
+        ("000001-seed123.mp4", 0, 4), ("000001-seed124.mp4", 1, 4)
+    ]
+    assert failures[0]["error"] == "ValueError: cannot sample a poison prompt"
+
+    monkeypatch.setattr(SamplerActor, "sample", real_sample)  # the poison is gone: a rerun makes the failed ones
+    code, output = sample(*arguments)
+    assert code == 0 and "2 video(s) written, 2 already there" in output, output
+    assert len(read_index(out)) == 4 and len(list(out.glob("*.mp4"))) == 4
+    assert (out / "failures.jsonl").read_text() == ""
+
+
+def test_a_rerun_with_other_settings_is_refused_naming_the_field(tmp_path, single_torch_thread):
+    config = ModelConfig(family="vc2", variant="tiny", finetune="lora", lora={"rank": 4})
+    model = build_model(config, seed=3)
+    run = tmp_path / "run"
+    ckpt.write_export(model.trainable_state_dict(), config, str(run / "export"), step=1, dtype="float32", init_seed=3)
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    out = tmp_path / "out"
+    arguments = ["--model", "vc2", "--prompts", str(path), "--out", str(out), *FAST]
+    assert sample(*arguments, "--tuned", str(run))[0] == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert json.loads(before["sample.json"])["tuned_export"]["step"] == 1
+    changes = [
+        (["--tuned", str(run), "sampling.num_inference_steps=1"], "sampling"),
+        (["--tuned", str(run), "sampling.fps=16"], "sampling"),
+        (["--tuned", str(run), "batch_size=2"], "batch_size"),
+        (["--tuned", str(run), "--seed", "5"], "seed"),
+        (["--tuned", str(run), "--samples-per-prompt", "2"], "samples_per_prompt"),
+        ([], "tuned"),  # the base model
+    ]
+    for extra, key in changes:
+        code, output = sample(*arguments, *extra)
+        assert code == 2 and "other settings" in output and f"{key}: recorded" in output, (extra, output)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # the actor count is not a setting: the same settings resume
+    code, output = sample(*arguments, "--tuned", str(run), "sampler_pool.max_actors=2")
+    assert code == 0 and "0 video(s) written, 2 already there" in output, output
+    # another export at the same URL
+    tuned = {name: tensor + 0.05 for name, tensor in model.trainable_state_dict().items()}
+    ckpt.write_export(tuned, config, str(run / "export"), step=2, dtype="float32", init_seed=3)
+    code, output = sample(*arguments, "--tuned", str(run))
+    assert code == 2 and "tuned_export: recorded" in output, output
+
+
+def test_a_rerun_with_gif_writes_the_missing_gifs(tmp_path, single_torch_thread):
+    path, _ = prompt_files(tmp_path / "prompts")["txt"]
+    out = tmp_path / "out"
+    arguments = ["--model", "vc2", "--prompts", str(path), "--out", str(out), *FAST]
+    assert sample(*arguments)[0] == 0
+    videos = {p.name: p.read_bytes() for p in out.glob("*.mp4")}
+    assert [entry["gif"] for entry in read_index(out)] == [None, None]
+    code, output = sample(*arguments, "gif=true")
+    assert code == 0 and "2 video(s) written, 0 already there" in output, output
+    gifs = ["000000-seed123.gif", "000001-seed123.gif"]
+    assert [entry["gif"] for entry in read_index(out)] == gifs
+    assert all((out / name).read_bytes().startswith(b"GIF89a") for name in gifs)
+    assert {p.name: p.read_bytes() for p in out.glob("*.mp4")} == videos  # the mp4s stay as they were
+    gif = (out / gifs[1]).read_bytes()
+    (out / gifs[1]).unlink()  # a run killed between the mp4 and the gif
+    code, output = sample(*arguments, "gif=true")
+    assert code == 0 and "1 video(s) written, 1 already there" in output, output
+    assert (out / gifs[1]).read_bytes() == gif and [entry["gif"] for entry in read_index(out)] == gifs
 
 
 def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):

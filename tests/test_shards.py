@@ -325,3 +325,22 @@ def test_project_table_keeps_extra_scores_fills_absent_ones_and_drops_unknown_co
     assert row["background_consistency"] is None and row["failed_reason"] is None
     with pytest.raises(ShardError, match="sample_id"):
         shards.project_table(table.drop(["sample_id"]), "scores")
+
+
+def test_remote_weights_are_downloaded_again_when_rewritten_at_the_same_url(s3_bucket: str, tmp_path,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A re-export or a re-merge writes new weights at the same URL: the download cache must not keep the old ones
+    (nor a directory listed while an upload was under way)."""
+    monkeypatch.setenv("VIDEODPO_RAY_CACHE", str(tmp_path / "cache"))
+    url = f"{s3_bucket}/merged"
+    storage.write_bytes_atomic(f"{url}/unet/weights.bin", b"first")
+    first = storage.local_directory(url)
+    assert (first / "unet" / "weights.bin").read_bytes() == b"first"
+    assert storage.local_directory(url) == first  # unchanged: the cached copy
+    assert storage.local_file(f"{url}/unet/weights.bin").read_bytes() == b"first"
+    storage.write_bytes_atomic(f"{url}/unet/weights.bin", b"second")
+    second = storage.local_directory(url)
+    assert second != first and (second / "unet" / "weights.bin").read_bytes() == b"second"
+    assert storage.local_file(f"{url}/unet/weights.bin").read_bytes() == b"second"
+    storage.write_bytes_atomic(f"{url}/model_index.json", b"{}")  # a file added (an upload finishing)
+    assert (storage.local_directory(url) / "model_index.json").read_bytes() == b"{}"

@@ -358,3 +358,9 @@ def test_synthetic_shards_and_export_round_trip(tmp_path, tiny_cogvideox):
     base = dict(loaded.named_parameters())
     for name, tensor in tiny_cogvideox.named_parameters():
         assert torch.equal(base[name], tensor), name
+    # a rewrite interrupted after the weights: export.json still names the old ones
+    info = json.loads((tmp_path / "export" / ckpt.EXPORT_INFO).read_text())
+    (tmp_path / "export" / ckpt.EXPORT_WEIGHTS).write_bytes(b"x" + Path(url).read_bytes()[1:])
+    with pytest.raises(CheckpointError, match=rf"trainable.safetensors: not the weights export.json records "
+                                              rf"\(sha256 {info['weights_sha256']}\)"):
+        ckpt.load_exported_model(str(tmp_path / "export"))

@@ -247,8 +247,9 @@ def local_directory(url: str) -> Path:
     """A local directory holding what `url` (a local path or an fsspec URL: s3://, gs://, ...) holds.
 
     The one way remote weights reach a model: a remote directory is downloaded once into `cache_directory()`, keyed
-    by URL (weights are immutable), into a temporary folder renamed into place only when complete, so an interrupted
-    download is never used. Raises CheckpointError when there is nothing at `url`.
+    by URL and by the listing's names, sizes and versions (ETag), so weights rewritten at the same URL (a new export,
+    a re-merged model) are downloaded again; into a temporary folder renamed into place only when complete, so an
+    interrupted download is never used. Raises CheckpointError when there is nothing at `url`.
     """
     fs, root = filesystem_for(url)
     if isinstance(fs, LocalFileSystem):
@@ -256,12 +257,14 @@ def local_directory(url: str) -> Path:
         if not directory.is_dir():
             raise CheckpointError(f"{url}: not a directory")
         return directory
-    target = cache_directory() / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:24]
+    fs.invalidate_cache(root)
+    listing = fs.find(root, detail=True)
+    if not listing:
+        raise CheckpointError(f"{url}: no files found")
+    target = cache_directory() / _cache_key(url.rstrip("/"), listing)
     if target.is_dir():
         return target
-    files = fs.find(root)
-    if not files:
-        raise CheckpointError(f"{url}: no files found")
+    files = sorted(listing)
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     prefix = root.rstrip("/") + "/"
@@ -283,16 +286,30 @@ def local_file(url: str) -> Path:
         if not Path(path).is_file():
             raise CheckpointError(f"{url}: file not found")
         return Path(path)
-    target = cache_directory() / hashlib.sha256(url.encode()).hexdigest()[:24] / posixpath.basename(path)
+    fs.invalidate_cache(path)
+    try:
+        info = fs.info(path)
+    except FileNotFoundError:
+        info = {}
+    if info.get("type") != "file":
+        raise CheckpointError(f"{url}: file not found")
+    target = cache_directory() / _cache_key(url, {path: info}) / posixpath.basename(path)
     if target.is_file():
         return target
-    if not fs.isfile(path):
-        raise CheckpointError(f"{url}: file not found")
     partial = target.with_name(f"{target.name}.partial-{os.getpid()}")
     partial.parent.mkdir(parents=True, exist_ok=True)
     fs.get_file(path, str(partial))
     partial.replace(target)
     return target
+
+
+def _cache_key(url: str, listing: dict[str, dict[str, Any]]) -> str:
+    """The download cache's name for what `url` holds now: its files' names, sizes and versions (the first of the
+    store's ETag / hash / modification-time fields)."""
+    fields = ("ETag", "etag", "md5Hash", "crc32c", "LastModified", "last_modified", "updated", "mtime")
+    versions = [(name, info.get("size"), str(next((info[key] for key in fields if info.get(key)), "")))
+                for name, info in sorted(listing.items())]
+    return hashlib.sha256(repr((url, versions)).encode()).hexdigest()[:24]
 
 
 def _discard(fs: fsspec.AbstractFileSystem, path: str) -> None:

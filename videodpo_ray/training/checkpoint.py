@@ -215,12 +215,17 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
 
     config_url = storage.join(export_url, EXPORT_MODEL)
     info = read_export_info(export_url)
+    weights_url = storage.join(export_url, EXPORT_WEIGHTS)
     try:
         model_config = build_config(ModelConfig, yaml.safe_load(storage.read_bytes(config_url)) or {}, config_url)
-        weights = load_safetensors(storage.read_bytes(storage.join(export_url, EXPORT_WEIGHTS)))
+        data = storage.read_bytes(weights_url)
     except FileNotFoundError as error:
         raise ConfigError(f"{export_url}: not a training export ({error})") from None
-    return model_config, weights, info
+    recorded = info.get("weights_sha256")
+    if recorded is not None and hashlib.sha256(data).hexdigest() != recorded:
+        raise CheckpointError(f"{weights_url}: not the weights {EXPORT_INFO} records (sha256 {recorded}): the export "
+                              "is being rewritten, or its rewrite was interrupted; export the run again")
+    return model_config, load_safetensors(data), info
 
 
 def read_export_info(export_url: str) -> dict[str, Any]:

@@ -1,9 +1,10 @@
 """Run housekeeping: which run folders and temporary objects under a storage root can go.
 
 A run folder is a directory directly under the root that Ray Train made (it holds `.validate_storage_marker`,
-`checkpoint_manager_snapshot.json` or `checkpoint-*` entries). It can go when it holds no committed checkpoint (a
-`checkpoint-*` directory with `train_state.json`: what a resume starts from). A run with a committed checkpoint is
-never touched. Temporary objects (`_tmp-*`, left by a crashed `storage.stage`) can go anywhere under the root.
+`checkpoint_manager_snapshot.json` or `checkpoint-*` entries). It can go when it holds no committed checkpoint (one
+Ray Train recorded: what a resume starts from) and no export (`export/export.json`: trained weights, which a run
+whose last checkpoint upload failed may hold alone). A run with either is never touched. Temporary objects
+(`_tmp-*`, left by a crashed `storage.stage`) can go anywhere under the root.
 Nothing younger than `min_age_s` is touched: a run may still be starting, a write may still be under way.
 """
 
@@ -23,7 +24,7 @@ class CleanPlan:
     """What `clean` would remove under `root`, and the runs it keeps (with why)."""
 
     root: str
-    runs: list[str] = field(default_factory=list)  # run folders without a committed checkpoint
+    runs: list[str] = field(default_factory=list)  # run folders without a committed checkpoint or an export
     temporary: list[str] = field(default_factory=list)  # orphaned temporary objects outside those folders
     kept: dict[str, str] = field(default_factory=dict)  # run folder -> why it stays
 
@@ -31,7 +32,7 @@ class CleanPlan:
         verb = "removed" if applied else "would remove"
         lines = [f"runs clean {self.root}: {verb} {len(self.runs)} run folder(s), {len(self.temporary)} temporary "
                  f"object(s); kept {len(self.kept)} run(s)"]
-        lines += [f"  {verb}: {url}/ (no committed checkpoint)" for url in self.runs]
+        lines += [f"  {verb}: {url}/ (no committed checkpoint, no export)" for url in self.runs]
         lines += [f"  {verb}: {url} (orphaned temporary object)" for url in self.temporary]
         lines += [f"  kept: {url}/ ({why})" for url, why in sorted(self.kept.items())]
         if not applied and (self.runs or self.temporary):
@@ -48,6 +49,8 @@ def plan_clean(root: str, min_age_s: float = 3600.0, now: datetime | None = None
             continue
         if ckpt.latest_checkpoint_state(entry.url) is not None:
             plan.kept[entry.url] = "has a committed checkpoint"
+        elif storage.exists(storage.join(entry.url, ckpt.EXPORT_DIR, ckpt.EXPORT_INFO)):
+            plan.kept[entry.url] = "has an export"
         elif (storage.newest_change(entry.url) or cutoff) > cutoff:
             plan.kept[entry.url] = f"changed in the last {min_age_s:g} s: may still be running"
         else:
