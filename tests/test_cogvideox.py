@@ -325,8 +325,11 @@ def test_load_from_object_storage_through_the_cache(tmp_path, monkeypatch, s3_bu
     _same_model(loaded, original)
     cached = list((tmp_path / "cache").iterdir())
     assert len(cached) == 1 and (cached[0] / "transformer" / "config.json").is_file()
-    fs.rm(url.removeprefix("s3://"), recursive=True)  # the second load needs only the cache
-    _same_model(build_model(TINY.model_copy(update={"path": url})), original)
+    _same_model(build_model(TINY.model_copy(update={"path": url})), original)  # from the cache: nothing new
+    assert list((tmp_path / "cache").iterdir()) == cached
+    fs.rm(url.removeprefix("s3://"), recursive=True)  # gone from storage: not served from a stale cache
+    with pytest.raises(CheckpointError, match=f"{url}: no files found"):
+        build_model(TINY.model_copy(update={"path": url}))
 
 
 def test_t5_from_a_sentencepiece_tokenizer_directory(tmp_path):

@@ -69,6 +69,26 @@ def test_sampling_only_models_hold_every_weight_in_bf16(family: str):
     assert videos.dtype == torch.uint8 and videos.shape[1:4] == model.video_size
 
 
+@pytest.mark.parametrize("family, finetune", [(family, "full") for family in families()]
+                         + [("vc2", "temporal"), ("t2v_turbo", "temporal")])
+def test_the_bf16_reference_predicts_exactly_what_the_float32_policy_does_at_step_0(family, finetune, tmp_path):
+    """Diffusion-DPO's reference is the initial policy: held in bf16 to save memory, it must still compute exactly
+    what the float32 policy computes under bf16 autocast, on weights bf16 cannot represent (real checkpoints')."""
+    original = build(family)
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for parameter in original.parameters():
+            parameter.add_(1e-3 * torch.randn(parameter.shape, generator=generator))
+    directory = original.save_pretrained(tmp_path / "weights")
+    model = build_model(ModelConfig(family=family, variant="tiny", path=str(directory), finetune=finetune,
+                                    mixed_precision="bf16"), seed=0)
+    assert {p.dtype for p in model.trainable_parameters()} == {torch.float32}
+    copy_dtypes = {p.dtype for p in model.reference_denoiser.parameters()}
+    assert torch.bfloat16 in copy_dtypes  # the copy's matmul weights: bf16, as autocast computes them anyway
+    inputs = probe(original)  # the tiny size (a model loaded from a path samples at its family's full size)
+    assert torch.equal(model.predict(*inputs), model.predict(*inputs, reference=True))
+
+
 @pytest.mark.parametrize("family", families())
 def test_lora_base_weights_are_bf16_and_the_adapter_float32(family: str):
     model = build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16")

@@ -87,6 +87,18 @@ def test_converted_turbo_directory(vc2_tiny_dir: Path, turbo_expected: dict, tmp
         T2VTurbo.from_config(fixture_config(vc2_tiny_dir, path=str(out)))
 
 
+@pytest.mark.parametrize("mode", ["merge_and_new", "train_released"])
+def test_a_merged_run_records_that_the_released_lora_is_in_its_weights(vc2_tiny_dir: Path, mode: str,
+                                                                       tmp_path: Path):
+    """`export --merged` folds the trained adapter in; in train_released that adapter is the released LoRA itself, so
+    loading the directory with model.turbo_lora_path must be refused, not merge the LoRA a second time."""
+    model = T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_mode=mode))
+    model.merge_lora()
+    model.save_pretrained(tmp_path / "merged")
+    with pytest.raises(ConfigError, match="already merged"):
+        T2VTurbo.from_config(fixture_config(vc2_tiny_dir, path=str(tmp_path / "merged"), turbo_lora_mode=mode))
+
+
 def test_wrong_lora_lists_are_refused(vc2_tiny_dir: Path, tmp_path: Path):
     lora = torch.load(vc2_tiny_dir / "unet_lora.pt", weights_only=True)
     torch.save(lora[:-2], tmp_path / "short.pt")

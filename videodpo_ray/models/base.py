@@ -31,6 +31,7 @@ from videodpo_ray.errors import ConfigError
 from videodpo_ray.models.config import ModelConfig
 from videodpo_ray.models.loading import check_state_dict
 from videodpo_ray.models.modules import (
+    AUTOCAST_LAYERS,
     CompileBackend,
     adapters_disabled,
     compile_module,
@@ -124,8 +125,10 @@ class VideoDiffusionModel(nn.Module, ABC):
     def configure_training(self) -> None:
         """Freeze all but what `config.finetune` trains and set up the DPO reference (call once, after the
         denoiser exists): "lora" injects a fresh adapter (`inject_lora`), reference = adapters off; "full" and
-        "temporal" keep a frozen copy. With mixed_precision "bf16" every frozen denoiser weight (the copy, LoRA's
-        base weights, the layers "temporal" leaves alone) is stored in bf16; trained weights stay float32."""
+        "temporal" keep a frozen copy. With mixed_precision "bf16" frozen denoiser weights are stored in bf16:
+        LoRA's base weights all of them (the reference is the same module, adapters off); the copy and the layers
+        "temporal" leaves alone those of AUTOCAST_LAYERS only, so that at step 0 the reference predicts exactly
+        what the float32 policy does under autocast. Trained weights stay float32."""
         denoiser, finetune = self.denoiser, self.config.finetune
         denoiser.requires_grad_(False)
         if finetune == "temporal" and not self.temporal_modules:
@@ -136,10 +139,11 @@ class VideoDiffusionModel(nn.Module, ABC):
             for name, parameter in denoiser.named_parameters():
                 parameter.requires_grad_(finetune == "full" or any(p in f".{name}" for p in self.temporal_modules))
             self.reference_denoiser = copy.deepcopy(denoiser).requires_grad_(False).eval()
-        if self.config.mixed_precision == "bf16":
+        if self.config.mixed_precision == "bf16":  # a copy computes as the float32 policy it copies (see below)
+            layers = None if finetune == "lora" else AUTOCAST_LAYERS
             for module in (denoiser, self.reference_denoiser):
                 if module is not None:
-                    hold_frozen_in(module, torch.bfloat16)
+                    hold_frozen_in(module, torch.bfloat16, layers)
         self.set_gradient_checkpointing(self.config.gradient_checkpointing is True)  # "auto": as the trainer settles
         self._trainable_names = [name for name, p in denoiser.named_parameters() if p.requires_grad]
 

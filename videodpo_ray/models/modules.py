@@ -40,17 +40,25 @@ def weight_dtype(module: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def hold_frozen_in(module: nn.Module, dtype: torch.dtype) -> None:
+# The layers bf16 autocast computes from bf16 copies of their float32 weights: held in bf16, they compute the same.
+AUTOCAST_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def hold_frozen_in(module: nn.Module, dtype: torch.dtype, layers: tuple[type[nn.Module], ...] | None = None) -> None:
     """Store `module`'s frozen floating weights in `dtype`: every parameter without requires_grad, and the buffers
     when nothing in `module` trains. Diffusers' `_keep_in_fp32_modules` (RoPE tables, time embedders, modulation
-    tables, norms) stay as they are, as `from_pretrained(torch_dtype=...)` keeps them; trainable weights too."""
-    cast_buffers = not any(parameter.requires_grad for parameter in module.parameters())
+    tables, norms) stay as they are, as `from_pretrained(torch_dtype=...)` keeps them; trainable weights too.
+
+    `layers` (e.g. AUTOCAST_LAYERS): only the weights of those layers, no buffers. A frozen copy held so computes
+    under bf16 autocast exactly what its float32 original computes (the DPO reference of a float32 policy): the
+    norms, embeddings and tables autocast leaves in float32 keep their float32 weights."""
+    cast_buffers = layers is None and not any(parameter.requires_grad for parameter in module.parameters())
 
     def visit(owner: nn.Module, keep: frozenset[str], kept: bool) -> None:
         keep = _keep_in_fp32(owner) or keep
         for name, child in owner.named_children():
             visit(child, keep, kept or name in keep)
-        if kept:
+        if kept or (layers is not None and not isinstance(owner, layers)):
             return
         for name, parameter in owner.named_parameters(recurse=False):
             if parameter.is_floating_point() and not parameter.requires_grad and name not in keep:

@@ -103,6 +103,12 @@ class T2VTurbo(VideoCrafter2):
                 components.turbo_lora_merged, lora = True, None
         return cls(components, config, cls.video_size_for(config), released_lora=lora)
 
+    def merge_lora(self) -> None:
+        """Fold the trained adapter into the base weights; the released T2V-Turbo LoRA is in them from now on (in
+        train_released it is that adapter), which the saved directory records so that it is never merged twice."""
+        super().merge_lora()
+        self.turbo_lora_merged = True
+
     def inject_lora(self) -> list[BaseTunerLayer]:
         """merge_and_new: a fresh LoRA (the base class's). train_released: the released factors as two peft adapters,
         the trainable `released` one active and the frozen `released_reference` one for the DPO reference."""

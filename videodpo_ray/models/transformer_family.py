@@ -167,7 +167,7 @@ class DiffusersTransformerModel(VideoDiffusionModel):
     def run_denoiser(
         self, denoiser: nn.Module, noisy_latents: torch.Tensor, timesteps: torch.Tensor, text_embeddings: torch.Tensor
     ) -> torch.Tensor:
-        dtype = weight_dtype(denoiser)
+        dtype = weight_dtype(self.denoiser)  # the policy's, also for its reference copy (bf16 matmul weights)
         device = noisy_latents.device
         with self.autocast(device):
             output = denoiser(

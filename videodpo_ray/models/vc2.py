@@ -254,7 +254,7 @@ class VideoCrafter2(VideoDiffusionModel):
         fps: int,
         condition: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        dtype = weight_dtype(unet)
+        dtype = weight_dtype(self.unet)  # the policy's, also for its reference copy (bf16 matmul weights)
         with self.autocast(latents.device):
             output = unet(
                 latents.to(dtype),

@@ -121,7 +121,7 @@ class VC2UNet3DConditionModel(UNet3DConditionModel):
         return_dict: bool = True,
     ) -> UNet3DConditionOutput | tuple[torch.Tensor]:
         batch, _, num_frames = sample.shape[:3]
-        dtype = self.conv_in.weight.dtype  # = self.dtype, which walks every submodule on each call
+        dtype = sample.dtype  # the embeddings' dtype: a bf16 copy of a float32 policy adds them as the policy does
         emb = self.time_embedding(self._embed(timestep, batch, sample.device, dtype), timestep_cond)
         if self.fps_embedding is not None:
             if fps is None:
