@@ -20,6 +20,7 @@ from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 from videodpo_ray.training.inputs import (
     completed_checkpoint,
+    schedule_change,
     settle_memory_layout,
     validate_inputs,
     with_absolute_paths,
@@ -98,6 +99,9 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
 
         print(f"[train {config.run.name}] already complete: {final} is the final step; nothing to train", flush=True)
         return Result.from_path(ckpt.run_dir(config))
+    note = schedule_change(config)
+    if note is not None:
+        print(f"[train {config.run.name}] note: {note}", flush=True)
     connect_ray()
     if not config.memory_settled:
         config = memory_layout_measured_on_gpu(config, plan)

@@ -26,7 +26,7 @@ from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
 from videodpo_ray.training.data import PairLoader
-from videodpo_ray.training.inputs import completed_checkpoint, validate_inputs
+from videodpo_ray.training.inputs import completed_checkpoint, schedule_change, validate_inputs
 from videodpo_ray.training.plan import DataPosition, PairPlan, RowRef
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
@@ -285,6 +285,12 @@ def test_a_finished_run_is_recognised_from_storage_before_any_worker(tmp_path, p
         assert final == (str(directory) if step == 2 else None)
     assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout, "data.epochs=2")) is None  # continues
     assert completed_checkpoint(train_config(tmp_path, tmp_path, *layout[:2], "data.epochs=2", "data.max_steps=2"))
+    # continuing with more steps recomputes a decaying schedule: said before the run starts
+    assert schedule_change(train_config(tmp_path, tmp_path, *layout, "data.epochs=2")) is None  # constant LR
+    cosine = train_config(tmp_path, tmp_path, *layout, "data.epochs=2", "optim.schedule=cosine", "optim.lr=1e-4")
+    assert schedule_change(cosine) == ("the run now has 4 steps, its checkpoint was trained towards 2: the cosine LR "
+                                       "schedule is recomputed over 4 steps, so at step 2 the LR goes from 0 to 5e-05")
+    assert schedule_change(train_config(tmp_path, tmp_path, *layout, "data.epochs=1", "optim.schedule=cosine")) is None
 
 
 def test_a_broken_checkpoint_record_is_named(tmp_path):

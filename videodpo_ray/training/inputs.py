@@ -5,7 +5,7 @@ from __future__ import annotations
 from videodpo_ray import shards, storage
 from videodpo_ray.errors import ConfigError, ShardError
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.training.config import TrainConfig
+from videodpo_ray.training.config import TrainConfig, lr_multiplier
 from videodpo_ray.training.plan import LATENT_COLUMNS, PairPlan
 
 MODEL_PATHS = ("path", "turbo_lora_path", "text_encoder_path")
@@ -102,6 +102,30 @@ def completed_checkpoint(config: TrainConfig) -> str | None:
     if latest is None:
         return None
     url, state = latest
+    return url if state.global_step >= total_steps_from(state, config) else None
+
+
+def schedule_change(config: TrainConfig) -> str | None:
+    """A note when a resumed run asks for another step count than its checkpoint was trained towards and the LR
+    schedule depends on it (linear, cosine): the schedule is recomputed over the new count, so the LR jumps at the
+    resume step. None otherwise."""
+    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+    optim = config.optim
+    if latest is None or optim.schedule == "constant":
+        return None
+    state = latest[1]
+    total = total_steps_from(state, config)
+    if total == state.total_steps:
+        return None
+    before, after = (lr_multiplier(state.global_step, warmup_steps=optim.warmup_steps, total_steps=steps,
+                                   schedule=optim.schedule) for steps in (state.total_steps, total))
+    return (f"the run now has {total} steps, its checkpoint was trained towards {state.total_steps}: the "
+            f"{optim.schedule} LR schedule is recomputed over {total} steps, so at step {state.global_step} the LR "
+            f"goes from {before * optim.lr:.3g} to {after * optim.lr:.3g}")
+
+
+def total_steps_from(state: ckpt.TrainState, config: TrainConfig) -> int:
+    """The step count `config` asks for over the run's frozen shard list and layout, as its checkpoint records them."""
     plan = PairPlan(
         PairPlan.shards_from_json(state.shards),
         seed=state.seed,
@@ -109,4 +133,4 @@ def completed_checkpoint(config: TrainConfig) -> str | None:
         pairs_per_worker=state.pairs_per_worker,
         grad_accum=state.grad_accum,
     )
-    return url if state.global_step >= plan.total_steps(config.data.epochs, config.data.max_steps) else None
+    return plan.total_steps(config.data.epochs, config.data.max_steps)
