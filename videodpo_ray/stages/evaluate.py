@@ -4,9 +4,10 @@ Layout under `out`: `base/` and `tuned/` are two generate-stage outputs (samples
 chunk; sample k of prompt p has seed `sample_seed(base_seed, p, k)` in both), then
 - `results.parquet`: one row per (prompt, seed, model) with every raw dimension, OmniScore and the failure reason;
 - `summary.json`: win rate (a prompt is won when the tuned model's mean OmniScore over its N seeds beats the
-  base model's, both over the seeds scored for both models; a tie counts half) with a Wilson 95% interval, the mean per-prompt OmniScore gain and its standard
-  error, and each dimension's mean before and after (raw and VBench-normalised) with the 95% interval of the
-  per-prompt difference; VBench Quality / Semantic / Total over the dimensions present (the missing ones named);
+  base model's, both over the seeds scored for both models; a tie counts half) with a Wilson 95% interval, the
+  mean per-prompt OmniScore gain and its standard error, and each dimension's mean before and after (raw and
+  VBench-normalised) with the 95% interval of the per-prompt difference; VBench Quality / Semantic / Total over
+  the dimensions present (the missing ones named);
 - `index.html` (`stages.evaluate_report`).
 """
 
