@@ -11,10 +11,9 @@ and `latent_model` (the family, which training checks), and the prompt's text em
 `text_embedding_shape` (L, D), `text_embedding_dtype`), so training needs no text encoder. Column
 `EMPTY_PROMPT_COLUMN` holds the empty prompt's embedding in the first row of each chunk of a call (null in the
 others; a table without a `chunk` column is one chunk), so every chunk carries it for the driver to store once
-(`empty_prompt_of`). Latents are the posterior mean, so encoding is
-deterministic; the model is built under `init_seed` (training's `run.seed`) so random-init weights match the
-trainer's. Prompts are encoded one per call, as the trainer does, so a stored embedding equals the trainer's own
-encoding.
+(`empty_prompt_of`). Latents are the posterior mean, so encoding is deterministic; the model is built under
+`init_seed` (training's `run.seed`) so random-init weights match the trainer's. Prompts are encoded one per call, as
+the trainer does, so a stored embedding equals the trainer's own encoding.
 """
 
 from __future__ import annotations
@@ -51,7 +50,7 @@ def empty_prompt_of(chunk: int, rows: pa.Table) -> bytes:
             return data
     raise RuntimeError(
         f"chunk {chunk}: none of its {rows.num_rows} encoded pair rows carries {EMPTY_PROMPT_COLUMN!r} (the latent "
-        "encoder sets it on the first row of each chunk in a batch)"
+        "encoder sets it on the first row of each chunk of a call)"
     )
 
 

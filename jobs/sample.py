@@ -77,7 +77,7 @@ def run_sample(config: SampleConfig, num_cpus: int | None = None) -> SampleRepor
         report.mode = "ray"
         connect_ray(num_cpus)
         cluster_gpus = ray.cluster_resources().get("GPU", 0.0)
-        record_device(config.out, "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu")
+        record_device(config.out, config.sampler_pool.device_type(cluster_gpus))
         dataset = ray.data.from_arrow(tables).map_batches(
             SamplerActor,
             batch_format="pyarrow",

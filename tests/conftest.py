@@ -15,11 +15,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 def commit_checkpoint(run_dir: Path, state_json: str, step: int) -> Path:
     """A checkpoint directory of `run_dir` at `step` holding the train state `state_json`, committed as Ray Train
     records it (its checkpoint manager's snapshot names the latest committed directory)."""
-    directory = run_dir / f"checkpoint-{step:08d}"
+    from videodpo_ray.training import checkpoint as ckpt
+
+    directory = run_dir / ckpt.checkpoint_dir_name(step)
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "train_state.json").write_text(state_json)
+    (directory / ckpt.TRAIN_STATE).write_text(state_json)
     snapshot = {"latest_checkpoint_result": {"checkpoint_dir_name": directory.name, "metrics": {}}}
-    (run_dir / "checkpoint_manager_snapshot.json").write_text(json.dumps(snapshot))
+    (run_dir / ckpt.RAY_CHECKPOINT_SNAPSHOT).write_text(json.dumps(snapshot))
     return directory
 VC2_TINY = SHARED / "fixtures" / "vc2-tiny"
 

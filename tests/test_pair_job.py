@@ -150,7 +150,7 @@ def test_every_chunk_carries_the_empty_prompt_embedding_however_batches_cut_it(s
     without = done[0][1].set_column(done[0][1].schema.get_field_index(EMPTY_PROMPT_COLUMN), EMPTY_PROMPT_COLUMN,
                                     pa.nulls(1, pa.binary()))
     with pytest.raises(RuntimeError, match=r"^chunk 2: none of its 1 encoded pair rows carries 'empty_text_embedding' "
-                       r"\(the latent encoder sets it on the first row of each chunk in a batch\)$"):
+                       r"\(the latent encoder sets it on the first row of each chunk of a call\)$"):
         empty_prompt_of(2, without)
 
 

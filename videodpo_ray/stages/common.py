@@ -41,6 +41,10 @@ class ActorPoolConfig(StrictConfig):
             return 1.0 if cluster_gpus > 0 else 0.0
         return float(self.num_gpus)
 
+    def device_type(self, cluster_gpus: float) -> str:
+        """"cuda" when the actors get GPUs on such a cluster, else "cpu" (the two round floats differently)."""
+        return "cuda" if self.gpus(cluster_gpus) > 0 else "cpu"
+
 
 class SamplingConfig(StrictConfig):
     """Sampler settings passed to `VideoDiffusionModel.sample`; None -> the model family's default."""

@@ -308,9 +308,8 @@ def record_devices(config: GenerateConfig, cluster_gpus: float) -> None:
     float rounding, and on a GPU some scorers run in float16, so a resume on the other kind is refused."""
     scorer = config.scorer.device.split(":")[0]
     if scorer == "auto":
-        scorer = "cuda" if config.scorer_pool.gpus(cluster_gpus) > 0 else "cpu"
-    devices = {"sampler_device": "cuda" if config.sampler_pool.gpus(cluster_gpus) > 0 else "cpu",
-               "scorer_device": scorer}
+        scorer = config.scorer_pool.device_type(cluster_gpus)
+    devices = {"sampler_device": config.sampler_pool.device_type(cluster_gpus), "scorer_device": scorer}
     record_manifest(storage.join(config.out, DEVICE_MANIFEST), devices)
 
 
