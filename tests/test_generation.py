@@ -411,6 +411,23 @@ def test_a_resume_with_another_sampler_batch_size_is_refused_naming_it(tmp_path:
     plan_generate(more_actors, PROMPTS)  # actor counts do not change the numbers
 
 
+def test_an_output_encoded_with_other_mp4_settings_is_refused(tmp_path: Path):
+    """The scorers decode the mp4: an output written with x264's macroblock tree on (before 2026-12-01, when the
+    manifest had no `video_encoding`) must not be completed with videos encoded otherwise."""
+    from videodpo_ray.stages.generate import GENERATION_MANIFEST, plan_generate
+
+    config = _config(str(tmp_path / "out"))
+    plan_generate(config, PROMPTS)
+    manifest = tmp_path / "out" / GENERATION_MANIFEST
+    recorded = json.loads(manifest.read_text())
+    assert recorded["video_encoding"] == {"codec": "libx264", "pix_fmt": "yuv420p", "crf": 17, "preset": "medium",
+                                          "macroblock_tree": False}
+    del recorded["video_encoding"]
+    manifest.write_text(json.dumps(recorded))
+    with pytest.raises(ConfigError, match=r"video_encoding: recorded None, now \{.*'macroblock_tree': False\}"):
+        plan_generate(config, PROMPTS)
+
+
 def test_a_resume_sampling_another_export_at_the_same_url_is_refused(tmp_path: Path):
     """Retraining a run rewrites `{run}/export`: an evaluation resumed into the same output must not mix the old
     export's videos with the new one's."""

@@ -190,6 +190,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_field(tmp_path, singl
     assert sample(*arguments, "--tuned", str(run))[0] == 0
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert json.loads(before["sample.json"])["tuned_export"]["step"] == 1
+    assert json.loads(before["sample.json"])["video_encoding"]["macroblock_tree"] is False
     changes = [
         (["--tuned", str(run), "sampling.num_inference_steps=1"], "sampling"),
         (["--tuned", str(run), "sampling.fps=16"], "sampling"),

@@ -13,6 +13,9 @@ from videodpo_ray.errors import VideoDecodeError
 
 DEFAULT_CRF = 17
 DEFAULT_PRESET = "medium"
+# what the sampler's `encode_mp4` calls write, for run manifests: other settings give other bytes and other scores
+MP4_ENCODING = {"codec": "libx264", "pix_fmt": "yuv420p", "crf": DEFAULT_CRF, "preset": DEFAULT_PRESET,
+                "macroblock_tree": False}
 
 
 def encode_mp4(

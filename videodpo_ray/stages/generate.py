@@ -33,6 +33,7 @@ from videodpo_ray.seeds import sample_seed
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, incomplete_lines, record_manifest
 from videodpo_ray.stages.prompts import MAX_PROMPT_CHARS, PromptRow, prompts_jsonl
 from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.video import MP4_ENCODING
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"
@@ -246,6 +247,7 @@ def generation_manifest(config: GenerateConfig, prompts: Sequence[PromptRow]) ->
         "tuned_export": ckpt.read_export_info(config.tuned) if config.tuned else None,  # the same URL, new weights?
         "sampling": config.sampling.model_dump(mode="json"),
         "sampler_batch_size": config.sampler_pool.batch_size,
+        "video_encoding": MP4_ENCODING,  # the scorers decode the mp4
         "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
         "scorer_batch_size": config.scorer_pool.batch_size,
     }

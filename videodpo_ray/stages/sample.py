@@ -31,6 +31,7 @@ from videodpo_ray.models import ModelConfig
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, record_manifest
 from videodpo_ray.stages.prompts import PromptRow, prompts_jsonl
 from videodpo_ray.training import checkpoint as ckpt
+from videodpo_ray.video import MP4_ENCODING
 
 INDEX = "index.jsonl"
 FAILURES = "failures.jsonl"
@@ -159,6 +160,7 @@ def sample_manifest(
         "tuned_export": ckpt.read_export_info(export_url) if export_url else None,  # the same URL, new weights?
         "sampling": config.sampling.model_dump(mode="json"),
         "batch_size": config.batch_size,
+        "video_encoding": MP4_ENCODING,
     }
 
 
