@@ -10,12 +10,7 @@ import numpy as np
 import torch
 
 from videodpo_ray.errors import VideoDecodeError
-
-DEFAULT_CRF = 17
-DEFAULT_PRESET = "medium"
-# what the sampler's `encode_mp4` calls write, for run manifests: other settings give other bytes and other scores
-MP4_ENCODING = {"codec": "libx264", "pix_fmt": "yuv420p", "crf": DEFAULT_CRF, "preset": DEFAULT_PRESET,
-                "macroblock_tree": False}
+from videodpo_ray.video_format import DEFAULT_CRF, DEFAULT_MACROBLOCK_TREE, DEFAULT_PRESET
 
 
 def encode_mp4(
@@ -23,7 +18,7 @@ def encode_mp4(
     fps: int,
     crf: int = DEFAULT_CRF,
     preset: str = DEFAULT_PRESET,
-    macroblock_tree: bool = False,
+    macroblock_tree: bool = DEFAULT_MACROBLOCK_TREE,
 ) -> bytes:
     """Encode uint8 RGB frames (T, H, W, 3) as an h264 / yuv420p mp4 and return its bytes.
 

@@ -33,7 +33,7 @@ from videodpo_ray.seeds import sample_seed
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, incomplete_lines, record_manifest
 from videodpo_ray.stages.prompts import MAX_PROMPT_CHARS, PromptRow, prompts_jsonl
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.video import MP4_ENCODING
+from videodpo_ray.video_format import MP4_ENCODING
 
 DATA_GENERATION_SEED = 5557  # VideoDPO's data-generation seed (method.md section 5)
 GENERATION_MANIFEST = "generation.json"

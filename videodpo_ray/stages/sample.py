@@ -31,7 +31,7 @@ from videodpo_ray.models import ModelConfig
 from videodpo_ray.stages.common import ActorPoolConfig, SamplingConfig, record_manifest
 from videodpo_ray.stages.prompts import PromptRow, prompts_jsonl
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.video import MP4_ENCODING
+from videodpo_ray.video_format import MP4_ENCODING
 
 INDEX = "index.jsonl"
 FAILURES = "failures.jsonl"
