@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from videodpo_ray.errors import VideoDecodeError
-from videodpo_ray.video_format import DEFAULT_CRF, DEFAULT_MACROBLOCK_TREE, DEFAULT_PRESET
+from videodpo_ray.video_format import CODEC, DEFAULT_CRF, DEFAULT_MACROBLOCK_TREE, DEFAULT_PRESET, PIXEL_FORMAT
 
 
 def encode_mp4(
@@ -43,8 +43,8 @@ def encode_mp4(
 
     buffer = io.BytesIO()
     with av.open(buffer, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=fps)
-        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream = container.add_stream(CODEC, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, PIXEL_FORMAT
         stream.time_base = Fraction(1, fps)
         stream.options = {"crf": str(crf), "preset": preset, "x264-params": f"mbtree={int(macroblock_tree)}"}
         for frame in np.ascontiguousarray(array):
