@@ -14,8 +14,9 @@ every denoiser call carries 2 x batch rows (batch 4 -> 8, the throughput plateau
 no CFG pass: use 8).
 
 A batch that keeps failing is split to find the prompts that fail alone (`stages.generate.sample_isolating_failures`):
-their rows come back with a null `video` and the error in `failed_reason`. Out of memory and CUDA faults
-(`INFRASTRUCTURE_ERRORS`) are raised, never recorded: the chunk fails loudly and stays uncommitted.
+their rows come back with a null `video` and the error in `failed_reason`. Out of memory and CUDA, cuBLAS, cuDNN or
+NCCL faults (`errors.is_infrastructure_error`, the scorer's rule too) are raised, never recorded: the chunk fails
+loudly and stays uncommitted.
 """
 
 from __future__ import annotations
@@ -28,10 +29,6 @@ from videodpo_ray.stages.common import SamplingConfig, batch_slices
 from videodpo_ray.stages.generate import model_label, sample_isolating_failures
 from videodpo_ray.training.checkpoint import load_exported_model
 from videodpo_ray.video import encode_gif, encode_mp4
-
-# raised, never recorded as a prompt's failure: out of memory, and CUDA faults (an illegal memory access, an ECC
-# error), after which every later call fails too
-INFRASTRUCTURE_ERRORS = (torch.OutOfMemoryError, torch.AcceleratorError, MemoryError)
 
 
 class SamplerActor:
@@ -80,7 +77,6 @@ class SamplerActor:
             lambda subset: list(self.sample([prompts[i] for i in subset], [seeds[i] for i in subset])),
             rows,
             self.max_attempts,
-            infrastructure_errors=INFRASTRUCTURE_ERRORS,
         )
         fps = self.sampling.fps
         mp4 = [encode_mp4(videos[i], fps=fps) if i in videos else None for i in rows]

@@ -11,18 +11,21 @@ Added: every output of every configured dimension (raw values; dynamic_degree ad
 
 Failures: a video that cannot be used (`VideoDataError`: undecodable, too short, too small) is recorded as a failed
 row (NaN scores and the reason) and the rest of the batch is scored; a row the sampler gave up on (null `video`)
-keeps the sampler's `failed_reason`. Anything else (CUDA, out of memory, a missing
-weight file, a bug) fails the whole batch loudly: an infrastructure fault never becomes NaN data.
+keeps the sampler's `failed_reason`. Anything else (CUDA, out of memory, a missing weight file, a bug; a
+VideoDataError an infrastructure fault caused, `errors.is_infrastructure_error`, the sampler's rule too) fails the
+whole batch loudly, and so does a NaN or infinite score for a video that decoded (`NonFiniteScoreError`, naming the
+dimension and the samples): an infrastructure or numeric fault never becomes NaN data.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Mapping
 
 import numpy as np
 
-from videodpo_ray.errors import VideoDataError
+from videodpo_ray.errors import NonFiniteScoreError, VideoDataError, is_infrastructure_error
 from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, dimension_outputs, load_scorer_model, score_outputs
 from videodpo_ray.stages.common import batch_slices
@@ -68,25 +71,23 @@ class OmniScorer:
                 frames, fps = decode_mp4(bytes(data), name=sample_ids[i])
                 videos[i] = (frames.numpy(), float(fps))
             except VideoDataError as error:
-                failures[i] = f"decode: {_describe(error)}"
+                failures[i] = f"decode: {_video_failure(error)}"
 
         outputs: dict[int, dict[str, float]] = {i: {} for i in range(len(sample_ids))}
         for name, model in self.models.items():
             alive = [i for i in sorted(videos) if i not in failures]
-            for i, result in self._score_dimension(name, model, alive, videos, prompts, failures).items():
+            results = self._score_dimension(name, model, alive, videos, prompts, failures)
+            _check_finite(name, results, sample_ids)
+            for i, result in results.items():
                 outputs[i].update(result)
 
         totals: dict[int, float] = {}
+        quality, semantic = self.config.omniscore.quality, self.config.omniscore.semantic
         for i, sample_id in enumerate(sample_ids):
             if i in failures:
                 outputs[i] = {}
-            elif self.computes_omniscore:
-                try:
-                    totals[i] = omniscore(
-                        outputs[i], sample_id, self.config.omniscore.quality, self.config.omniscore.semantic
-                    )
-                except ValueError as error:  # a dimension gave no finite value for this video
-                    failures[i], outputs[i] = f"omniscore: {error}", {}
+            elif self.computes_omniscore:  # every value is finite (_check_finite)
+                totals[i] = omniscore(outputs[i], sample_id, quality, semantic)
         if failures:
             logger.warning("scoring failed for %d of %d videos: %s", len(failures), len(sample_ids), failures)
         return {**batch, **self._columns(batch, outputs, totals, failures)}
@@ -107,15 +108,16 @@ class OmniScorer:
         try:
             return dict(zip(indices, self._run(name, model, indices, videos, prompts)))
         except VideoDataError as error:
+            reason = _video_failure(error)
             if len(indices) == 1:
-                failures[indices[0]] = f"{name}: {_describe(error)}"
+                failures[indices[0]] = f"{name}: {reason}"
                 return {}
         results = {}
         for i in indices:
             try:
                 results[i] = self._run(name, model, [i], videos, prompts)[0]
             except VideoDataError as error:
-                failures[i] = f"{name}: {_describe(error)}"
+                failures[i] = f"{name}: {_video_failure(error)}"
         return results
 
     @staticmethod
@@ -149,5 +151,24 @@ class OmniScorer:
         return columns
 
 
-def _describe(error: BaseException) -> str:
+def _video_failure(error: VideoDataError) -> str:
+    """The failed_reason of a row whose video raised `error`; raised again when an infrastructure fault caused it
+    (it fails the batch)."""
+    if is_infrastructure_error(error):
+        raise error
     return f"{type(error).__name__}: {error}"
+
+
+def _check_finite(name: str, results: dict[int, dict[str, float]], sample_ids: list[str]) -> None:
+    """NonFiniteScoreError naming dimension `name`, its outputs and the samples where its model gave NaN or inf for
+    a video that decoded: a numeric fault of the model (overflow, bad weights), never a row of data."""
+    bad = {
+        sample_ids[i]: ", ".join(f"{key}={value}" for key, value in result.items() if not math.isfinite(value))
+        for i, result in results.items()
+    }
+    bad = {sample_id: values for sample_id, values in bad.items() if values}
+    if bad:
+        raise NonFiniteScoreError(
+            f"scorer {name!r} gave non-finite values for {len(bad)} of {len(results)} decoded video(s): "
+            + "; ".join(f"{sample_id} ({values})" for sample_id, values in bad.items())
+        )

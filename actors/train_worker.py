@@ -156,7 +156,7 @@ class DPOWorker:
 
     def _read_saved_state(self, directory: Path) -> ckpt.TrainState:
         state = ckpt.TrainState.from_json((directory / ckpt.TRAIN_STATE).read_text())
-        ckpt.check_resumable(state, self.config, f"checkpoint at step {state.global_step}")
+        ckpt.check_resumable(state, self.config, str(directory))
         return state
 
     def _restore(self, directory: Path, state: ckpt.TrainState) -> None:
@@ -352,7 +352,7 @@ class DPOWorker:
                 )
                 Path(directory, ckpt.TRAIN_STATE).write_text(state.to_json())
                 Path(directory, ckpt.PAIR_LOG).write_text(ckpt.write_pair_log(self.pair_log))
-                Path(directory, "config.yaml").write_text(dump_config(self.config))
+                Path(directory, ckpt.CONFIG_FILE).write_text(dump_config(self.config))
                 if self.curves is not None:
                     self.curves.upload()
             ray.train.report(

@@ -14,9 +14,10 @@ Cases, most important first (`--cases` filters by name prefix; `--budget-s` skip
 - DPO training (one step = reference forward + policy forward/backward + AdamW, bf16 autocast + activation
   checkpointing): VC2 full and VC2 LoRA r64 (4x16x40x64 latents, 1 pair, then pairs_per_gpu 2 and 4, then 1 and 2
   without checkpointing), Wan-1.3B LoRA and full (16x21x60x104 latents = 81x480x832), CogVideoX-2B LoRA
-  (13x16x60x90 = 49x480x720); baseline = float32 frozen LoRA base + foreach AdamW + fp32 norms, fast = bf16 frozen
-  base + fused AdamW + input-dtype norms; VC2 full then runs what `data.pairs_per_worker` and
-  `model.gradient_checkpointing` auto choose for 8 pairs per worker per step (CUDA only).
+  (13x16x60x90 = 49x480x720); baseline = float32 frozen LoRA base + foreach AdamW + fp32 norms + peft's LoRA
+  layers, fast = bf16 frozen base + fused AdamW + input-dtype norms + the repo's LoRA layers (input as is, adapter
+  added in its GEMM); VC2 full then runs what `data.pairs_per_worker` and `model.gradient_checkpointing` auto choose
+  for 8 pairs per worker per step (CUDA only).
 MFU: FLOPs counted once per case with `torch.utils.flop_counter.FlopCounterMode` (a denoiser call; a whole
 training step, so checkpointing's recompute counts) against a dense bf16 peak of 989 TFLOP/s (H100/H200 SXM),
 also shown as a fraction of the bf16 matmul rate measured first. Results go to `--json` after every measurement
@@ -54,7 +55,7 @@ from videodpo_ray.training.memory import choose_memory_layout, cuda_budget_bytes
 from videodpo_ray.training.step import dpo_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from traffic import plain_norms  # noqa: E402  (benchmarks/ is not a package)
+from traffic import plain_norms, set_lora_layers  # noqa: E402  (benchmarks/ is not a package)
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100 / H200 SXM (the spec sheet's 1979 is with 2:4 sparsity)
 LORA = {"rank": 64}
@@ -360,7 +361,7 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
     swapped_norms = sum(plain_norms(module) for module in denoisers)  # the reference figures' UNet
     variants = [("baseline: " + ("fp32 frozen base" if lora else "fp32 master") + " + autocast, foreach AdamW",
                  1, False, True)]
-    fast_label = (f"fast: {'bf16 frozen base, ' if lora else ''}fused AdamW"
+    fast_label = (f"fast: {'bf16 frozen base, fused LoRA add, ' if lora else ''}fused AdamW"
                   + (", input-dtype norms" if swapped_norms else ""))
     variants += [(fast_label, pairs, True, True) for pairs in pair_counts]
     heavy = family in ("wan", "cogvideox")  # seconds per step: 1 timed step (the FLOP count warmed up)
@@ -374,6 +375,8 @@ def dpo_case(bench: Bench, family: str, finetune: str, pair_counts: tuple[int, .
         hold_frozen_in(model.denoiser, bench.compute_dtype if fast else torch.float32)
         for module in denoisers if fast else ():
             norms_in_input_dtype(module)
+        if lora:  # peft's own layers (input cast, the adapter added in three kernels) or the fused ones
+            set_lora_layers(model, cast_input=not fast, fused_add=fast)
         model.set_gradient_checkpointing(checkpointing)
         if checkpointing not in flops_by_checkpointing:
             flops_by_checkpointing[checkpointing] = count_flops(bench, f"{case}, no checkpointing",

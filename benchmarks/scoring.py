@@ -16,6 +16,8 @@ from videodpo_ray.scoring import DIMENSIONS, ModelSpec, dimension_module, load_s
 
 PROMPT = "a corgi running on the beach at sunset"
 FPS = 8
+# every scorer but the toy world's classifier (it scores toy prompts only: `toy_world.parse_prompt`)
+SCORERS = tuple(name for name in DIMENSIONS if name != "toy_semantic")
 
 
 def videos(count: int, frames: int, height: int, width: int) -> list[np.ndarray]:
@@ -82,7 +84,7 @@ def compare_batching(clips: list[np.ndarray]) -> None:
     torch.set_num_threads(1)  # as in a Ray CPU actor (OMP_NUM_THREADS=1); stable on a shared machine
     print(f"CPU (1 thread), tiny models, {len(clips)} videos of {clips[0].shape}: videos/s")
     print(f"{'dimension':24s} {'one by one':>11s} {'batched':>9s} {'speed-up':>9s}")
-    for name in DIMENSIONS:
+    for name in SCORERS:
         model = load_scorer_model(name, ModelSpec(tiny=True))
         batched(name, clips[:2], model)  # warm-up
         single_s = seconds(lambda: one_by_one(name, clips, model))
@@ -95,7 +97,7 @@ def compare_batching(clips: list[np.ndarray]) -> None:
 def full_size_throughput(clips: list[np.ndarray]) -> None:
     print(f"\nCUDA ({torch.cuda.get_device_name()}), real-size models, {len(clips)} videos of {clips[0].shape}")
     print(f"{'dimension':24s} {'dtype':>9s} {'videos/s':>9s}")
-    for name in DIMENSIONS:
+    for name in SCORERS:
         model = place_model(name, full_size_model(name), "cuda")
         batched(name, clips[:2], model)  # warm-up
         elapsed = seconds(lambda model=model: batched(name, clips, model), repeats=2)

@@ -12,10 +12,13 @@ latents: the sampler's CFG batch) and for the training policy's forward (float32
 the backward mirrors it, but autograd needs a real CUDA context, so it is not counted here), with the activations
 that forward saves for backward (what activation checkpointing would recompute instead).
 
-`--lora`: a VC2 LoRA r64 policy forward (bf16 frozen base, float32 adapter, bf16 autocast), with peft's cast of
-every adapted layer's input to the adapter's float32 (`cast_input_dtype_enabled`) against the repo's input as is.
-peft builds its layers with `.to()`, which fake tensors refuse, so this one runs real CPU tensors under CPU autocast
-(the cast is peft's own, whatever the autocast policy) on small latents (2 rows of 4x4x16x16): minutes at full size.
+`--lora`: a VC2 LoRA r64 policy forward and backward (bf16 frozen base, float32 adapter, bf16 autocast), three
+ways: peft's own layers (each adapted layer's input cast to the adapter's float32, `cast_input_dtype_enabled`, and
+the adapter added in three kernels), the input as is, and the input as is with the adapter added in its GEMM
+(`FusedAddLoraLinear`, the repo's layers). peft builds its layers with `.to()`, which fake tensors refuse, so this
+one runs real CPU tensors under CPU autocast (the cast and the adds are peft's own, whatever the autocast policy) on
+smaller latents (2 rows of 4x8x20x32, an eighth of VC2's 4x16x40x64): minutes at full size. Its attention is CPU
+SDPA's own kernels, forward and backward (the same in every column), not the one fused kernel counted above.
 
 Run: `python benchmarks/traffic.py` (CPU, under a minute; `--tiny` for the tiny preset; `--lora` adds the LoRA case).
 """
@@ -37,6 +40,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from videodpo_ray.models import ModelConfig, build_model
+from videodpo_ray.models.base import VideoDiffusionModel
+from videodpo_ray.models.lora_linear import FusedAddLoraLinear
 from videodpo_ray.models.lvdm_layout import LvdmUNetConfig
 from videodpo_ray.models.modules import InputDtypeGroupNorm, InputDtypeLayerNorm
 from videodpo_ray.models.vc2 import PRESETS
@@ -50,6 +55,7 @@ VIEWS = {  # no kernel: metadata only
 }
 COMPUTE = ("convolution", "gemm", "attention")
 LATENTS = {"full": (4, 16, 40, 64), "tiny": (4, 4, 8, 8)}  # full: VC2 at 16x320x512
+LORA_LATENTS = {"full": (4, 8, 20, 32), "tiny": (4, 4, 16, 16)}  # real CPU tensors: an eighth of VC2's full latents
 PROMPT_TOKENS = 77
 
 
@@ -137,6 +143,17 @@ def plain_norms(module: nn.Module) -> int:
     return len(changed)
 
 
+def set_lora_layers(model: VideoDiffusionModel, *, cast_input: bool, fused_add: bool) -> None:
+    """LoRA layers with peft's cast of each input to the adapter's float32 or the input as is, and with the adapter
+    added in three kernels (peft's `Linear`) or in its GEMM (`FusedAddLoraLinear`). peft's own layers, the reference
+    figures' setting: cast_input=True, fused_add=False; the repo's: the opposite."""
+    from peft.tuners.lora import Linear
+
+    for layer in model._tuner_layers:
+        layer.cast_input_dtype_enabled = cast_input
+        layer.__class__ = FusedAddLoraLinear if fused_add else Linear
+
+
 def unet_traffic(variant: str, rows: int, *, plain: bool, weights: torch.dtype) -> TrafficCounter:
     """Traffic of one UNet forward of `rows` latents, bf16 autocast, on fake CUDA tensors, weights in `weights`
     (bf16: the sampler; float32: a full finetune's trained master weights, cast by autocast on every call)."""
@@ -161,42 +178,50 @@ def unet_traffic(variant: str, rows: int, *, plain: bool, weights: torch.dtype) 
     return counter
 
 
-def lora_traffic(variant: str) -> tuple[TrafficCounter, TrafficCounter]:
-    """A LoRA r64 policy forward's traffic with peft's input cast, then with the input as is (real CPU tensors)."""
+def lora_traffic(variant: str) -> list[tuple[str, TrafficCounter]]:
+    """A LoRA r64 policy forward + backward's traffic with peft's layers, with the input as is, and with the input
+    as is and the fused add (real CPU tensors)."""
     config = ModelConfig(family="vc2", variant=variant, finetune="lora", lora={"rank": 64}, mixed_precision="bf16",
                          build_text_encoder=False)
     model = build_model(config, seed=0)
-    rows, (channels, *_), frames, size = 2, LATENTS[variant], 4, 16
-    latents = torch.randn(rows, channels, frames, size, size)
+    rows, (channels, frames, height, width) = 2, LORA_LATENTS[variant]
+    latents = torch.randn(rows, channels, frames, height, width)
     context = torch.randn(rows, PROMPT_TOKENS, model.unet.config.cross_attention_dim)
-    counters = []
-    for cast in (True, False):
-        for layer in model._tuner_layers:
-            layer.cast_input_dtype_enabled = cast
-        counter = TrafficCounter()
-        with torch.no_grad(), counter, fused_attention(counter):
-            model.predict(latents, torch.full((rows,), 500), context)
-        counters.append(counter)
-    return counters[0], counters[1]
+    columns = []
+    for column, cast_input, fused_add in (("peft's layers", True, False), ("input as is", False, False),
+                                          ("input as is, fused add", False, True)):
+        set_lora_layers(model, cast_input=cast_input, fused_add=fused_add)
+        counter = TrafficCounter()  # attention as CPU's SDPA runs it (the fused stand-in has no backward): the same
+        with counter:  # in all three columns, so only the totals it is part of differ from a GPU's
+            model.predict(latents, torch.full((rows,), 500), context).float().square().mean().backward()
+        columns.append((column, counter))
+    return columns
 
 
-def report(label: str, before: TrafficCounter, after: TrafficCounter,
-           columns: tuple[str, str] = ("plain norms", "input-dtype norms")) -> None:
-    """Print the two counts side by side."""
+def report(label: str, columns: list[tuple[str, TrafficCounter]]) -> None:
+    """Print the counts side by side, and the last against the first."""
     gb = 1e-9
+    counters = [counter for _, counter in columns]
+    first, last = counters[0], counters[-1]
     print(f"\n{label}")
-    print(f"| op class | {columns[0]} GB | {columns[1]} GB |\n|---|---:|---:|")
-    for kind in sorted(set(before.bytes) | set(after.bytes), key=lambda k: -before.bytes[k]):
-        print(f"| {kind} | {before.bytes[kind] * gb:.1f} | {after.bytes[kind] * gb:.1f} |")
-    memory_bound = [sum(v for k, v in c.bytes.items() if k not in COMPUTE) for c in (before, after)]
-    totals = [sum(c.bytes.values()) for c in (before, after)]
-    print(f"| **total** | {totals[0] * gb:.1f} | {totals[1] * gb:.1f} |")
-    print(f"| memory-bound (not GEMM / conv / attention) | {memory_bound[0] * gb:.1f} | {memory_bound[1] * gb:.1f} |")
-    print(f"| float32 activations written | {before.float32_written * gb:.1f} | {after.float32_written * gb:.1f} |")
-    if before.saved_for_backward:
-        print(f"| saved for backward (no checkpointing; attention: q, k, v, out only) | "
-              f"{before.saved_for_backward * gb:.1f} | {after.saved_for_backward * gb:.1f} |")
-    print(f"memory-bound traffic x{memory_bound[1] / memory_bound[0]:.2f}; total x{totals[1] / totals[0]:.2f}")
+    print("| op class | " + " | ".join(f"{column} GB" for column, _ in columns) + " |")
+    print("|---|" + "---:|" * len(columns))
+
+    def row(name: str, values: list[float]) -> None:
+        print(f"| {name} | " + " | ".join(f"{value * gb:.1f}" for value in values) + " |")
+
+    for kind in sorted(set().union(*(c.bytes for c in counters)), key=lambda k: -first.bytes[k]):
+        row(kind, [c.bytes[kind] for c in counters])
+    memory_bound = [sum(v for k, v in c.bytes.items() if k not in COMPUTE) for c in counters]
+    totals = [sum(c.bytes.values()) for c in counters]
+    row("**total**", totals)
+    row("memory-bound (not GEMM / conv / attention)", memory_bound)
+    row("float32 activations written", [c.float32_written for c in counters])
+    if first.saved_for_backward:
+        row("saved for backward (no checkpointing; attention: q, k, v, out only)",
+            [c.saved_for_backward for c in counters])
+    print(f"memory-bound traffic x{memory_bound[-1] / memory_bound[0]:.2f}; total x{totals[-1] / totals[0]:.2f}"
+          f"; elementwise x{last.bytes['elementwise'] / first.bytes['elementwise']:.2f}")
 
 
 def main() -> None:
@@ -208,11 +233,13 @@ def main() -> None:
     start = time.perf_counter()
     for label, rows, weights in (("sampler forward, bf16 weights, batch 8 rows", 8, torch.bfloat16),
                                  ("training policy forward, float32 weights, 1 pair = 2 rows", 2, torch.float32)):
-        report(f"VC2 UNet ({variant}): {label}", unet_traffic(variant, rows, plain=True, weights=weights),
-               unet_traffic(variant, rows, plain=False, weights=weights))
+        report(f"VC2 UNet ({variant}): {label}",
+               [(column, unet_traffic(variant, rows, plain=plain, weights=weights))
+                for column, plain in (("plain norms", True), ("input-dtype norms", False))])
     if args.lora:
-        report(f"VC2 UNet ({variant}): LoRA r64 policy forward, 2 rows of 4x4x16x16 latents", *lora_traffic(variant),
-               columns=("peft's input cast", "input as is"))
+        latents = "x".join(map(str, LORA_LATENTS[variant]))
+        report(f"VC2 UNet ({variant}): LoRA r64 policy forward + backward, 2 rows of {latents} latents",
+               lora_traffic(variant))
     print(f"\n{time.perf_counter() - start:.0f} s")
 
 

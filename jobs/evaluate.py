@@ -2,7 +2,8 @@
 
 The base model and the tuned one (a training run or its export) sample the same held-out prompts with the same
 seeds through the generate job (`{out}/base`, `{out}/tuned`: resumable by chunk, nothing committed is redone), both
-are scored alike, and `stages.evaluate` writes `results.parquet`, `summary.json` and `index.html` under `out`.
+are scored alike, and `stages.evaluate` writes `results.parquet`, `summary.json` and `index.html` under `out`. The
+held-out prompts and `training_data` are checked (no prompt trained on) before any cluster work.
 """
 
 from __future__ import annotations
@@ -18,8 +19,16 @@ from jobs.common import job_main
 from jobs.generate import generate
 from videodpo_ray import storage
 from videodpo_ray.config import load_config
-from videodpo_ray.stages.evaluate import MODELS, RESULTS, SUMMARY, EvaluateConfig, results_table, summarize
-from videodpo_ray.stages.evaluate_report import write_report
+from videodpo_ray.stages.evaluate import (
+    MODELS,
+    RESULTS,
+    SUMMARY,
+    EvaluateConfig,
+    check_training_data,
+    results_table,
+    summarize,
+)
+from videodpo_ray.stages.evaluate_report import format_number, unscored_note, write_report
 from videodpo_ray.stages.prompts import read_prompts
 from videodpo_ray.training import checkpoint as ckpt
 
@@ -27,7 +36,8 @@ from videodpo_ray.training import checkpoint as ckpt
 def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     """Sample and score both models (what is committed is kept), then write results, summary and report."""
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
-    prompts = read_prompts(config.prompts)
+    prompts = read_prompts(config.prompts, config.max_prompt_chars)
+    check_training_data(config, prompts)
     export_url = ckpt.export_url_of(config.tuned)
     for which in MODELS:
         print(generate(config.generate_config(which, export_url), prompts=prompts).summary(), flush=True)
@@ -36,7 +46,8 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
     pq.write_table(results, buffer)
     storage.write_bytes_atomic(storage.join(config.out, RESULTS), buffer.getvalue().to_pybytes())
     summary = {**summarize(results), "base_model": config.model.model_dump(mode="json"), "tuned": export_url}
-    storage.write_bytes_atomic(storage.join(config.out, SUMMARY), json.dumps(summary, indent=2).encode())
+    summary_json = json.dumps(summary, indent=2, allow_nan=False)  # summarize wrote None for what it could not compute
+    storage.write_bytes_atomic(storage.join(config.out, SUMMARY), summary_json.encode())
     run_url = export_url.removesuffix(f"/{ckpt.EXPORT_DIR}") if export_url.endswith(f"/{ckpt.EXPORT_DIR}") else None
     summary["report"] = write_report(
         config.out, summary, results.to_pylist(), prompts,
@@ -46,11 +57,12 @@ def evaluate(config: EvaluateConfig) -> dict[str, Any]:
 
 
 def summary_line(summary: dict[str, Any]) -> str:
-    low, high = summary["win_rate_ci95"]
+    low, high = (format_number(bound, 3) for bound in summary["win_rate_ci95"])
     return (
-        f"evaluate: win rate {summary['win_rate']:.3f} [{low:.3f}, {high:.3f}] over {summary['num_prompts']} prompts; "
-        f"OmniScore gain {summary['omniscore_gain_mean']:+.4f} +/- {summary['omniscore_gain_se']:.4f}; "
-        f"report {summary['report']}"
+        f"evaluate: win rate {format_number(summary['win_rate'], 3)} [{low}, {high}] over {summary['num_prompts']} "
+        f"prompts{unscored_note(summary['num_prompts_unscored'])}; OmniScore gain "
+        f"{format_number(summary['omniscore_gain_mean'], 4, sign=True)} +/- "
+        f"{format_number(summary['omniscore_gain_se'])}; report {summary['report']}"
     )
 
 

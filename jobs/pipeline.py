@@ -3,8 +3,9 @@
 toy world (when configured: pretrain the toy base model and classifier once, `stages.toy`) ->
 generate + score (jobs/generate.py) -> pair + encode latents (jobs/pair.py) -> DPO training (jobs/train.py) ->
 before/after evaluation on held-out prompts (jobs/evaluate.py, when configured) -> `{out}/report.json` and
-`{out}/report.md` (`stages.pipeline`). Every stage skips what an earlier run committed, so rerunning the same
-config after a crash (or after it finished) completes the missing work only.
+`{out}/report.md` (`stages.pipeline`). The config, the train config and both prompt sets are checked first, before
+any cluster work. Every stage skips what an earlier run committed, so rerunning the same config after a crash (or
+after it finished) completes the missing work only.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from videodpo_ray.stages.pipeline import (
     PipelineConfig,
     generate_section,
     load_pipeline_config,
-    materialise_prompts,
     pairs_section,
+    read_pipeline_prompts,
     train_config,
     train_section,
     write_report,
@@ -36,8 +37,8 @@ from videodpo_ray.stages.pipeline import (
 from videodpo_ray.stages.toy import prepare_toy_world
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "pipeline_demo.yaml"
-EVALUATE_KEYS = ("num_prompts", "win_rate", "win_rate_ci95", "omniscore_before", "omniscore_after",
-                 "omniscore_gain_mean", "omniscore_gain_se", "report")
+EVALUATE_KEYS = ("num_prompts", "num_prompts_unscored", "win_rate", "win_rate_ci95", "omniscore_before",
+                 "omniscore_after", "omniscore_gain_mean", "omniscore_gain_se", "report")
 
 
 def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
@@ -46,6 +47,7 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
     config = config.model_copy(update={"out": storage.absolute_url(config.out)})
     report: dict[str, Any] = {"out": config.out, "model": config.model.model_dump(mode="json"), "seconds": {}}
     trained = train_config(config) if config.train is not None else None  # config errors before any work
+    prompts = read_pipeline_prompts(config)  # so are prompt errors, held-out ones included
 
     if config.toy is not None:
         stage = time.monotonic()
@@ -57,10 +59,8 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
               f"({report['seconds']['toy']:.0f} s): {toy.base_model}", flush=True)
 
     stage = time.monotonic()
-    max_chars = config.generate.max_prompt_chars
-    prompts, prompts_url = materialise_prompts(config.prompts, storage.join(config.out, "prompts.jsonl"), max_chars)
     init_seed = trained.run.seed if trained is not None else 0  # random-init weights identical in every stage
-    generated = generate(config.generate_config(prompts_url, init_seed), prompts=prompts)
+    generated = generate(config.generate_config(prompts.training_url, init_seed), prompts=prompts.training)
     report["generate"] = generate_section(generated, config)
     report["seconds"]["generate"] = time.monotonic() - stage
     print(generated.summary(), flush=True)
@@ -88,11 +88,9 @@ def run_pipeline(config: PipelineConfig) -> dict[str, Any]:
             raise
         report["train"] = train_section(trained, result.metrics or {})
         report["seconds"]["train"] = time.monotonic() - stage
-        if config.evaluate is not None:
+        if prompts.held_out_url is not None:
             stage = time.monotonic()
-            held_out = storage.join(config.out, "evaluate-prompts.jsonl")
-            _, url = materialise_prompts(config.evaluate.prompts, held_out, max_chars)
-            summary = evaluate(config.evaluate_config(url, init_seed, report["train"]["run"]))
+            summary = evaluate(config.evaluate_config(prompts.held_out_url, init_seed, report["train"]["run"]))
             report["evaluate"] = {key: summary[key] for key in EVALUATE_KEYS}
             report["seconds"]["evaluate"] = time.monotonic() - stage
             print(summary_line(summary), flush=True)

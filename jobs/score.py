@@ -23,7 +23,7 @@ from videodpo_ray.config import apply_overrides, build_config, load_config
 from videodpo_ray.errors import IncompleteStageError
 from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.stages.common import ChunkProgress
-from videodpo_ray.stages.score import ScoreFilesConfig, ScorePlan, ScoreReport, plan_score
+from videodpo_ray.stages.score import ScoreFilesConfig, ScorePlan, ScoreReport, plan_score, record_scorer_device
 
 
 def _read_videos(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -43,10 +43,15 @@ def score_files(config: ScoreFilesConfig, plan: ScorePlan) -> ScoreReport:
     report = plan.report
     if plan.rows:
         pool = config.scorer_pool
-        scored = (
-            ray.data.from_items(plan.rows, override_num_blocks=max(1, len(plan.rows) // pool.batch_size))
-            .map_batches(_read_videos, batch_size=pool.batch_size)
-            .map_batches(OmniScorer, fn_constructor_kwargs={"config": config.scorer}, **pool_options(pool))
+        rows_of: dict[int, list[dict]] = {}
+        for row in plan.rows:
+            rows_of.setdefault(row["chunk"], []).append(row)
+        chunks = [pa.Table.from_pylist(rows_of[index]) for index in plan.expected]
+        scored = (  # a task = a shard's videos, batched by the actor (`batch_slices`): the same batches in every run
+            ray.data.from_arrow(chunks)
+            .map_batches(_read_videos, batch_size=None)
+            .map_batches(OmniScorer, fn_constructor_kwargs={"config": config.scorer, "batch_size": pool.batch_size},
+                         **{**pool_options(pool), "batch_size": None})
         )
 
         def commit(index: int, rows: pa.Table) -> None:
@@ -76,7 +81,10 @@ def run_score_command(
         extra = ["scorer.tiny=true"] if tiny else []
         config = build_config(ScoreFilesConfig, apply_overrides(data, [*extra, *overrides]), "score options")
         plan = plan_score(config)  # inputs checked before Ray starts
+        import ray
+
         connect_ray()
+        record_scorer_device(config, ray.cluster_resources().get("GPU", 0.0))
         report = score_files(config, plan)
     except INPUT_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import pytest
+import yaml
 
 from videodpo_ray.config import StrictConfig, apply_overrides, dump_config, load_config
 from videodpo_ray.errors import ConfigError
@@ -46,6 +47,28 @@ def test_override_values_are_parsed_as_yaml():
     assert data == {"a": {"b": 2.5, "c": True}, "d": None, "e": "hello world"}
 
 
+@pytest.mark.parametrize("override, value", [
+    ("a=1e-3", 0.001), ("a=5e8", 5e8), ("a=-2.5E+2", -250.0), ("a=7", 7), ("a=.inf", float("inf")),
+    ("a=2024-06-01", "2024-06-01"), ("a=on", "on"), ("a=no", "no"), ("a=True", True), ("a='1e-3'", "1e-3"),
+])
+def test_override_values_read_as_configs_are_written(override: str, value):
+    """`1e-3` is a float also where no typed field rescues it (`deepspeed.overrides`); a date, `on` or `no` is text."""
+    assert apply_overrides({}, [override]) == {"a": value}
+
+
+def test_a_date_or_on_is_a_name_a_number_is_refused_and_text_round_trips(tmp_path):
+    for name in ("2024-06-01", "on", "no"):
+        assert load_config(Example, None, [f"name={name}"]).name == name
+    with pytest.raises(ConfigError, match="name: Input should be a valid string"):  # not silently `7`
+        load_config(Example, None, ["name=007"])
+    assert load_config(Example, None, ['name="007"']).name == "007"
+    for name in ("1e-3", "123", "on", "no", "2024-06-01", "null"):
+        config = Example(name=name)
+        text = dump_config(config)
+        assert load_config(Example, write(tmp_path, text)) == config
+        assert yaml.safe_load(text)["name"] == name  # any YAML 1.1 reader reads the same text
+
+
 def test_unknown_key_names_file_and_key(tmp_path):
     path = write(tmp_path, "optim:\n  learning_rate: 0.1\n")
     with pytest.raises(ConfigError) as error:
@@ -54,6 +77,12 @@ def test_unknown_key_names_file_and_key(tmp_path):
     assert str(path) in message
     assert "optim.learning_rate" in message
     assert "Extra inputs are not permitted" in message
+    with pytest.raises(ConfigError, match=r"stesp: Extra inputs are not permitted \(did you mean steps\?\)"):
+        load_config(Example, None, ["stesp=3"])
+    with pytest.raises(ConfigError, match=r"optim.schedul: Extra .* \(did you mean optim.schedule\?\)"):
+        load_config(Example, None, ["optim.schedul=cosine"])
+    with pytest.raises(ConfigError, match=r"  zzz: Extra inputs are not permitted$"):  # nothing close: no guess
+        load_config(Example, None, ["zzz=1"])
 
 
 def test_bad_value_names_key_and_reason(tmp_path):

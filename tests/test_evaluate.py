@@ -14,7 +14,8 @@ import torch
 
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.omniscore import normalise
-from videodpo_ray.stages.evaluate import summarize, wilson_interval
+from videodpo_ray.scoring import ScorerConfig
+from videodpo_ray.stages.evaluate import score_columns, student_t_quantile, summarize, wilson_interval
 from videodpo_ray.training import checkpoint as ckpt
 
 # prompt -> (base omniscores, tuned omniscores, base flickering, tuned flickering) over two seeds
@@ -56,12 +57,32 @@ def test_summary_arithmetic_by_hand_on_three_prompts():
     assert flicker["after"] == pytest.approx((0.96 + 0.80 + 0.90) / 3)
     differences = [0.05, -0.10, 0.0]
     se = statistics.stdev(differences) / math.sqrt(3)
-    assert flicker["difference_ci95"] == pytest.approx([statistics.fmean(differences) - z * se,
-                                                       statistics.fmean(differences) + z * se])
+    t = 4.302652729749464  # Student's t, 0.975 quantile, 2 degrees of freedom (3 prompts)
+    assert flicker["difference_ci95"] == pytest.approx([statistics.fmean(differences) - t * se,
+                                                       statistics.fmean(differences) + t * se])
     assert flicker["after_normalised"] == pytest.approx(normalise("temporal_flickering", flicker["after"]))
     vbench = summary["vbench"]["tuned"]
     assert vbench["quality"] == pytest.approx(normalise("temporal_flickering", flicker["after"]))
     assert vbench["semantic"] is None and "total" not in vbench and "overall_consistency" in vbench["missing"]
+
+
+@pytest.mark.parametrize("df, quantile", [(1, 12.7062047), (2, 4.3026527), (4, 2.7764451), (10, 2.2281389),
+                                          (30, 2.0422725), (1000, 1.9623391)])
+def test_student_t_quantiles_match_the_tables(df: int, quantile: float):
+    assert student_t_quantile(0.975, df) == pytest.approx(quantile, abs=1e-7)
+
+
+def test_vbench_quality_uses_vbench_dynamic_degree_and_the_table_omniscore_s():
+    """The per-dimension table shows the fraction of moving pairs OmniScore uses; VBench Quality its 1/0 value."""
+    rows = [{"prompt_id": "A", "prompt": "prompt A", "sample_index": 0, "seed": 0, "model": model,
+             "dynamic_degree": fraction, "dynamic_degree_vbench": moving, "omniscore": 0.5, "failed_reason": None}
+            for model, fraction, moving in (("base", 0.25, 1.0), ("tuned", 0.5, 0.0))]
+    summary = summarize(pa.Table.from_pylist(rows))
+    columns = score_columns(ScorerConfig(tiny=True, dimensions=["dynamic_degree", "temporal_flickering"]))
+    assert columns == ["temporal_flickering", "dynamic_degree", "dynamic_degree_vbench"]  # the results table keeps it
+    assert summary["dimensions"]["dynamic_degree"]["before"] == 0.25
+    assert summary["dimensions"]["dynamic_degree"]["after"] == 0.5
+    assert summary["vbench"]["base"]["quality"] == 1.0 and summary["vbench"]["tuned"]["quality"] == 0.0
 
 
 def test_a_seed_failed_on_one_side_is_left_out_of_both():
@@ -168,7 +189,7 @@ def test_evaluate_a_tiny_base_against_its_tuned_export(evaluated, tuned_run):
     assert summary["vbench"]["base"]["total"] is not None and "object_class" in summary["vbench"]["base"]["missing"]
     page = (out / "index.html").read_text()
     assert "Win rate" in page and page.count("<figure>") == 4 and "gallery/" in page
-    assert all((out / name).is_file() for name in ("gallery/000000-0-base.gif", "gallery/000000-0-tuned.gif"))
+    assert all((out / name).is_file() for name in ("gallery/000-000000-base.gif", "gallery/000-000000-tuned.gif"))
 
     # a rerun redoes nothing: every chunk of both sides is already committed
     before = {p: p.stat().st_mtime_ns for p in (out / "base" / "samples").iterdir()}

@@ -88,6 +88,17 @@ def test_lora_reference_is_exactly_the_base_model(family: str):
     assert all(p.requires_grad for p in model.trainable_parameters())
 
 
+@pytest.mark.parametrize("family", families())
+def test_the_frozen_reference_copy_stays_in_eval_mode(family: str):
+    """`model.train()` (as a trainer calls it) puts the policy in train mode, never the reference copy: a dropout
+    there would make the DPO reference random."""
+    model = build(family, finetune="full")
+    model.train()
+    assert model.denoiser.training and not any(m.training for m in model.reference_denoiser.modules())
+    model.eval()
+    assert not model.denoiser.training
+
+
 @pytest.mark.parametrize("finetune", ["lora", "full"])
 @pytest.mark.parametrize("family", families())
 def test_trainable_state_is_a_copy_that_round_trips_strictly(family: str, finetune: str, tmp_path: Path):

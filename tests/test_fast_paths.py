@@ -6,6 +6,8 @@ Tolerances (videos are uint8, latents float32):
 - bf16 frozen weights (sampling-only models, LoRA base weights) against float32 weights + bf16 autocast: the same
   DPO losses and MSEs within 2% (bf16 keeps 8 mantissa bits; autocast already rounds every GEMM input to bf16);
 - LoRA layers feeding the adapter their bf16 input as is (no fp32 copy): bit-identical under autocast;
+- LoRA layers adding the adapter in its GEMM (`FusedAddLoraLinear`): bit-identical in float32, gradients included;
+  under bf16 autocast at least as close to the float32 result as peft's, DPO losses within 2%;
 - norms in the input dtype (`norms_in_input_dtype`): exactly `nn.GroupNorm` / `nn.LayerNorm` in float32; bf16 out
   under bf16 autocast, within bf16 rounding of the float32 result; a bf16 VC2 DPO step within 2% of float32;
 - a seed fixes its video whatever its batch (batch of 1 and of 4): within 1 level in float32, 2 levels in bf16.
@@ -140,12 +142,20 @@ def test_dpo_loss_with_bf16_lora_base_matches_float32_base_under_autocast(family
     assert_same_dpo(fast, plain)
 
 
+def with_lora_layers(model: VideoDiffusionModel, layer_class: type) -> VideoDiffusionModel:
+    for layer in model._tuner_layers:
+        layer.__class__ = layer_class
+    return model
+
+
 @pytest.mark.parametrize("family", ["vc2", "wan"])
 def test_lora_layers_feed_the_adapter_their_input_as_is_with_the_same_result(family: str):
     """peft's cast of each adapted layer's bf16 input to the float32 adapter (an fp32 copy, cast back by autocast)
     is off: bit-identical predictions under bf16 autocast, with less cast traffic and no fp32 copies written."""
+    from peft.tuners.lora import Linear
+
     traffic = load_benchmark("traffic")
-    model = build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16")
+    model = with_lora_layers(build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16"), Linear)
     perturb(model)
     inputs = probe(model)
     counts = []
@@ -158,6 +168,70 @@ def test_lora_layers_feed_the_adapter_their_input_as_is_with_the_same_result(fam
     (as_is, as_is_casts, as_is_fp32), (cast, casts, fp32) = counts
     assert torch.equal(as_is, cast)
     assert as_is_casts < casts and as_is_fp32 < fp32
+
+
+def prediction_and_gradients(model: VideoDiffusionModel, inputs) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad()
+    prediction = model.predict(*inputs)
+    prediction.float().square().mean().backward()
+    return prediction.detach(), [parameter.grad.clone() for parameter in model.trainable_parameters()]
+
+
+@pytest.mark.parametrize("family", ["vc2", "cogvideox", "wan"])
+def test_lora_layers_adding_the_adapter_in_its_gemm_are_peft_exactly_in_float32(family: str):
+    """`FusedAddLoraLinear` (the adapter's scaling and add in `torch.addmm`): the same predictions and the same
+    adapter gradients as peft's `lora.Linear`, bit for bit, with less elementwise traffic; the state dict unchanged."""
+    from peft.tuners.lora import Linear
+
+    from videodpo_ray.models.lora_linear import FusedAddLoraLinear
+
+    traffic = load_benchmark("traffic")
+    model = build(family, finetune="lora", lora={"rank": 4, "alpha": 8})  # scaling 2
+    assert {type(layer) for layer in model._tuner_layers} == {FusedAddLoraLinear}
+    keys = model.denoiser.state_dict().keys()
+    perturb(model)
+    inputs = probe(model)
+    results = []
+    for layer_class in (Linear, FusedAddLoraLinear):
+        with_lora_layers(model, layer_class)
+        counter = traffic.TrafficCounter()
+        with counter:
+            results.append((*prediction_and_gradients(model, inputs), counter.bytes["elementwise"]))
+    (plain, plain_gradients, plain_bytes), (fused, fused_gradients, fused_bytes) = results
+    assert torch.equal(fused, plain)
+    assert all(torch.equal(a, b) for a, b in zip(fused_gradients, plain_gradients, strict=True))
+    assert fused_bytes < 0.9 * plain_bytes
+    assert model.denoiser.state_dict().keys() == keys
+    references = [model.predict(*inputs, reference=True) for _ in (with_lora_layers(model, Linear),
+                                                                     with_lora_layers(model, FusedAddLoraLinear))]
+    assert torch.equal(*references)  # adapters off: the base layers' forward either way
+    model.merge_lora()  # peft's merge, inherited: the merged base layers predict what the adapters did
+    torch.testing.assert_close(model.predict(*inputs).detach(), fused, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["vc2", "wan"])
+def test_lora_layers_adding_the_adapter_in_its_gemm_round_once_under_bf16_autocast(family: str):
+    """Under bf16 autocast peft rounds the up-projection, the scaling and the add to bf16; `torch.addmm` rounds
+    once: its predictions are at least as close to the float32 model's, and a DPO step gives the same losses."""
+    from peft.tuners.lora import Linear
+
+    from videodpo_ray.models.lora_linear import FusedAddLoraLinear
+
+    model = build(family, finetune="lora", lora={"rank": 4, "alpha": 8}, mixed_precision="bf16")
+    perturb(model)
+    inputs = probe(model)
+    exact = copy.deepcopy(model)  # the same (bf16-rounded) weights, computed in float32 without autocast
+    exact.config = exact.config.model_copy(update={"mixed_precision": "no"})
+    hold_frozen_in(exact.denoiser, torch.float32)
+    expected = exact.predict(*inputs).detach()
+    fused, plain = (with_lora_layers(model, layer_class).predict(*inputs).detach()
+                    for layer_class in (FusedAddLoraLinear, Linear))
+    assert (fused - expected).abs().mean() <= (plain - expected).abs().mean()
+    torch.testing.assert_close(fused, plain, rtol=0.02, atol=0.03)
+    plain_dpo, fused_dpo = (
+        dpo_outputs(with_lora_layers(build(family, finetune="lora", lora={"rank": 4}, mixed_precision="bf16"),
+                                     layer_class)) for layer_class in (Linear, FusedAddLoraLinear))
+    assert_same_dpo(fused_dpo, plain_dpo)
 
 
 # --- norms in the input dtype ---------------------------------------------------------------------------------------

@@ -83,6 +83,16 @@ def test_prompt_files_in_every_format_read_the_same(tmp_path: Path):
     assert prompt_rows(["x", "y"]) == [PromptRow("000000", "x"), PromptRow("000001", "y")]
 
 
+def test_lines_end_at_line_feeds_only_and_a_byte_order_mark_is_no_prompt(tmp_path: Path):
+    """U+2028 and U+0085 are characters of a prompt (and of a JSON string), not line ends: splitting at them would
+    make two prompts of one and shift every later prompt's id, and so its seed."""
+    (tmp_path / "p.txt").write_bytes("\ufeffa cat\u2028on a mat\r\ncafé \x85 scene\n".encode())
+    assert read_prompts(str(tmp_path / "p.txt")) == [PromptRow("000000", "a cat\u2028on a mat"),
+                                                     PromptRow("000001", "café \x85 scene")]
+    (tmp_path / "p.jsonl").write_bytes('\ufeff{"prompt": "a cat\u2028on a mat"}\n'.encode())
+    assert read_prompts(str(tmp_path / "p.jsonl")) == [PromptRow("000000", "a cat\u2028on a mat")]
+
+
 @pytest.mark.parametrize(
     "name, content, message",
     [
@@ -100,6 +110,8 @@ def test_prompt_files_in_every_format_read_the_same(tmp_path: Path):
         ("p.csv", "uuid,prompt\n1,x\n2,\n", "p.csv line 3: empty prompt"),
         ("p.json", '[{"prompt": "x"}', "p.json: not valid JSON"),
         ("p.txt", "ok\n" + "y" * 5000 + "\n", "p.txt line 2: prompt of 5000 characters, over the limit of 4096"),
+        ("p.csv", "prompt,uuid\na fox,u-1\na cat\n", "p.csv line 3: fewer cells than the header's 2 columns"),
+        ("p.csv", "prompt,uuid\na fox,u-1,x\n", "p.csv line 2: more cells than the header's 2 columns"),
     ],
 )
 def test_bad_prompt_rows_are_named(tmp_path: Path, name: str, content: str | None, message: str):
@@ -212,11 +224,17 @@ def test_transient_failures_are_retried_and_infrastructure_errors_raised():
     outputs, failures = sample_isolating_failures(FakeSampler(poison={0}), [0], max_attempts=3)
     assert outputs == {} and failures == {0: SampleFailure("ValueError: cannot sample rows [0]", attempts=3)}
     with pytest.raises(MemoryError):
-        sample_isolating_failures(FakeSampler(flaky=1, error=MemoryError), [0], 2, infrastructure_errors=(MemoryError,))
+        sample_isolating_failures(FakeSampler(flaky=1, error=MemoryError), [0], 2)
 
 
-@pytest.mark.parametrize("fault", [torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
-                                   torch.OutOfMemoryError("CUDA out of memory")])
+@pytest.mark.parametrize("fault", [
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    torch.OutOfMemoryError("CUDA out of memory"),
+    # GPU library failures torch raises as a plain RuntimeError
+    RuntimeError("CUDA error: CUBLAS_STATUS_EXECUTION_FAILED when calling `cublasGemmEx(handle, opa, opb, ...)`"),
+    RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+    RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error"),
+], ids=["accelerator", "oom", "cublas", "cudnn", "nccl"])
 def test_a_gpu_fault_in_the_sampler_actor_fails_its_chunk_instead_of_blaming_the_prompts(fault, monkeypatch):
     from actors.sampler import SamplerActor
 
@@ -228,8 +246,9 @@ def test_a_gpu_fault_in_the_sampler_actor_fails_its_chunk_instead_of_blaming_the
         raise fault
 
     monkeypatch.setattr(actor, "sample", broken)
-    with pytest.raises(type(fault)):
+    with pytest.raises(type(fault)) as raised:
         actor(pa.table({"prompt": ["a fox", "a cat"], "seed": [1, 2]}))
+    assert raised.value is fault
     assert calls == [["a fox", "a cat"]]  # raised at once: not retried, not split into "poison" prompts
 
 

@@ -119,6 +119,10 @@ def test_bad_rows_are_reported_by_index(tmp_path: Path) -> None:
             lambda meta, pairs: meta[1]["misc"].update(frame_caption=["another prompt"]),
             "caption of metadata entry 1 ('another prompt') differs",
         ),
+        (  # a caption given as one string is that caption, not its first letter
+            lambda meta, pairs: meta[1]["misc"].update(frame_caption="another prompt"),
+            "caption of metadata entry 1 ('another prompt') differs",
+        ),
         (
             lambda meta, pairs: meta[0]["basic"].update(clip_path="losevideos/000001.mp4"),
             "metadata entry 0: clip_path 'losevideos/000001.mp4' is not in winvideos/",
@@ -221,6 +225,9 @@ def test_bad_rows_per_shard_and_cli_refusal_exit_2(tmp_path: Path) -> None:
     assert result.exit_code == 2  # refused in the driver, before Ray starts
     assert "rows_per_shard: recorded 2, now 1" in result.output
     assert files_under(tmp_path / "out") == before
+    (src / "pair.json").unlink()  # not a VideoDPO dataset: bad input, exit 2 as well
+    result = CliRunner().invoke(app, ["import-videodpo", "--src", str(src), "--out", str(tmp_path / "other")])
+    assert result.exit_code == 2 and "pair.json: missing (not a VideoDPO dataset directory?)" in result.output
 
 
 def test_the_ray_data_import_writes_what_the_serial_one_does(tmp_path: Path, ray_cluster) -> None:
@@ -237,6 +244,25 @@ def test_the_ray_data_import_writes_what_the_serial_one_does(tmp_path: Path, ray
         assert Path(info.url).read_bytes() == twin.read_bytes(), info.url
     rerun = import_dataset(str(src), str(tmp_path / "ray"), rows_per_shard=3)
     assert (rerun.imported, rerun.skipped_shards) == (0, [0, 1, 2])
+
+
+def test_a_failing_shard_task_leaves_only_its_shard_unwritten_and_exits_1(tmp_path: Path, ray_cluster) -> None:
+    """An infrastructure fault in one task (here a video path that is a directory: not a bad pair) fails only its
+    shard: the others are written, the job exits 1 naming it, and a rerun imports only it once the fault is gone."""
+    src, out = build_release(tmp_path / "release", num_pairs=6), str(tmp_path / "out")
+    video = src / "winvideos" / "000004.mp4"  # pair 3: shard 1 of 3
+    saved = video.read_bytes()
+    video.unlink()
+    video.mkdir()
+    result = CliRunner().invoke(app, ["import-videodpo", "--src", str(src), "--out", out, "--rows-per-shard", "2"])
+    assert result.exit_code == 1, result.output
+    assert "shard(s) 1 failed and were not written" in result.output
+    assert [info.index for info in shards.list_shards(out, "pairs")] == [0, 2]
+    video.rmdir()
+    video.write_bytes(saved)
+    rerun = CliRunner().invoke(app, ["import-videodpo", "--src", str(src), "--out", out, "--rows-per-shard", "2"])
+    assert rerun.exit_code == 0, rerun.output
+    assert "6 pairs, 2 imported, 0 rejected; 1 shard(s) written, 2 already committed and skipped" in rerun.output
 
 
 def test_cli_import_to_s3(tmp_path: Path, s3_bucket: str, ray_cluster) -> None:

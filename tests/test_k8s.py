@@ -24,7 +24,7 @@ K8S = REPO / "k8s"
 CRDS = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 KUBERNETES_VERSION = "1.33"
 SECRET = "videodpo-object-storage"
-BASES = ("cluster", "generate", "train", "pipeline")
+BASES = ("cluster", "generate", "pair", "train", "pipeline")
 OVERLAYS = tuple(sorted(p.parent.name for p in (K8S / "overlays").glob("*/kustomization.yaml")))
 
 
@@ -134,7 +134,7 @@ def validate_kubernetes(doc: dict) -> None:
 
 def test_bases_and_overlays_render_to_ray_objects():
     assert {doc["kind"] for docs in RENDERED.values() for doc in docs} == {"RayJob", "RayCluster"}
-    assert {doc["metadata"]["name"] for _, doc in RAYJOBS} == {"videodpo-generate", "videodpo-train",
+    assert {doc["metadata"]["name"] for _, doc in RAYJOBS} == {"videodpo-generate", "videodpo-pair", "videodpo-train",
                                                                "videodpo-pipeline"}
     assert OVERLAYS, "no kustomize overlay for GPU type, GPU count and bucket"
     for name in OVERLAYS:
@@ -234,10 +234,11 @@ def test_rayjobs_retry_through_resume_and_are_bounded(label: str, doc: dict):
 
 @pytest.mark.parametrize("label,doc", RAYJOBS, ids=ids)
 def test_rayjob_entrypoint_is_a_valid_command_on_a_valid_config(label: str, doc: dict):
-    """`videodpo-ray generate|train|run CONFIG overrides`: the config exists, loads with the overrides, writes to
-    object storage, and training uses the GPUs the job's workers have."""
+    """`videodpo-ray generate|pair|train|run CONFIG overrides`: the config exists, loads with the overrides, writes to
+    object storage, and training uses the GPUs the job's workers have and the recipe's pairs per step."""
     from videodpo_ray.config import load_config
     from videodpo_ray.stages.generate import GenerateConfig
+    from videodpo_ray.stages.pair import PairConfig
     from videodpo_ray.stages.pipeline import load_pipeline_config, train_config
     from videodpo_ray.training.config import TrainConfig
 
@@ -247,9 +248,13 @@ def test_rayjob_entrypoint_is_a_valid_command_on_a_valid_config(label: str, doc:
     if command == "generate":
         assert load_config(GenerateConfig, path, overrides).out.startswith("s3://")
         return
+    if command == "pair":
+        assert load_config(PairConfig, path, overrides).pairs_root.startswith("s3://")
+        return
     assert command in ("train", "run"), command
     if command == "train":
         trained = load_config(TrainConfig, path, overrides)
+        assert trained.pairs_per_step == load_config(TrainConfig, path).pairs_per_step  # more GPUs, the same steps
     else:
         pipeline = load_pipeline_config(path, overrides)
         assert pipeline.out.startswith("s3://")
@@ -257,3 +262,33 @@ def test_rayjob_entrypoint_is_a_valid_command_on_a_valid_config(label: str, doc:
     assert trained.run.storage_path.startswith("s3://") and trained.scaling.use_gpu
     workers, available = trained.scaling.num_workers, gpus(doc)
     assert workers == available if command == "train" else workers <= available, (workers, available)
+
+
+def test_generate_pair_and_train_jobs_hand_over_one_dataset():
+    """k8s/generate writes the samples and scores k8s/pair reads, and k8s/train reads the pairs k8s/pair writes."""
+    from videodpo_ray.config import load_config
+    from videodpo_ray.stages.generate import GenerateConfig
+    from videodpo_ray.stages.pair import PairConfig
+    from videodpo_ray.training.config import TrainConfig
+
+    def loaded(name: str, config_class: type) -> Any:
+        (doc,) = RENDERED[name]
+        _, _, config_path, *overrides = shlex.split(doc["spec"]["entrypoint"])
+        return load_config(config_class, REPO / config_path, overrides)
+
+    generated, paired = loaded("generate", GenerateConfig), loaded("pair", PairConfig)
+    assert generated.out == paired.data and paired.pairs_root == loaded("train", TrainConfig).data.pairs_url
+
+
+def test_the_image_the_manifests_run_is_built_from_the_repository():
+    """Every Ray container runs the image the README's `docker build` line tags, and the Dockerfile copies what a
+    job needs (the packages, configs) from paths that exist."""
+    images = {container["image"] for _, doc in RAY for template in pod_templates(doc)
+              for container in template["spec"]["containers"]}
+    assert len(images) == 1
+    (image,) = images
+    assert f"docker build -t {image} ." in (REPO / "README.md").read_text()
+    copied = [line.split()[1] for line in (REPO / "Dockerfile").read_text().splitlines() if line.startswith("COPY")]
+    assert {"videodpo_ray", "actors", "jobs", "configs", "pyproject.toml"} <= set(copied)
+    assert all((REPO / path).exists() for path in copied)
+

@@ -71,7 +71,9 @@ def test_omniscore_hand_computed():
 
 
 def test_vbench_scores_hand_computed():
-    scores = vbench_scores(RAW, "model-a")
+    """VBench's dynamic degree is the scorer's 1/0 `dynamic_degree_vbench` (here averaged: 0.4), not OmniScore's
+    fraction of moving pairs (`dynamic_degree`, 0.9 here), which VBench never sees."""
+    scores = vbench_scores({**RAW, "dynamic_degree": 0.9, "dynamic_degree_vbench": 0.4}, "model-a")
     # Quality = (3.4 + 0.9 background) / 6.5; Semantic = (0.9+0.5+0.8+0.7+0.4+0.5+0.5+0.5+0.75) / 9 = 5.55 / 9
     assert scores.quality == pytest.approx(0.6615384615384615, rel=1e-12)
     assert scores.semantic == pytest.approx(0.6166666666666667, rel=1e-12)
@@ -85,7 +87,7 @@ def test_missing_or_nan_dimension_names_the_video(bad):
     with pytest.raises(ValueError, match=r"video 'clip-0042'.*aesthetic_quality"):
         omniscore(broken, "clip-0042")
     with pytest.raises(ValueError, match=r"video 'clip-0042'.*aesthetic_quality"):
-        vbench_scores(broken, "clip-0042")
+        vbench_scores({**broken, "dynamic_degree_vbench": 1.0}, "clip-0042")
 
 
 def test_absent_dimension_names_the_video():
@@ -93,7 +95,9 @@ def test_absent_dimension_names_the_video():
     with pytest.raises(ValueError, match=r"video 'x/7': missing dimension\(s\) dynamic_degree"):
         omniscore(partial, "x/7")
     with pytest.raises(ValueError, match="video 'x/7': missing dimension.*color"):
-        vbench_scores({d: v for d, v in RAW.items() if d != "color"}, "x/7")
+        vbench_scores({d: v for d, v in RAW.items() if d != "color"} | {"dynamic_degree_vbench": 1.0}, "x/7")
+    with pytest.raises(ValueError, match=r"video 'x/7': missing dimension\(s\) dynamic_degree"):
+        vbench_scores(RAW, "x/7")  # OmniScore's fraction alone is not VBench's dynamic degree
 
 
 def test_unknown_dimension():

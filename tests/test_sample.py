@@ -191,6 +191,7 @@ def test_a_rerun_with_other_settings_is_refused_naming_the_field(tmp_path, singl
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert json.loads(before["sample.json"])["tuned_export"]["step"] == 1
     assert json.loads(before["sample.json"])["video_encoding"]["macroblock_tree"] is False
+    assert json.loads(before["sample.json"])["file_names"] == "{percent-encoded prompt id}-seed{seed}.mp4"
     changes = [
         (["--tuned", str(run), "sampling.num_inference_steps=1"], "sampling"),
         (["--tuned", str(run), "sampling.fps=16"], "sampling"),

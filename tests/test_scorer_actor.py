@@ -14,10 +14,23 @@ from actors.scorer import OmniScorer
 from videodpo_ray import shards
 from videodpo_ray.cli import app
 from videodpo_ray.dimensions import OMNISCORE_DIMENSIONS
-from videodpo_ray.errors import VideoInputError
+from videodpo_ray.errors import (
+    ConfigError,
+    NonFiniteScoreError,
+    PromptFileError,
+    VideoInputError,
+    VideoTooShortError,
+)
 from videodpo_ray.omniscore import omniscore
 from videodpo_ray.scoring import ScorerConfig, temporal_flickering
-from videodpo_ray.stages.score import prompt_id_for, read_prompt_map, video_inputs
+from videodpo_ray.stages.score import (
+    ScoreFilesConfig,
+    plan_score,
+    prompt_id_for,
+    read_prompt_map,
+    record_scorer_device,
+    video_inputs,
+)
 from videodpo_ray.video import decode_mp4, encode_mp4
 
 
@@ -156,6 +169,61 @@ def test_prompt_files_map_videos_to_prompts(tmp_path):
         video_inputs(str(tmp_path / "videos"), str(tmp_path / "p.csv"))
 
 
+@pytest.mark.parametrize(
+    ("records", "message"),
+    [
+        ([{"video": "a.mp4", "prompt": "a fox", "prompt_id": ["x"]}],
+         r"p.json item 0: field 'prompt_id' must be a non-empty string or an integer, got \['x'\]"),
+        ([{"video": "a.mp4", "prompt": "a fox", "prompt_id": "  "}], r"p.json item 0: field 'prompt_id' must be"),
+        ([{"video": "a.mp4", "prompt": "a fox", "prompt_id": True}], r"p.json item 0: field 'prompt_id' must be"),
+        ([{"video": "a.mp4", "prompt": "a fox", "prompt_id": 1}, {"video": "b.mp4", "prompt": "a cat", "prompt_id": 1}],
+         r"p.json item 1: prompt_id '1' is 'a cat' here but 'a fox' at item 0"),
+    ],
+)
+def test_prompt_files_refuse_bad_prompt_ids_naming_the_item(tmp_path, records, message):
+    (tmp_path / "p.json").write_text(json.dumps(records))
+    with pytest.raises((VideoInputError, PromptFileError), match=message):
+        read_prompt_map(str(tmp_path / "p.json"))
+
+
+def test_prompt_files_keep_integer_ids_and_read_a_csv_with_a_byte_order_mark(tmp_path):
+    (tmp_path / "p.json").write_text(json.dumps([{"video": "a.mp4", "prompt": "a fox", "prompt_id": 0}]))
+    assert read_prompt_map(str(tmp_path / "p.json")) == {"a.mp4": ("0", "a fox")}  # 0 is an id, not a missing one
+    (tmp_path / "p.csv").write_bytes("\ufeffvideo,prompt,prompt_id\na.mp4,a fox,\nb.mp4,a cat,7\n".encode())
+    assert read_prompt_map(str(tmp_path / "p.csv")) == {"a.mp4": (prompt_id_for("a fox"), "a fox"),
+                                                        "b.mp4": ("7", "a cat")}
+
+
+def test_two_videos_that_would_be_one_sample_are_refused(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("a.mp4", "a.MP4", "b.mp4"):
+        (videos / name).write_bytes(b"x")
+    (tmp_path / "p.json").write_text(json.dumps({"a": "a fox", "b": "a cat"}))
+    with pytest.raises(VideoInputError, match=r"videos: a.MP4 and a.mp4 would both be sample 'a'; rename one"):
+        video_inputs(str(videos), str(tmp_path / "p.json"))
+
+
+def test_a_rescore_with_another_batch_size_or_device_is_refused(tmp_path):
+    """Batch composition and the device change a score's rounding: both are recorded, and a rerun that changes one
+    is refused before any cluster work, naming it."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "a.mp4").write_bytes(b"x")
+    (tmp_path / "p.json").write_text(json.dumps({"a": "a fox"}))
+    options = {"videos": str(videos), "prompts": str(tmp_path / "p.json"), "out": str(tmp_path / "out"),
+               "scorer": {"tiny": True}}
+    config = ScoreFilesConfig(**options, scorer_pool={"batch_size": 2})
+    plan_score(config)
+    assert json.loads((tmp_path / "out" / "scoring.json").read_text())["scorer_batch_size"] == 2
+    with pytest.raises(ConfigError, match=r"scoring.json: .*scorer_batch_size: recorded 2, now 4"):
+        plan_score(ScoreFilesConfig(**options, scorer_pool={"batch_size": 4}))
+    record_scorer_device(config, cluster_gpus=0.0)
+    record_scorer_device(config, cluster_gpus=0.0)  # the same device: a rerun goes on
+    with pytest.raises(ConfigError, match=r"scoring-device.json: .*scorer_device: recorded 'cpu', now 'cuda'"):
+        record_scorer_device(config, cluster_gpus=1.0)
+
+
 # --- failure semantics: data errors fail a row, infrastructure errors fail the batch ------------------------------
 def scorer_batch(videos: dict[str, bytes]) -> dict[str, np.ndarray]:
     ids = list(videos)
@@ -196,14 +264,21 @@ def test_a_too_short_video_fails_only_its_row(local_scorer):
     assert reasons["one"].startswith("temporal_flickering: VideoTooShortError: need at least 2 frames, got 1")
 
 
+def caused_by(error: Exception, cause: BaseException) -> Exception:
+    error.__cause__ = cause
+    return error
+
+
 @pytest.mark.parametrize(
     "error",
     [
         torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
         RuntimeError("CUDA error: an illegal memory access was encountered"),
         FileNotFoundError("weights/dino_vitb16.pth"),
+        # a data error that a GPU fault caused is the GPU's: the sampler's rule (errors.is_infrastructure_error)
+        caused_by(VideoTooShortError("need 2 frames"), RuntimeError("cuDNN error: CUDNN_STATUS_INTERNAL_ERROR")),
     ],
-    ids=["oom", "cuda", "missing-file"],
+    ids=["oom", "cuda", "missing-file", "data-error-caused-by-cudnn"],
 )
 def test_an_infrastructure_error_fails_the_batch_instead_of_giving_nan(local_scorer, monkeypatch, error):
     import actors.scorer
@@ -221,6 +296,41 @@ def test_an_infrastructure_error_fails_the_batch_instead_of_giving_nan(local_sco
     )
     with pytest.raises(type(error), match=str(error).split(".")[0]):
         local_scorer(batch)
+
+
+@pytest.fixture(scope="module")
+def omniscore_scorer():
+    """An in-process OmniScorer on every OmniScore dimension (tiny random models): it computes `omniscore`."""
+    return OmniScorer(ScorerConfig(tiny=True))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")], ids=["nan", "inf"])
+@pytest.mark.parametrize("configured", ["local_scorer", "omniscore_scorer"], ids=["no-omniscore", "omniscore"])
+def test_a_non_finite_score_of_a_decoded_video_fails_the_batch_naming_dimension_and_sample(
+    configured, value, request, monkeypatch
+):
+    """A model that gives NaN or inf for a video it decoded (overflow, bad weights) is at fault, not the video: no
+    row, with or without an omniscore column, may carry that value or a failed_reason for it."""
+    import actors.scorer
+
+    scorer = request.getfixturevalue(configured)
+    real = actors.scorer.score_outputs
+
+    def overflowing(name, videos, *args, **kwargs):  # subject_consistency overflows on the second video
+        results = real(name, videos, *args, **kwargs)
+        if name == "subject_consistency" and len(videos) == 2:
+            results[1] = {key: value for key in results[1]}
+        return results
+
+    monkeypatch.setattr(actors.scorer, "score_outputs", overflowing)
+    good = encode_mp4(moving_video(16, 64, 64), fps=8)
+    batch = scorer_batch({"a": good, "b": encode_mp4(moving_video(16, 64, 64, seed=1), fps=8), "cut": good[:100]})
+    with pytest.raises(NonFiniteScoreError) as raised:
+        scorer(batch)
+    assert str(raised.value) == (
+        "scorer 'subject_consistency' gave non-finite values for 1 of 2 decoded video(s): "
+        f"b (subject_consistency={value})"
+    )
 
 
 def test_score_job_commits_the_other_batches_and_exits_1_naming_the_failed_one(ray_cluster, tmp_path, monkeypatch):

@@ -87,6 +87,21 @@ def test_pairs_round_trip(root: str) -> None:
     assert shards.list_shards(root, "scores") == []
 
 
+def test_a_root_with_glob_characters_in_its_name_lists_its_own_shards(root: str) -> None:
+    """`[1]`, `*` and `?` in a path are names, not patterns: the shards of `run[1]` are listed, not those of `run1`."""
+    written = shards.write_shard(shards.make_table("pairs", pair_rows(2)), root + "[1]*?", "pairs", 0)
+    shards.write_shard(shards.make_table("pairs", pair_rows(1)), root + "1", "pairs", 0)
+    assert shards.list_shards(root + "[1]*?", "pairs") == [written]
+    assert storage.read_many([written.url]) == [storage.read_bytes(written.url)]
+    stale = storage.join(root + "[1]*?", "pairs", "_tmp-shard-00001.parquet-crashed")
+    storage.write_bytes_atomic(stale, b"a crashed write")
+    time.sleep(1.1)  # object stores keep modification times in whole seconds
+    later = shards.write_shard(shards.make_table("pairs", pair_rows(1)), root + "[1]*?", "pairs", 1)
+    assert not storage.exists(stale) and shards.list_shards(root + "[1]*?", "pairs") == [written, later]
+    storage.remove_tree(root + "[1]*?")  # removes that folder only, not `root1`, which the pattern would match
+    assert shards.list_shards(root + "[1]*?", "pairs") == [] and len(shards.list_shards(root + "1", "pairs")) == 1
+
+
 def test_every_kind_round_trips(tmp_path) -> None:
     rows = {
         "prompts": [{"prompt_id": "p0", "prompt": "a red fox"}],
@@ -135,6 +150,8 @@ def test_latents_bad_input() -> None:
         tensor_bytes.latents_from_bytes(bytes(16), [2, 3], "float32")
     with pytest.raises(ValueError, match="unknown latent dtype 'int8'"):
         tensor_bytes.latents_from_bytes(bytes(6), [6], "int8")
+    with pytest.raises(ValueError, match=r"negative size in shape \[-1, -1\]"):  # a damaged row: its product fits
+        tensor_bytes.latents_from_bytes(bytes(4), [-1, -1], "float32")
 
 
 def test_rewrite_is_idempotent_and_different_content_needs_overwrite(root: str) -> None:

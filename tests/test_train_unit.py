@@ -6,6 +6,8 @@ import hashlib
 import io
 import json
 import math
+import threading
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -18,15 +20,20 @@ from typer.testing import CliRunner
 from jobs.train import main as train_main
 from videodpo_ray import shards
 from videodpo_ray.cli import app
-from videodpo_ray.config import load_config
+from videodpo_ray.config import dump_config, load_config
 from videodpo_ray.errors import CheckpointError, ConfigError, ShardError
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.seeds import derive_seed, drops_prompt, pair_noise_seeds
 from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, deepspeed_config, lr_multiplier
-from videodpo_ray.training.data import PairLoader
-from videodpo_ray.training.inputs import completed_checkpoint, schedule_change, validate_inputs
+from videodpo_ray.training.data import PairLoader, _prefetched
+from videodpo_ray.training.inputs import (
+    completed_checkpoint,
+    schedule_change,
+    settle_memory_layout,
+    validate_inputs,
+)
 from videodpo_ray.training.plan import DataPosition, PairPlan, RowRef
 from videodpo_ray.training.synthetic import synthetic_pair_rows, write_synthetic_pairs
 
@@ -163,13 +170,27 @@ def test_every_train_config_loads(path):
 def test_config_errors_are_clear():
     base = ["data.pairs_url=/x", "run.name=r", "run.storage_path=/y"]
     with pytest.raises(ConfigError, match="bf16=true needs scaling.use_gpu"):
-        load_config(TrainConfig, None, [*base, "deepspeed.bf16=on"])  # YAML: on == true
+        load_config(TrainConfig, None, [*base, "deepspeed.bf16=on"])  # "on": text, which a bool field reads as true
     with pytest.raises(ConfigError, match="optim.lr_typo"):
         load_config(TrainConfig, None, [*base, "optim.lr_typo=1"])
     with pytest.raises(ConfigError, match="deepspeed.zero_stage"):
         load_config(TrainConfig, None, [*base, "deepspeed.zero_stage=4"])
     with pytest.raises(ConfigError, match="run.name"):
         load_config(TrainConfig, None, ["data.pairs_url=/x", "run.storage_path=/y"])
+    for seed in ("run.seed=-1", "data.shuffle_seed=-1"):  # numpy's generators refuse them: here, not in the workers
+        with pytest.raises(ConfigError, match=rf"{seed.split('=')[0]}: Input should be greater than or equal to 0"):
+            load_config(TrainConfig, None, [*base, seed])
+
+
+def test_the_prefetch_thread_ends_when_training_stops_early():
+    """`data.max_steps` reached with micro-batches still buffered: the producer thread ends instead of blocking."""
+    batches = _prefetched(iter(range(5)), 2)
+    assert next(batches) == 0
+    batches.close()
+    deadline = time.monotonic() + 5.0
+    while any(t.name == "pair-prefetch" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(t.name == "pair-prefetch" for t in threading.enumerate())
 
 
 # --- input validation (before any worker starts) --------------------------------------------------------------------
@@ -291,6 +312,83 @@ def test_a_finished_run_is_recognised_from_storage_before_any_worker(tmp_path, p
     assert schedule_change(cosine) == ("the run now has 4 steps, its checkpoint was trained towards 2: the cosine LR "
                                        "schedule is recomputed over 4 steps, so at step 2 the LR goes from 0 to 5e-05")
     assert schedule_change(train_config(tmp_path, tmp_path, *layout, "data.epochs=1", "optim.schedule=cosine")) is None
+
+
+def commit_run_checkpoint(tmp_path: Path, pairs: Path, step: int, *overrides: str) -> Path:
+    """A committed checkpoint of run "unit" at `step` (2 steps per epoch of 4 pairs on 2 workers) holding the
+    settled config of `overrides`, as the train worker writes it."""
+    config = train_config(tmp_path, pairs, "data.pairs_per_worker=1", "optim.grad_accum=1", *overrides)
+    frozen = PairPlan(shards.list_shards(str(pairs), "pairs"), seed=0, num_workers=2, pairs_per_worker=1,
+                      grad_accum=1).to_json()
+    state = ckpt.TrainState(global_step=step, epoch=step // 2, step_in_epoch=step % 2, total_steps=2, world_size=2,
+                            zero_stage=2, pairs_per_worker=1, grad_accum=1, seed=0, shards=frozen)
+    directory = commit_checkpoint(tmp_path / "runs" / "unit", state.to_json(), step)
+    (directory / ckpt.CONFIG_FILE).write_text(dump_config(config))
+    return directory
+
+
+@pytest.mark.parametrize("change, message", [
+    ("optim.lr=1e-3", "optim.lr is 0.001 but the checkpoint was saved with 6e-06"),
+    ("dpo.beta_dpo=100", "dpo.beta_dpo is 100.0 but the checkpoint was saved with 5000.0"),
+    ("run.seed=99", "run.seed is 99 but the checkpoint was saved with 0"),
+    ("model.finetune=lora", "model.finetune is lora but the checkpoint was saved with full"),
+    ("data.swap_winner_loser=true", "data.swap_winner_loser is True but the checkpoint was saved with False"),
+    ("data.pairs_url={other}", "data.pairs_url is {other} but the checkpoint was saved with {pairs}"),
+])
+def test_a_resume_with_a_setting_that_changes_the_numbers_is_refused_naming_it(tmp_path, pair_rows, change, message):
+    pairs, other = tmp_path / "pairs", tmp_path / "other"
+    for root in (pairs, other):
+        shards.write_shard(shards.make_table("pairs", pair_rows), str(root), "pairs", 0)
+    commit_run_checkpoint(tmp_path, pairs, 1)
+    validate_inputs(train_config(tmp_path, pairs))
+    config = train_config(tmp_path, pairs, change.format(other=other))
+    with pytest.raises(ckpt.CheckpointMismatchError) as refused:
+        validate_inputs(config)
+    assert message.format(other=other, pairs=pairs) in str(refused.value)
+    assert str(refused.value).endswith("Resume with the checkpoint's settings, or start a new run (another run.name).")
+
+
+def test_a_resume_may_change_the_step_count_checkpointing_export_and_memory_settings(tmp_path, pair_rows):
+    pairs = tmp_path / "pairs"
+    shards.write_shard(shards.make_table("pairs", pair_rows), str(pairs), "pairs", 0)
+    commit_run_checkpoint(tmp_path, pairs, 1)
+    allowed = ["data.max_steps=5", "data.epochs=3", "run.checkpoint_every=7", "run.num_to_keep=null",
+               "export.dtype=bfloat16", "data.prefetch_batches=0", "scaling.cpus_per_worker=3",
+               "data.pairs_per_worker=auto", "deepspeed.bf16=false"]  # auto and bf16 auto settled as recorded (CPU)
+    for change in allowed:
+        config = settle_memory_layout(train_config(tmp_path, pairs, change))
+        validate_inputs(config)
+        assert completed_checkpoint(config) is None, change
+
+
+def test_every_changed_setting_is_listed_in_one_message(tmp_path, pair_rows):
+    pairs = tmp_path / "pairs"
+    shards.write_shard(shards.make_table("pairs", pair_rows), str(pairs), "pairs", 0)
+    directory = commit_run_checkpoint(tmp_path, pairs, 1)
+    config = train_config(tmp_path, pairs, "optim.lr=1e-3", "dpo.beta_dpo=100", "compile=true", "scaling.num_workers=1",
+                          "data.pairs_per_worker=2")
+    with pytest.raises(ckpt.CheckpointMismatchError) as refused:
+        validate_inputs(config)
+    assert str(refused.value) == (
+        f"cannot resume run 'unit' from {directory}: scaling.num_workers is 1 but the checkpoint was saved with 2; "
+        "data.pairs_per_worker is 2 but the checkpoint was saved with 1; dpo.beta_dpo is 100.0 but the checkpoint "
+        "was saved with 5000.0; optim.lr is 0.001 but the checkpoint was saved with 6e-06; compile is True but the "
+        f"checkpoint was saved with False. {ckpt.LAYOUT_WHY} {ckpt.SETTINGS_WHY} Resume with the checkpoint's "
+        "settings, or start a new run (another run.name).")
+
+
+def test_a_checkpoint_past_the_new_step_count_is_refused_and_one_at_it_is_complete(tmp_path, pair_rows):
+    pairs = tmp_path / "pairs"
+    shards.write_shard(shards.make_table("pairs", pair_rows), str(pairs), "pairs", 0)
+    directory = commit_run_checkpoint(tmp_path, pairs, 2)  # the run's final step of 2
+    assert completed_checkpoint(train_config(tmp_path, pairs, "data.max_steps=2")) == str(directory)
+    assert completed_checkpoint(train_config(tmp_path, pairs, "data.epochs=2")) is None  # continues
+    lowered = train_config(tmp_path, pairs, "data.max_steps=1")
+    validate_inputs(lowered)  # the step count may change ...
+    with pytest.raises(ckpt.CheckpointMismatchError,
+                       match=r"data.max_steps 1 and data.epochs 1 make 1 steps, but the checkpoint is at step 2 "
+                             r"\(trained towards 2\). Raise data.max_steps or data.epochs to at least 2 steps"):
+        completed_checkpoint(lowered)  # ... but not to below the checkpoint's step
 
 
 def test_a_broken_checkpoint_record_is_named(tmp_path):

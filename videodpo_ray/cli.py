@@ -64,7 +64,10 @@ def status(run_url: str = typer.Argument(..., metavar="RUN", help="an output roo
     """What a run on storage has committed: shards, pairs, checkpoints, the last step's metrics, the evaluation."""
     from videodpo_ray.stages.status import render_status, run_status
 
-    typer.echo(render_status(run_status(run_url)))
+    found = run_status(run_url)
+    typer.echo(render_status(found))
+    if not found["exists"]:
+        raise typer.Exit(code=2)  # a mistyped path, as every command's bad input
 
 
 @app.command()
@@ -186,14 +189,17 @@ def import_videodpo(
     """Import the released VideoDPO pair dataset into pair shards, one Ray Data task per shard (bad pairs are reported
     by index)."""
     from jobs.import_videodpo import import_dataset
-    from videodpo_ray.errors import ConfigError, DatasetImportError
+    from videodpo_ray.errors import ConfigError, DatasetImportError, IncompleteStageError, RejectedPairError
 
     try:
         report = import_dataset(src, out, rows_per_shard=rows_per_shard, strict=strict)
     except ConfigError as error:  # e.g. a rerun with other settings than {out}/import.json records
         typer.echo(f"import-videodpo: {error}", err=True)
         raise typer.Exit(code=2)
-    except DatasetImportError as error:
+    except DatasetImportError as error:  # the dataset's files, found before any work (2); --strict's bad pair (1)
+        typer.echo(f"import-videodpo: {error}", err=True)
+        raise typer.Exit(code=1 if isinstance(error, RejectedPairError) else 2)
+    except IncompleteStageError as error:  # a shard's task failed: the others are written
         typer.echo(f"import-videodpo: {error}", err=True)
         raise typer.Exit(code=1)
     typer.echo(report.summary())

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import copy
+import difflib
+import re
+import typing
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
@@ -14,9 +18,38 @@ ConfigT = TypeVar("ConfigT", bound="StrictConfig")
 
 
 class StrictConfig(BaseModel):
-    """Base for every config object: unknown keys are errors, values are validated on assignment."""
+    """Base for every config object: unknown keys are errors, values are validated on assignment. A number given for
+    a text field is refused, not rewritten (`run.name=007` would be `7`): quote it (`'run.name="007"'`)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ConfigLoader(yaml.SafeLoader):
+    """YAML as configs are written: `1e-3` is a float (YAML 1.1 reads it as text unless written `1.0e-3`), a date
+    stays text (`run.name=2024-06-01`) and only true / false are booleans (`run.name=on` is text; a bool field still
+    takes yes / on)."""
+
+
+class ConfigDumper(yaml.SafeDumper):
+    """Writes what `ConfigLoader`, and any YAML 1.1 reader, read back unchanged: text that either would read as
+    something else (`1e-3`, `no`, a date) is quoted."""
+
+
+_FLOAT = (r"^[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9_]+)(?:[eE][-+]?[0-9]+)?$|^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"
+          r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+ConfigLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if not tag.endswith((":bool", ":float", ":timestamp"))]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+ConfigLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                   list("tTfF"))
+for _resolver in (ConfigLoader, ConfigDumper):  # the dumper keeps YAML 1.1's resolvers too
+    _resolver.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(_FLOAT), list("-+0123456789."))
+
+
+def load_yaml(text: str | bytes) -> Any:
+    """Parse config YAML (`ConfigLoader`)."""
+    return yaml.load(text, Loader=ConfigLoader)
 
 
 def parse_override(override: str) -> tuple[list[str], Any]:
@@ -28,7 +61,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
     if not all(parts):
         raise ConfigError(f"override {override!r}: empty key segment")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as error:
         raise ConfigError(f"override {override!r}: value is not valid YAML ({error})") from None
     return parts, value
@@ -36,7 +69,7 @@ def parse_override(override: str) -> tuple[list[str], Any]:
 
 def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of `data` with each `key.sub=value` override set (nested dicts created as needed)."""
-    result = yaml.safe_load(yaml.safe_dump(data)) or {}
+    result = copy.deepcopy(data)
     for override in overrides:
         parts, value = parse_override(override)
         node = result
@@ -49,20 +82,32 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     return result
 
 
-def _format_errors(source: str, error: ValidationError) -> str:
+def _format_errors(cls: type[BaseModel], source: str, error: ValidationError) -> str:
     lines = [f"{source}: invalid config"]
     for item in error.errors():
         key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        lines.append(f"  {key}: {item['msg']}")
+        close = difflib.get_close_matches(key, setting_names(cls), n=1) if item["type"] == "extra_forbidden" else []
+        lines.append(f"  {key}: {item['msg']}" + (f" (did you mean {close[0]}?)" if close else ""))
     return "\n".join(lines)
 
 
+def setting_names(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    """Every setting of a config class by its dotted name, through nested configs (optional ones too)."""
+    names = []
+    for name, info in cls.model_fields.items():
+        nested = [t for t in (info.annotation, *typing.get_args(info.annotation))
+                  if isinstance(t, type) and issubclass(t, BaseModel)]
+        names += setting_names(nested[0], f"{prefix}{name}.") if nested else [f"{prefix}{name}"]
+    return names
+
+
 def build_config(cls: type[ConfigT], data: dict[str, Any], source: str = "<config>") -> ConfigT:
-    """Validate `data` as `cls`; raise ConfigError naming `source` and every bad key."""
+    """Validate `data` as `cls`; raise ConfigError naming `source` and every bad key (an unknown one with the
+    closest known setting)."""
     try:
         return cls.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(_format_errors(source, error)) from None
+        raise ConfigError(_format_errors(cls, source, error)) from None
 
 
 def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: Sequence[str] = ()) -> ConfigT:
@@ -76,7 +121,7 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: S
         except OSError as error:
             raise ConfigError(f"{source}: cannot read config ({error.strerror})") from None
         try:
-            data = yaml.safe_load(text) or {}
+            data = load_yaml(text) or {}
         except yaml.YAMLError as error:
             raise ConfigError(f"{source}: not valid YAML ({error})") from None
         if not isinstance(data, dict):
@@ -88,4 +133,4 @@ def load_config(cls: type[ConfigT], path: str | Path | None = None, overrides: S
 
 def dump_config(config: StrictConfig) -> str:
     """The config as YAML text (round-trips through load_config)."""
-    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    return yaml.dump(config.model_dump(mode="json"), Dumper=ConfigDumper, sort_keys=False)

@@ -61,3 +61,6 @@ OMNISCORE_QUALITY_DIMENSIONS: tuple[str, ...] = tuple(
 )
 OMNISCORE_SEMANTIC_DIMENSIONS: tuple[str, ...] = ("overall_consistency",)
 OMNISCORE_DIMENSIONS: tuple[str, ...] = OMNISCORE_QUALITY_DIMENSIONS + OMNISCORE_SEMANTIC_DIMENSIONS
+# A dimension whose scorer writes VBench's own value beside the one OmniScore uses: VBench's dynamic degree is 1 or 0
+# per video (enough moving frame pairs), OmniScore's the fraction of moving pairs (reference/scoring.md).
+VBENCH_OUTPUTS: dict[str, str] = {"dynamic_degree": "dynamic_degree_vbench"}

@@ -5,12 +5,41 @@ Two families matter to the runtime:
   configs, files or weights, found before any cluster work starts; jobs exit with code 2;
 - `VideoDataError`: one video that cannot be used (undecodable, too short, too small). A scorer records it as a
   failed row and scores the rest of the batch. Anything else inside an actor (CUDA, out of memory, a missing weight
-  file) is an infrastructure fault and fails the batch loudly; it never becomes a NaN score.
+  file, a NaN score: `NonFiniteScoreError`) is an infrastructure fault and fails the batch loudly; it never becomes
+  a NaN score. `is_infrastructure_error` is the one rule the sampler and the scorer apply to the errors they catch.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
+
+# GPU library failures torch raises as a plain RuntimeError (TORCH_CHECK), not as torch.AcceleratorError:
+# "CUDA error: CUBLAS_STATUS_EXECUTION_FAILED ...", "cuDNN error: CUDNN_STATUS_INTERNAL_ERROR", "NCCL error in: ..."
+_GPU_LIBRARY_FAULT = re.compile(
+    r"\b(cuda|cuda driver|cudnn|cufft|cusolver|cusparse|nccl) error\b|cublas_status_|cudnn_status_"
+    r"|triton error \[cuda\]",
+    re.IGNORECASE,
+)
+
+
+def is_infrastructure_error(error: BaseException) -> bool:
+    """Whether an error raised inside an actor is the machine's fault, not its input's: out of memory (host or
+    device), a CUDA fault (torch.AcceleratorError) or a CUDA, cuBLAS, cuDNN, cuFFT, cuSOLVER, cuSPARSE or NCCL failure
+    raised as a RuntimeError, in the error or anything that caused it. Such an error fails its batch (the chunk stays
+    uncommitted); it is never recorded as a prompt's or a video's failure."""
+    import torch  # only here: an actor's error, torch is loaded already; the rest of this module stays torch-free
+
+    cause: BaseException | None = error
+    seen: set[int] = set()  # a chain that loops back (an exception raised again inside its own handler)
+    while cause is not None and id(cause) not in seen:
+        seen.add(id(cause))
+        if isinstance(cause, (MemoryError, torch.OutOfMemoryError, torch.AcceleratorError)):
+            return True
+        if isinstance(cause, RuntimeError) and _GPU_LIBRARY_FAULT.search(str(cause)):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class ConfigError(ValueError):
@@ -46,7 +75,11 @@ class WeightsError(CheckpointError):
 
 
 class DatasetImportError(ValueError):
-    """A released VideoDPO dataset that cannot be imported."""
+    """A released VideoDPO dataset that cannot be imported (its files or their structure), found before any work."""
+
+
+class RejectedPairError(DatasetImportError):
+    """`--strict`: the first bad pair an import met; the shards committed before it stay."""
 
 
 class VideoDataError(ValueError):
@@ -59,6 +92,12 @@ class VideoDecodeError(VideoDataError):
 
 class VideoTooShortError(VideoDataError):
     """A video with too few frames (or pixels) for what is asked of it."""
+
+
+class NonFiniteScoreError(RuntimeError):
+    """A scorer model gave a NaN or infinite value for a video that decoded fine (an overflow, bad weights): a numeric
+    fault of the model, not of the video. The batch fails, naming the dimension and the samples; it never becomes a
+    row of data."""
 
 
 class IncompleteStageError(RuntimeError):

@@ -8,7 +8,7 @@ One table holds every dimension's constants; every score here is a weighted mean
 - OmniScore (method.md section 3): Q = weighted_mean(6 quality dims, no background consistency) (= sum / 5.5),
   S = normalised overall_consistency (= raw / 0.364), OmniScore = (4 Q + S) / 5.
 - VBench (scoring.md): Quality = weighted_mean(7 quality dims) (= sum / 6.5), Semantic = mean of the 9 semantic
-  dims, Total = (4 Quality + Semantic) / 5.
+  dims, Total = (4 Quality + Semantic) / 5, over VBench's own values (`vbench_values`: dynamic degree 1/0 per video).
 
 Raw values are the per-video scorer outputs on VBench's 0..1 scale (imaging quality is MUSIQ / 100, as the scorer
 returns it). Results are fractions (VBench papers print them x100). Values outside [min, max] are not clipped,
@@ -25,6 +25,7 @@ from videodpo_ray.dimensions import (
     DIMENSIONS,
     OMNISCORE_QUALITY_DIMENSIONS,
     OMNISCORE_SEMANTIC_DIMENSIONS,
+    VBENCH_OUTPUTS,
     VBENCH_QUALITY_DIMENSIONS,
     VBENCH_SEMANTIC_DIMENSIONS,
 )
@@ -82,8 +83,19 @@ def omniscore(
     return blend(quality, semantic)
 
 
+def vbench_values(raw: Mapping[str, float]) -> dict[str, float]:
+    """`raw` with VBench's own value for each dimension of `VBENCH_OUTPUTS` (dynamic degree: `dynamic_degree_vbench`,
+    not OmniScore's fraction); such a dimension without it is left out, so it counts as missing, never as another
+    scale."""
+    values = {name: value for name, value in raw.items() if name not in VBENCH_OUTPUTS}
+    values.update({name: raw[output] for name, output in VBENCH_OUTPUTS.items() if output in raw})
+    return values
+
+
 def vbench_scores(raw: Mapping[str, float], video_id: str = "?") -> VBenchScores:
-    """VBench Quality / Semantic / Total from the 16 raw dimension scores (per video or already averaged)."""
-    quality = weighted_mean(raw, VBENCH_QUALITY_DIMENSIONS, video_id)
-    semantic = weighted_mean(raw, VBENCH_SEMANTIC_DIMENSIONS, video_id)
+    """VBench Quality / Semantic / Total from the raw scorer outputs of the 16 dimensions (per video or already
+    averaged), on VBench's own values (`vbench_values`)."""
+    values = vbench_values(raw)
+    quality = weighted_mean(values, VBENCH_QUALITY_DIMENSIONS, video_id)
+    semantic = weighted_mean(values, VBENCH_SEMANTIC_DIMENSIONS, video_id)
     return VBenchScores(quality=quality, semantic=semantic, total=blend(quality, semantic))

@@ -6,6 +6,7 @@ the region from the environment, so the same URL works for s3fs, pyarrow, Ray Da
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
 import posixpath
@@ -60,13 +61,13 @@ def read_bytes(url: str) -> bytes:
 
 
 def read_many(urls: list[str]) -> list[bytes]:
-    """Contents of several objects on one filesystem, fetched concurrently where the filesystem can."""
+    """Contents of several objects on one filesystem, fetched concurrently where the filesystem can. The paths are
+    read as they are (`fs.cat` would expand `[`, `*` and `?` in them as glob patterns)."""
     if not urls:
         return []
     fs, _ = filesystem_for(urls[0])
     paths = [filesystem_for(url)[1] for url in urls]
-    contents = fs.cat(paths, on_error="raise")
-    return [contents[path] for path in paths]
+    return fs.cat_ranges(paths, None, None, on_error="raise")
 
 
 def list_files(url: str) -> dict[str, int]:
@@ -132,7 +133,7 @@ def remove_crashed_writes(committed: str, stem: str) -> None:
     parent = posixpath.dirname(path)
     fs.invalidate_cache(parent)
     cutoff = _entry(committed, fs.info(path)).modified
-    for name, info in fs.glob(posixpath.join(parent, f"{TEMP_PREFIX}{stem}*"), detail=True).items():
+    for name, info in fs.glob(glob.escape(posixpath.join(parent, f"{TEMP_PREFIX}{stem}")) + "*", detail=True).items():
         modified = _entry(committed, info).modified
         if cutoff and modified and modified < cutoff:
             fs.rm_file(name)
@@ -147,10 +148,11 @@ def newest_change(url: str) -> datetime | None:
 
 
 def remove_tree(url: str) -> None:
-    """Delete `url` and everything under it (a no-op when it does not exist)."""
+    """Delete `url` and everything under it (a no-op when it does not exist). `[`, `*` and `?` in `url` are names,
+    not patterns: an object store's `rm` expands them (`run[1]` would delete `run1`), so they are escaped there."""
     fs, path = filesystem_for(url)
     try:
-        fs.rm(path, recursive=True)
+        fs.rm(path if isinstance(fs, LocalFileSystem) else glob.escape(path), recursive=True)
     except FileNotFoundError:
         pass
 
@@ -207,7 +209,11 @@ def commit(temporary: str, url: str) -> None:
     fs, source = filesystem_for(temporary)
     _, target = filesystem_for(url)
     try:
-        fs.mv(source, target)
+        if isinstance(fs, LocalFileSystem):
+            fs.mv(source, target)
+        else:  # one object (fs.mv would expand `[`, `*` and `?` in the path as glob patterns)
+            fs.cp_file(source, target)
+            fs.rm_file(source)
     except BaseException:
         _discard(fs, source)
         raise

@@ -30,6 +30,8 @@ def latents_from_bytes(data: bytes, shape: Sequence[int], dtype: str) -> torch.T
     """Inverse of `latents_to_bytes`: a new CPU tensor of `shape` and `dtype` ("float32", "float16", "bfloat16")."""
     if dtype not in LATENT_DTYPES:
         raise ValueError(f"latents_from_bytes: unknown latent dtype {dtype!r}, expected one of {sorted(LATENT_DTYPES)}")
+    if any(size < 0 for size in shape):
+        raise ValueError(f"latents_from_bytes: negative size in shape {list(shape)}")
     torch_dtype = LATENT_DTYPES[dtype]
     expected = math.prod(shape) * torch_dtype.itemsize
     if len(data) != expected:
@@ -42,7 +44,7 @@ def latents_from_bytes(data: bytes, shape: Sequence[int], dtype: str) -> torch.T
 
 def empty_prompt_url(root: str) -> str:
     """`{root}/pairs/empty_prompt.safetensors`: the empty-prompt (CFG dropout) text embedding of the pair shards'
-    model, written (atomically) once per pair run before its first shard with text embeddings is committed."""
+    model, written (atomically) once per pair output, before its first shard with text embeddings is committed."""
     return storage.join(root, "pairs", EMPTY_PROMPT_FILE)
 
 

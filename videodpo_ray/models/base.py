@@ -173,6 +173,13 @@ class VideoDiffusionModel(nn.Module, ABC):
         with self.reference_adapters():
             yield self.denoiser
 
+    def train(self, mode: bool = True) -> "VideoDiffusionModel":
+        """`nn.Module.train`, except that the frozen reference copy stays in eval mode (its dropout, if any, off)."""
+        super().train(mode)
+        if self.reference_denoiser is not None:
+            self.reference_denoiser.eval()
+        return self
+
     def merge_lora(self) -> None:
         """Fold the active LoRA adapter into the base weights and remove every adapter: the denoiser keeps its
         output (up to float rounding) in the base architecture, and the model saves like a full model."""

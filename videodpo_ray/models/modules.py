@@ -4,8 +4,9 @@
 - `norms_in_input_dtype`: GroupNorm / LayerNorm that stay in their input's dtype under autocast;
 - `hold_frozen_in`: frozen weights stored in the compute dtype (diffusers' fp32 modules kept);
 - `compile_module`: `torch.compile` in place with an eager fallback;
-- LoRA through peft (imported on first use): `inject_lora_adapter` (returns the tuner layers, cached once) and
-  `adapters_disabled`, the adapters-off DPO reference.
+- LoRA through peft (imported on first use): `inject_lora_adapter` (returns the tuner layers, cached once; plain
+  `Linear` layers add the adapter in its GEMM: `lora_linear.py`) and `adapters_disabled`, the adapters-off DPO
+  reference.
 """
 
 from __future__ import annotations
@@ -146,14 +147,21 @@ def inject_lora_adapter(
 
     The layers feed their input to the adapter as it is (`cast_input_dtype_enabled = False`): peft would first cast
     a bf16 activation to the float32 adapter's dtype, an fp32 copy of every adapted layer's input that autocast then
-    casts back to bf16 for the matmul. Under autocast the result is the same; in float32 nothing is cast either way."""
+    casts back to bf16 for the matmul. Under autocast the result is the same; in float32 nothing is cast either way.
+    peft's plain `Linear` layers become `FusedAddLoraLinear` (same parameters and state dict): the adapter's scaling
+    and add run in its up-projection's GEMM."""
     from peft import inject_adapter_in_model
+    from peft.tuners.lora import Linear
     from peft.tuners.tuners_utils import BaseTunerLayer
+
+    from videodpo_ray.models.lora_linear import FusedAddLoraLinear
 
     inject_adapter_in_model(config, module, adapter_name=adapter_name)
     layers = [layer for layer in module.modules() if isinstance(layer, BaseTunerLayer)]
     for layer in layers:
         layer.cast_input_dtype_enabled = False
+        if type(layer) is Linear:
+            layer.__class__ = FusedAddLoraLinear
     return layers
 
 

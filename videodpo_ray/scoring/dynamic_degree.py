@@ -20,13 +20,14 @@ from torchvision.models.optical_flow import RAFT, Raft_Large_Weights, raft_large
 from torchvision.models.optical_flow._utils import make_coords_grid, upsample_flow
 from torchvision.models.optical_flow.raft import MaskPredictor, ResidualBlock, _raft
 
+from videodpo_ray.dimensions import VBENCH_OUTPUTS
 from videodpo_ray.errors import VideoTooShortError
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches, frames_to_tensor
 from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_filtered, load_state_dict, seeded
 
 NAME = "dynamic_degree"
-VBENCH_NAME = "dynamic_degree_vbench"
+VBENCH_NAME = VBENCH_OUTPUTS[NAME]
 OUTPUTS = (NAME, VBENCH_NAME)
 MODELS = (
     ModelInfo(

@@ -41,8 +41,11 @@ class ActorPoolConfig(StrictConfig):
             return 1.0 if cluster_gpus > 0 else 0.0
         return float(self.num_gpus)
 
-    def device_type(self, cluster_gpus: float) -> str:
-        """"cuda" when the actors get GPUs on such a cluster, else "cpu" (the two round floats differently)."""
+    def device_type(self, cluster_gpus: float, device: str = "auto") -> str:
+        """The device type the actors compute on: that of `device` ("cuda:1" -> "cuda") unless it is "auto", else
+        "cuda" when the actors get GPUs on such a cluster and "cpu" otherwise (the two round floats differently)."""
+        if device != "auto":
+            return device.split(":")[0]
         return "cuda" if self.gpus(cluster_gpus) > 0 else "cpu"
 
 

@@ -3,7 +3,9 @@
 Sections: the headline (win rate, OmniScore gain), the before/after table per dimension with 95% intervals, the
 training curves of the tuned run, the paper's four analysis panels for the data the run trained on ((a) max-min
 OmniScore gap against N, (b) OmniScore histogram, (c) pair score-gap histogram, (d) dimension correlations), and a
-gallery of before/after GIFs for the same prompt and seed with the prompt and both OmniScores under them.
+gallery of before/after GIFs for the same prompt and seed with the prompt and both OmniScores under them. A gallery
+file's name is its prompt's position and a sanitised prompt id (`gallery_file`); every value the page shows is
+escaped; a value the summary could not compute (None) reads "n/a".
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import html
 import io
 import math
+import re
 import statistics
 from typing import Any, Sequence
 
@@ -25,6 +28,7 @@ STYLE = """body{font-family:sans-serif;margin:2em;max-width:70em}table{border-co
 td,th{border:1px solid #ccc;padding:.3em .6em;text-align:right}th{background:#eee}td:first-child{text-align:left}
 figure{display:inline-block;margin:.5em;vertical-align:top;width:15em}figcaption{font-size:.85em}
 img.plot{max-width:32em}.gain{color:#070}.loss{color:#a00}"""
+GALLERY_ID_CHARS = 40  # of the sanitised prompt id in a gallery file name
 
 
 def _png(figure: Any) -> bytes:
@@ -90,12 +94,29 @@ def analysis_png(data: str) -> bytes | None:
     return _png(figure)
 
 
-def _number(value: Any, digits: int = 4) -> str:
-    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+def format_number(value: float | None, digits: int = 4, sign: bool = False) -> str:
+    """`value` with `digits` decimals (and its sign, when `sign`); "n/a" for None and non-finite values."""
+    if value is None or not math.isfinite(value):
+        return "n/a"
+    return f"{value:{'+' if sign else ''}.{digits}f}"
 
 
-def _interval(values: Sequence[float]) -> str:
-    return f"[{_number(values[0])}, {_number(values[1])}]"
+def unscored_note(count: int | None) -> str:
+    """The prompts a summary left out (no seed scored by both models), when there are any."""
+    return f" ({count} more prompt(s) left out: no seed scored by both models)" if count else ""
+
+
+def _interval(values: Sequence[float | None]) -> str:
+    return f"[{format_number(values[0])}, {format_number(values[1])}]"
+
+
+def _attribute(value: Any) -> str:
+    """An HTML attribute value, quotes included, escaped."""
+    return f"'{html.escape(str(value), quote=True)}'"
+
+
+def _gain_class(gain: float | None) -> str:
+    return "" if gain is None else " class='gain'" if gain > 0 else " class='loss'"
 
 
 def render_html(summary: dict[str, Any], images: dict[str, str], items: list[dict[str, Any]], notes: list[str]) -> str:
@@ -105,38 +126,43 @@ def render_html(summary: dict[str, Any], images: dict[str, str], items: list[dic
         "<!doctype html><html><head><meta charset='utf-8'><title>videodpo-ray evaluation</title>",
         f"<style>{STYLE}</style></head><body>",
         "<h1>Before / after alignment</h1>",
-        f"<p>{summary['num_prompts']} held-out prompts x {summary['samples_per_prompt']} seeds. Win rate "
-        f"<b>{_number(summary['win_rate'], 3)}</b> (95% CI {_interval(summary['win_rate_ci95'])}); OmniScore "
-        f"{_number(summary['omniscore_before'])} -> {_number(summary['omniscore_after'])}, gain "
-        f"<b class='{'gain' if gain > 0 else 'loss'}'>{_number(gain)}</b> +/- {_number(summary['omniscore_gain_se'])}"
+        f"<p>{summary['num_prompts']} held-out prompts x {summary['samples_per_prompt']} seeds"
+        + unscored_note(summary.get("num_prompts_unscored"))
+        + f". Win rate <b>{format_number(summary['win_rate'], 3)}</b> (95% CI {_interval(summary['win_rate_ci95'])}); "
+        f"OmniScore {format_number(summary['omniscore_before'])} -> {format_number(summary['omniscore_after'])}, gain "
+        f"<b{_gain_class(gain)}>{format_number(gain)}</b> +/- {format_number(summary['omniscore_gain_se'])}"
         " (standard error).</p>",
         "<h2>Dimensions</h2><table><tr><th>dimension</th><th>before</th><th>after</th><th>difference</th>"
         "<th>95% CI</th><th>before (VBench-normalised)</th><th>after (VBench-normalised)</th></tr>",
     ]
     for name, row in summary["dimensions"].items():
         lines.append(
-            f"<tr><td>{name}</td><td>{_number(row['before'])}</td><td>{_number(row['after'])}</td>"
-            f"<td>{_number(row['difference'])}</td><td>{_interval(row['difference_ci95'])}</td>"
-            f"<td>{_number(row['before_normalised'])}</td><td>{_number(row['after_normalised'])}</td></tr>"
+            f"<tr><td>{html.escape(name)}</td><td>{format_number(row['before'])}</td>"
+            f"<td>{format_number(row['after'])}</td><td>{format_number(row['difference'])}</td>"
+            f"<td>{_interval(row['difference_ci95'])}</td><td>{format_number(row['before_normalised'])}</td>"
+            f"<td>{format_number(row['after_normalised'])}</td></tr>"
         )
     lines.append("</table><h2>VBench aggregates over the dimensions present</h2><table><tr><th>model</th>"
                  "<th>quality</th><th>semantic</th><th>total</th></tr>")
     for which, scores in summary["vbench"].items():
-        lines.append(f"<tr><td>{which}</td><td>{_number(scores['quality'])}</td><td>{_number(scores['semantic'])}</td>"
-                     f"<td>{_number(scores.get('total'))}</td></tr>")
+        lines.append(f"<tr><td>{html.escape(which)}</td><td>{format_number(scores['quality'])}</td>"
+                     f"<td>{format_number(scores['semantic'])}</td><td>{format_number(scores.get('total'))}</td></tr>")
     missing = summary["vbench"]["base"]["missing"]
     lines.append(f"</table><p>Missing dimensions: {html.escape(', '.join(missing)) or 'none'}.</p>")
     for section, title in (("curves", "Training curves"), ("analysis", "Generated training data")):
         if section in images:
-            lines.append(f"<h2>{title}</h2><img class='plot' src='{images[section]}' alt='{title}'>")
+            image = f"<img class='plot' src={_attribute(images[section])} alt={_attribute(title)}>"
+            lines.append(f"<h2>{title}</h2>{image}")
     lines += [f"<p><i>{html.escape(note)}</i></p>" for note in notes]
     lines.append("<h2>Gallery: the same prompt and seed, before and after</h2>")
     for item in items:
         caption = html.escape(item["prompt"])
         for which in ("base", "tuned"):
+            alt = _attribute(f"{which}: {item['prompt']}")
             lines.append(
-                f"<figure><img src='{item[which]}' width='128' alt='{which}: {caption}'><figcaption>{which}, seed "
-                f"{item['seed']}: {caption}<br>OmniScore {_number(item[which + '_score'])}</figcaption></figure>"
+                f"<figure><img src={_attribute(item[which])} width='128' alt={alt}>"
+                f"<figcaption>{which}, seed {item['seed']}: {caption}<br>OmniScore "
+                f"{format_number(item[which + '_score'])}</figcaption></figure>"
             )
     lines.append("</body></html>")
     return "\n".join(lines) + "\n"
@@ -147,11 +173,18 @@ def write_files(out: str, files: dict[str, bytes]) -> None:
         storage.write_bytes_atomic(storage.join(out, name), data)
 
 
+def gallery_file(position: int, prompt_id: str, which: str) -> str:
+    """The GIF of one side of the prompt at `position`: a flat name under `gallery/`, unique by the position, with
+    the prompt id's characters outside [A-Za-z0-9_-] made `_` (nothing a path, a URL or an attribute reads)."""
+    readable = re.sub(r"[^A-Za-z0-9_-]", "_", prompt_id)[:GALLERY_ID_CHARS]
+    return f"gallery/{position:03d}-{readable}-{which}.gif"
+
+
 def gallery(out: str, prompts: Sequence[Any], results: list[dict[str, Any]], count: int) -> tuple[dict, list]:
     """GIFs of sample 0 of the first `count` prompts, both models: ({file name: bytes}, gallery items)."""
     from videodpo_ray.video import decode_mp4, encode_gif
 
-    wanted = {f"{prompt.prompt_id}-0": prompt for prompt in prompts[:count]}
+    wanted = {f"{prompt.prompt_id}-0": (position, prompt) for position, prompt in enumerate(prompts[:count])}
     videos: dict[tuple[str, str], tuple[bytes, int]] = {}
     for which in ("base", "tuned"):
         for info in shards.list_shards(storage.join(out, which), "samples"):
@@ -161,13 +194,13 @@ def gallery(out: str, prompts: Sequence[Any], results: list[dict[str, Any]], cou
                     videos[(which, row["sample_id"])] = (row["video"], row["fps"])
     scores = {(row["model"], row["prompt_id"]): row for row in results if row["sample_index"] == 0}
     files, items = {}, []
-    for sample_id, prompt in wanted.items():
+    for sample_id, (position, prompt) in wanted.items():
         if not all((which, sample_id) in videos for which in ("base", "tuned")):
             continue
         item = {"prompt": prompt.prompt, "seed": scores[("base", prompt.prompt_id)]["seed"]}
         for which in ("base", "tuned"):
             data, fps = videos[(which, sample_id)]
-            name = f"gallery/{sample_id}-{which}.gif"
+            name = gallery_file(position, prompt.prompt_id, which)
             files[name] = encode_gif(decode_mp4(data, sample_id)[0], fps)
             item[which], item[f"{which}_score"] = name, scores[(which, prompt.prompt_id)]["omniscore"]
         items.append(item)
@@ -194,8 +227,10 @@ def write_report(
     else:
         files["curves.png"], images["curves"] = curves, "curves.png"
     analysis = analysis_png(training_data) if training_data else None
-    if analysis is None:
+    if training_data is None:
         notes.append("No analysis panels: set training_data to the generate/pair output the run trained on.")
+    elif analysis is None:
+        notes.append(f"No analysis panels: training_data {training_data} has no scored sample.")
     else:
         files["analysis.png"], images["analysis"] = analysis, "analysis.png"
     gifs, items = gallery(out, prompts, results, gallery_prompts)

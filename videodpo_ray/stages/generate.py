@@ -13,12 +13,16 @@ Poison prompts: a sampler batch that keeps failing is split to find the prompts 
 (`sample_isolating_failures`); a video the scorer cannot use is a failed row. A chunk still commits:
 `split_failures` drops every prompt with a failed sample from its samples and scores shards and records each failed
 sample in `{out}/failures/shard-{c:05d}` (prompt id, stage, error, attempts). A rerun keeps them unless
-`retry_failed` (`plan_generate` then un-commits those chunks, which are redone).
+`retry_failed` (`retry_failed_chunks` then un-commits those chunks, which are redone).
+
+A committed samples shard is never sampled again, only scored again, even when it is empty (every prompt of the
+chunk failed sampling): a rerun finishes a chunk with the samples, and failures, its first run committed.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence, TypeVar
 
@@ -27,6 +31,7 @@ from pydantic import Field
 
 from videodpo_ray import shards, storage
 from videodpo_ray.config import StrictConfig
+from videodpo_ray.errors import is_infrastructure_error
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.seeds import sample_seed
@@ -103,14 +108,14 @@ def sample_isolating_failures(
     sample: Callable[[list[int]], list[T]],
     rows: Sequence[int],
     max_attempts: int,
-    infrastructure_errors: tuple[type[BaseException], ...] = (),
 ) -> tuple[dict[int, T], dict[int, SampleFailure]]:
     """Sample `rows` together, isolating the ones that fail: ({row: output}, {row: failure}).
 
     A batch is tried up to `max_attempts` times (transient errors pass). If it still fails, each row is tried alone
     (up to `max_attempts` times) to find the poison ones, which are recorded; the others are then sampled together
     again, so every output comes from one batched call, as in a run without failures. Deterministic: the same
-    failures give the same calls. `infrastructure_errors` (out of memory, ...) are raised, never recorded.
+    failures give the same calls. An infrastructure fault (`errors.is_infrastructure_error`: out of memory, CUDA,
+    cuBLAS, cuDNN, NCCL) is raised at once, never retried or recorded.
     """
     failures: dict[int, SampleFailure] = {}
     pending = list(rows)
@@ -123,9 +128,9 @@ def sample_isolating_failures(
                 attempts[row] += 1
             try:
                 return sample(batch), ""
-            except infrastructure_errors:
-                raise
             except Exception as caught:  # a prompt the model cannot sample: isolated and recorded below
+                if is_infrastructure_error(caught):
+                    raise
                 error = f"{type(caught).__name__}: {caught}"
         return None, error
 
@@ -174,12 +179,26 @@ def split_failures(rows: pa.Table) -> tuple[pa.Table, list[dict[str, Any]]]:
 
 def chunk_prompts(prompts: Sequence[PromptRow], prompts_per_chunk: int) -> list[PromptChunk]:
     """Consecutive chunks of `prompts_per_chunk` prompts in file order; chunk c is shard index c."""
-    if prompts_per_chunk < 1:
-        raise ValueError(f"prompts_per_chunk must be >= 1, got {prompts_per_chunk}")
     return [
         PromptChunk(index, tuple(prompts[begin : begin + prompts_per_chunk]))
-        for index, begin in enumerate(range(0, len(prompts), prompts_per_chunk))
+        for index, begin in enumerate(chunk_starts(len(prompts), prompts_per_chunk))
     ]
+
+
+def chunk_starts(num_prompts: int, prompts_per_chunk: int) -> range:
+    """The first prompt of every chunk: chunk c starts at prompt c x prompts_per_chunk."""
+    if prompts_per_chunk < 1:
+        raise ValueError(f"prompts_per_chunk must be >= 1, got {prompts_per_chunk}")
+    return range(0, num_prompts, prompts_per_chunk)
+
+
+def planned_chunks(out: str) -> range:
+    """The chunk indices `{out}/generation.json` plans; none where no generate run wrote `out` (hand-made scores)."""
+    try:
+        manifest = json.loads(storage.read_bytes(storage.join(out, GENERATION_MANIFEST)))
+    except FileNotFoundError:
+        return range(0)
+    return range(len(chunk_starts(manifest["num_prompts"], manifest["prompts_per_chunk"])))
 
 
 def sample_id(prompt_id: str, sample_index: int) -> str:
@@ -296,6 +315,7 @@ class GeneratePlan:
     to_sample: list[PromptChunk] = field(default_factory=list)
     to_score: list[PromptChunk] = field(default_factory=list)
     committed_rows: dict[int, int] = field(default_factory=dict)  # rows of the committed samples of `to_score`
+    to_close: list[PromptChunk] = field(default_factory=list)  # committed samples are empty: nothing to score
 
     def pending_rows(self) -> dict[int, int]:
         """Sample rows expected back per chunk this run works on (a committed samples shard lacks the prompts that
@@ -308,55 +328,71 @@ def record_devices(config: GenerateConfig, cluster_gpus: float) -> None:
     """Record (or check) the device types of the sampler and the scorers on this cluster: "cuda" where their actors
     get GPUs (the scorers: or `scorer.device` says so), else "cpu". A GPU sample and a CPU sample differ in their
     float rounding, and on a GPU some scorers run in float16, so a resume on the other kind is refused."""
-    scorer = config.scorer.device.split(":")[0]
-    if scorer == "auto":
-        scorer = config.scorer_pool.device_type(cluster_gpus)
-    devices = {"sampler_device": config.sampler_pool.device_type(cluster_gpus), "scorer_device": scorer}
+    devices = {"sampler_device": config.sampler_pool.device_type(cluster_gpus),
+               "scorer_device": config.scorer_pool.device_type(cluster_gpus, config.scorer.device)}
     record_manifest(storage.join(config.out, DEVICE_MANIFEST), devices)
 
 
 def plan_generate(config: GenerateConfig, prompts: Sequence[PromptRow]) -> GeneratePlan:
-    """Record (or check) the run manifest and split the chunks into committed, to score and to sample."""
+    """Record (or check) the run manifest and split the chunks into committed, to score, to close (committed samples
+    shard empty) and to sample. Writes nothing else: with `retry_failed`, `report.retried` lists the chunks with
+    recorded failures, which `retry_failed_chunks` un-commits once the run is known to go on."""
     record_manifest(storage.join(config.out, GENERATION_MANIFEST), generation_manifest(config, prompts))
     chunks = chunk_prompts(prompts, config.prompts_per_chunk)
     report = GenerateReport(out=config.out, num_prompts=len(prompts), num_chunks=len(chunks))
     plan = GeneratePlan(report, config.samples_per_prompt)
     if config.retry_failed:
-        for info in shards.list_shards(config.out, "failures"):
-            uncommit_for_retry(config.out, info)
-            report.retried.append(info.index)
+        report.retried = [info.index for info in shards.list_shards(config.out, "failures")]
     done = {info.index for info in shards.list_shards(config.out, "scores")}
     sampled = {info.index: info.num_rows for info in shards.list_shards(config.out, "samples")}
     for chunk in chunks:
         if chunk.index in done:
             plan.report.skipped.append(chunk.index)
-        elif sampled.get(chunk.index):  # (a chunk whose every prompt failed is sampled again: nothing to score)
+        elif chunk.index not in sampled:
+            plan.to_sample.append(chunk)
+        elif sampled[chunk.index]:
             plan.to_score.append(chunk)
             plan.committed_rows[chunk.index] = sampled[chunk.index]
         else:
-            plan.to_sample.append(chunk)
+            plan.to_close.append(chunk)
     return plan
 
 
-def chunk_failures(out: str, index: int, failures: list[dict[str, Any]], rescored: bool) -> list[dict[str, Any]]:
-    """The failures shard of chunk `index`: this run's failures, plus, when the chunk was only scored again, the
-    sampling failures recorded with its samples (those prompts are not in the samples any more)."""
-    recorded = {info.index: info for info in shards.list_shards(out, "failures")} if rescored else {}
-    if index not in recorded:
-        return failures
-    return [row for row in shards.read_shard(recorded[index]).to_pylist() if row["stage"] == "sample"] + failures
+def retry_failed_chunks(config: GenerateConfig, prompts: Sequence[PromptRow]) -> GeneratePlan:
+    """Un-commit every chunk with recorded failures and plan again, so that this run redoes them: its scores first
+    (the chunk is then not done), its samples too when a sample failed (the chunk is sampled again, else only scored
+    again), its failures last. Called after the run's checks (`record_devices`): a refused run deletes nothing."""
+    retried = []
+    for info in shards.list_shards(config.out, "failures"):
+        shards.uncommit_shard(config.out, "scores", info.index)
+        if "sample" in {row["stage"] for row in shards.read_shard(info).to_pylist()}:
+            shards.uncommit_shard(config.out, "samples", info.index)
+        shards.uncommit_shard(config.out, "failures", info.index)
+        retried.append(info.index)
+    plan = plan_generate(config, prompts)
+    plan.report.retried = retried
+    return plan
+
+
+def commit_chunk(out: str, index: int, rows: pa.Table, rescored: bool) -> None:
+    """Commit chunk `index` from its scored rows: its failures shard first (with, when `rescored`, the sampling
+    failures recorded with its samples, whose prompts are not in them any more; without failures: remove a failures
+    shard an earlier attempt left), then its samples (unless `rescored`: committed already), then its scores (the
+    chunk is done). A crash after any step leaves the chunk undone, and a rerun redoes it from there."""
+    rows, failures = split_failures(rows)
+    if rescored:
+        recorded = [info for info in shards.list_shards(out, "failures") if info.index == index]
+        kept = [row for info in recorded for row in shards.read_shard(info).to_pylist() if row["stage"] == "sample"]
+        failures = kept + failures
+    if failures:
+        shards.write_shard(shards.make_table("failures", failures), out, "failures", index, overwrite=True)
+    else:
+        shards.uncommit_shard(out, "failures", index)
+    if not rescored:
+        shards.write_shard(shards.project_table(rows, "samples"), out, "samples", index, allow_empty=True)
+    shards.write_shard(shards.project_table(rows, "scores"), out, "scores", index, allow_empty=True)
 
 
 def recorded_failures(out: str) -> list[dict[str, Any]]:
     """Every failure the committed failures shards of `out` record, by chunk."""
     return [row for info in shards.list_shards(out, "failures") for row in shards.read_shard(info).to_pylist()]
-
-
-def uncommit_for_retry(out: str, failures: shards.ShardInfo) -> None:
-    """Un-commit a chunk with recorded failures so this run redoes it: its scores first (the chunk is then not done),
-    its samples too when a sample failed (the chunk is sampled again, else only scored again), its failures last."""
-    stages = {row["stage"] for row in shards.read_shard(failures).to_pylist()}
-    shards.uncommit_shard(out, "scores", failures.index)
-    if "sample" in stages:
-        shards.uncommit_shard(out, "samples", failures.index)
-    shards.uncommit_shard(out, "failures", failures.index)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 from videodpo_ray import shards, storage
-from videodpo_ray.errors import ConfigError, DatasetImportError, VideoDecodeError
+from videodpo_ray.errors import ConfigError, DatasetImportError, RejectedPairError, VideoDecodeError
 from videodpo_ray.pairs import Pair
 from videodpo_ray.stages.common import record_manifest
 
@@ -54,6 +54,7 @@ class ImportReport:
     rejected: list[RejectedPair] = field(default_factory=list)
     written: list[shards.ShardInfo] = field(default_factory=list)
     skipped_shards: list[int] = field(default_factory=list)
+    incomplete: list[int] = field(default_factory=list)  # shards whose task failed (not a bad pair): not written
 
     def summary(self) -> str:
         lines = [
@@ -62,6 +63,9 @@ class ImportReport:
             f"{len(self.skipped_shards)} already committed and skipped"
         ]
         lines += [f"  rejected pair {item.index}: {item.reason}" for item in self.rejected]
+        if self.incomplete:
+            lines.append(f"  shard(s) {', '.join(map(str, self.incomplete))} failed and were not written (see the "
+                         "task errors above); a rerun imports only them")
         return "\n".join(lines)
 
 
@@ -156,10 +160,10 @@ def import_shard(
 
 
 def add_shard_import(report: ImportReport, result: ShardImport, strict: bool) -> None:
-    """Count one shard's import in the report; with `strict`, raise DatasetImportError for its first bad pair."""
+    """Count one shard's import in the report; with `strict`, raise RejectedPairError for its first bad pair."""
     if strict and result.rejected:
         first = result.rejected[0]
-        raise DatasetImportError(f"{report.source}: pair {first.index}: {first.reason}")
+        raise RejectedPairError(f"{report.source}: pair {first.index}: {first.reason}")
     report.rejected.extend(result.rejected)
     report.imported += result.imported
     if result.info is not None:
@@ -182,7 +186,7 @@ def import_videodpo(
     fps). Ids: prompt `{source_name}-{k:06d}`, samples `{source_name}-{metadata index:06d}`, pair id
     `pairs.Pair.pair_id`. Weight: `weight_fn(win_score, lose_score)` if given (scores from pair.json `score` =
     [win, lose], else None; e.g. `functools.partial(pairs.product_weight, alpha=1)`), otherwise 1.0. `strict` raises
-    DatasetImportError at the first bad pair, before its shard is written. Committed shards are skipped unless
+    RejectedPairError at the first bad pair, before its shard is written. Committed shards are skipped unless
     `overwrite`; a rerun with other settings than `{out}/import.json` records raises ConfigError (`plan_import`).
     """
     plan = plan_import(src, out, rows_per_shard, overwrite, weight_fn, source_name)
@@ -265,15 +269,18 @@ def _pair_row(
 
 
 def _caption(entry: Any) -> str | None:
-    try:
-        caption = entry["misc"]["frame_caption"][0]
-    except (KeyError, IndexError, TypeError):
-        return None
-    return caption if isinstance(caption, str) and caption.strip() else None
+    """A metadata entry's caption (`misc.frame_caption`), None when it has none."""
+    misc = entry.get("misc") if isinstance(entry, dict) else None
+    return _first_caption(misc.get("frame_caption") if isinstance(misc, dict) else None)
 
 
 def _pair_caption(pair: dict[str, Any]) -> str | None:
-    caption = pair.get("frame_caption")
+    return _first_caption(pair.get("frame_caption"))
+
+
+def _first_caption(caption: Any) -> str | None:
+    """A `frame_caption` field: its first caption when it is a list (the released files), the caption itself when
+    it is one string (never its first letter), else None."""
     if isinstance(caption, list):
         caption = caption[0] if caption else None
     return caption if isinstance(caption, str) and caption.strip() else None

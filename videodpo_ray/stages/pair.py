@@ -3,13 +3,18 @@
 scores shards -> `pairs.build_pairs` (strategy, filters and weights over the whole data set: scores are small) ->
 per generation chunk, the pairs of its prompts; chunk c becomes `{out}/pairs/shard-{c:05d}` once its pairs are
 VAE-encoded and its prompts text-encoded (the runtime does that on latent-encoder actors). The empty-prompt
-embedding (CFG dropout) is stored once per run, at `tensor_bytes.empty_prompt_url(out)`, before the first shard commits.
+embedding (CFG dropout) is stored once per output, at `tensor_bytes.empty_prompt_url(out)`, before the first shard
+commits.
+
+Only a finished generate output is paired: a chunk with a samples shard (or one the caller says generate planned)
+but no scores shard is a ShardError before any work, as is a sample id twice in a chunk's scores.
 
 Samples whose scoring failed (null/NaN OmniScore) are left out of pairing and counted in the report; ranks count a
 prompt's scored samples, so a rank pair beyond them gives that prompt no pair (counted in the report too), while a
 rank pair beyond the generated samples per prompt is a ConfigError before any work.
 `{out}/pairing.json` records the scores shards and settings the pairs were built from: weights depend on the
 whole data set, so a rerun over other scores or settings is refused rather than mixing weightings.
+`{out}/pairing-device.json` records the latent encoder's device type once the cluster is known (`record_device`).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import pyarrow as pa
 
@@ -30,6 +35,8 @@ from videodpo_ray.pairs import Pair, PairingConfig, ScoredSample, build_pairs
 from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
 
 PAIRING_MANIFEST = "pairing.json"
+DEVICE_MANIFEST = "pairing-device.json"  # the latent (and text) encoder's device type, known once the cluster is
+SHOWN_CHUNKS = 5  # unscored chunk ids an error lists before counting the rest
 LatentDType = Literal["float32", "float16", "bfloat16"]
 PAIR_REQUEST_SCHEMA = pa.schema(
     [
@@ -121,15 +128,41 @@ class CommittedScores:
     samples_per_prompt: int  # N: the most scores rows (scored or failed) of a prompt; generate commits all N
 
 
-def committed_scores(data: str) -> CommittedScores:
-    """Read `{data}/scores`; ShardError if a prompt's samples are in two shards, ConfigError if a sample was scored
-    without an OmniScore (a scorer without every dimension OmniScore blends)."""
+def check_scored(data: str, scored: Iterable[int], planned: Iterable[int] = ()) -> None:
+    """ShardError naming `data` and its unscored chunks unless every chunk with a committed samples shard, and every
+    chunk in `planned`, is in `scored`: generate commits a chunk's samples before its scores, so a killed or failed
+    generate leaves chunks that pairing would otherwise silently leave out of its filters and weights."""
+    expected = {info.index for info in shards.list_shards(data, "samples")} | set(planned)
+    unscored = sorted(expected - set(scored))
+    if unscored:
+        shown = ", ".join(map(str, unscored[:SHOWN_CHUNKS]))
+        more = f" and {len(unscored) - SHOWN_CHUNKS} more" if len(unscored) > SHOWN_CHUNKS else ""
+        raise ShardError(
+            f"{data}: unfinished generation: chunk(s) {shown}{more} ({len(unscored)} of {len(expected)} chunks) "
+            f"have no committed scores shard; rerun generate (or score) on {data} to finish it, then pair"
+        )
+
+
+def committed_scores(data: str, planned: Iterable[int] = ()) -> CommittedScores:
+    """Read `{data}/scores`; ShardError if a chunk is unscored (`check_scored`), a sample id is in a shard twice or
+    a prompt's samples are in two shards, ConfigError if a sample was scored without an OmniScore (a scorer without
+    every dimension OmniScore blends)."""
     scores = CommittedScores({}, {}, [], 0)
     rows_of: Counter[str] = Counter()
-    for info in shards.list_shards(data, "scores"):
+    infos = shards.list_shards(data, "scores")
+    check_scored(data, (info.index for info in infos), planned)
+    for info in infos:
         table = shards.read_shard(info).select(["sample_id", "prompt_id", "omniscore", "failed_reason"])
-        for row in table.to_pylist():
-            prompt_id = row["prompt_id"]
+        seen: dict[str, tuple[int, str]] = {}  # sample id -> (row, prompt id): the chunk's videos are found by id
+        for number, row in enumerate(table.to_pylist()):
+            sample_id, prompt_id = row["sample_id"], row["prompt_id"]
+            if sample_id in seen:
+                first, other = seen[sample_id]
+                raise ShardError(
+                    f"{info.url}: row {number}: sample_id {sample_id!r} (prompt {prompt_id!r}) repeats row {first} "
+                    f"(prompt {other!r}); a sample id must be unique within a chunk"
+                )
+            seen[sample_id] = (number, prompt_id)
             chunk = scores.chunk_of.setdefault(prompt_id, info.index)
             if chunk != info.index:
                 raise ShardError(f"{info.url}: prompt {prompt_id!r} also has samples in shard {chunk}")
@@ -138,13 +171,13 @@ def committed_scores(data: str) -> CommittedScores:
             if score is None or not math.isfinite(score):
                 if row["failed_reason"] is None:  # scored, but not every dimension OmniScore blends was
                     raise ConfigError(
-                        f"{info.url}: sample {row['sample_id']!r} has scores but no OmniScore: the scorer did not "
+                        f"{info.url}: sample {sample_id!r} has scores but no OmniScore: the scorer did not "
                         "score every dimension of scorer.omniscore, and pairs are ranked by OmniScore. Score the "
                         "samples with those dimensions (generate with them, or `videodpo-ray score`)."
                     )
-                scores.unscored.append(row["sample_id"])
+                scores.unscored.append(sample_id)
                 continue
-            scores.by_prompt.setdefault(prompt_id, []).append(ScoredSample(row["sample_id"], score))
+            scores.by_prompt.setdefault(prompt_id, []).append(ScoredSample(sample_id, score))
     scores.samples_per_prompt = max(rows_of.values(), default=0)
     return scores
 
@@ -173,19 +206,24 @@ def pair_requests(pairs: Sequence[Pair], chunk_of: dict[str, int]) -> dict[int, 
 
 def attach_videos(batch: pa.Table, samples: dict[int, shards.ShardInfo]) -> pa.Table:
     """Add prompt, fps, win_video and lose_video to pair requests from their chunks' samples shards."""
-    lookup: dict[str, dict[str, Any]] = {}
+    lookup: dict[tuple[int, str], dict[str, Any]] = {}  # (chunk, sample id) -> its samples row
     for chunk in sorted(set(batch.column("chunk").to_pylist())):
-        for row in shards.read_shard(samples[chunk]).select(["sample_id", "prompt", "video", "fps"]).to_pylist():
-            lookup[row["sample_id"]] = row
+        info = samples[chunk]
+        rows = shards.read_shard(info).select(["sample_id", "prompt", "video", "fps"]).to_pylist()
+        for number, row in enumerate(rows):
+            if lookup.setdefault((chunk, row["sample_id"]), row) is not row:
+                raise ShardError(f"{info.url}: row {number}: sample_id {row['sample_id']!r} is in the shard twice")
     requests = batch.to_pylist()
-    missing = [s for r in requests for s in (r["win_sample_id"], r["lose_sample_id"]) if s not in lookup]
+    missing = [s for r in requests for s in (r["win_sample_id"], r["lose_sample_id"]) if (r["chunk"], s) not in lookup]
     if missing:
         raise ShardError(f"samples {missing} are scored but missing from their samples shards")
+    win = [lookup[(r["chunk"], r["win_sample_id"])] for r in requests]
+    lose = [lookup[(r["chunk"], r["lose_sample_id"])] for r in requests]
     columns = {
-        "prompt": pa.array([lookup[r["win_sample_id"]]["prompt"] for r in requests], pa.string()),
-        "fps": pa.array([lookup[r["win_sample_id"]]["fps"] for r in requests], pa.int32()),
-        "win_video": pa.array([lookup[r["win_sample_id"]]["video"] for r in requests], pa.binary()),
-        "lose_video": pa.array([lookup[r["lose_sample_id"]]["video"] for r in requests], pa.binary()),
+        "prompt": pa.array([row["prompt"] for row in win], pa.string()),
+        "fps": pa.array([row["fps"] for row in win], pa.int32()),
+        "win_video": pa.array([row["video"] for row in win], pa.binary()),
+        "lose_video": pa.array([row["video"] for row in lose], pa.binary()),
     }
     for name, column in columns.items():
         batch = batch.append_column(name, column)
@@ -196,10 +234,11 @@ def _stats(values: Sequence[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
 
 
-def plan_pairs(config: PairConfig) -> tuple[PairReport, list[Pair], dict[str, int]]:
+def plan_pairs(config: PairConfig, planned: Iterable[int] = ()) -> tuple[PairReport, list[Pair], dict[str, int]]:
     """The pairs of the committed scores (no Ray, no writes): (report without shard counts, pairs, prompt -> chunk).
-    ConfigError first if a rank pair needs more samples than were generated per prompt."""
-    committed, scores_url = committed_scores(config.data), storage.join(config.data, "scores")
+    ShardError first if a chunk with samples, or in `planned` (the chunks generate planned), is unscored; ConfigError
+    if a rank pair needs more samples than were generated per prompt."""
+    committed, scores_url = committed_scores(config.data, planned), storage.join(config.data, "scores")
     by_prompt, chunk_of = committed.by_prompt, committed.chunk_of
     if not chunk_of:
         raise ShardError(f"{scores_url}: no committed scores shards to pair")
@@ -237,9 +276,10 @@ class PairShardPlan:
     samples: dict[int, shards.ShardInfo]  # the committed samples shards, by chunk
 
 
-def plan_pair_shards(config: PairConfig) -> PairShardPlan:
-    """Build the pairs, record (or check) the manifest and list the chunks whose pair shards are still to write."""
-    report, pairs, chunk_of = plan_pairs(config)
+def plan_pair_shards(config: PairConfig, planned: Iterable[int] = ()) -> PairShardPlan:
+    """Build the pairs (`plan_pairs`), record (or check) the manifest and list the chunks whose pair shards are
+    still to write."""
+    report, pairs, chunk_of = plan_pairs(config, planned)
     record_manifest(storage.join(config.pairs_root, PAIRING_MANIFEST), pairing_manifest(config))
     pending = {}
     for chunk, table in pair_requests(pairs, chunk_of).items():
@@ -277,3 +317,10 @@ def pairing_manifest(config: PairConfig) -> dict[str, Any]:
         "keep_videos": config.keep_videos,
         "encoder_batch_size": config.encoder_pool.batch_size,  # a latent's rounding depends on its VAE batch
     }
+
+
+def record_device(config: PairConfig, cluster_gpus: float) -> None:
+    """Record (or check) the latent encoder's device type on this cluster ("cuda" where its actors get GPUs, else
+    "cpu"): latents and text embeddings round differently on the two, so a resume on the other kind is refused."""
+    device = {"encoder_device": config.encoder_pool.device_type(cluster_gpus)}
+    record_manifest(storage.join(config.pairs_root, DEVICE_MANIFEST), device)

@@ -9,6 +9,9 @@ the training and held-out prompts, the base model (`model.path`, pretrained by t
 the scorer (the model-free quality dimension plus the toy classifier's `toy_semantic`, blended by the real
 OmniScore formula). Setting any of those beside `toy` is a config error.
 
+The training and held-out prompts are read and checked (prompt limits, no held-out prompt among the training
+prompts) before any cluster work (`read_pipeline_prompts`).
+
 The report is `{out}/report.json` and `{out}/report.md`: prompts, samples, OmniScores, pairs made, score gaps,
 weights and the training loss / implicit-accuracy curve.
 """
@@ -16,6 +19,7 @@ weights and the training loss / implicit-accuracy curve.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -26,7 +30,8 @@ from videodpo_ray.config import StrictConfig, load_config
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models import ModelConfig
 from videodpo_ray.stages.common import config_fields
-from videodpo_ray.stages.evaluate import EvaluateConfig
+from videodpo_ray.stages.evaluate import EvaluateConfig, refuse_overlap
+from videodpo_ray.stages.evaluate_report import format_number, unscored_note
 from videodpo_ray.stages.generate import GenerateConfig, GenerateReport, GenerationSettings
 from videodpo_ray.stages.pair import PairConfig, PairReport, PairSettings
 from videodpo_ray.stages.prompts import PromptRow, prompt_rows, prompts_jsonl, read_prompts
@@ -36,6 +41,8 @@ from videodpo_ray.training.config import TrainConfig
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+TRAINING_PROMPTS = "prompts.jsonl"  # under `out`: the training prompts, when the config gives them inline
+HELD_OUT_PROMPTS = "evaluate-prompts.jsonl"  # likewise the held-out prompts
 CURVE_METRICS = ("loss", "implicit_accuracy", "reward_margin", "mean_weight")
 MODEL_IDENTITY = ("family", "variant", "path", "turbo_lora_path", "turbo_lora_mode", "text_encoder_path")
 
@@ -143,7 +150,32 @@ class PipelineConfig(StrictConfig):
             scorer_pool=self.generate.scorer_pool,
             training_data=self.out,
             gallery_prompts=settings.gallery_prompts,
+            max_prompt_chars=self.generate.max_prompt_chars,
         )
+
+
+@dataclass(frozen=True)
+class PipelinePrompts:
+    """The pipeline's prompts, read and checked, and the URLs its stages read them from."""
+
+    training: list[PromptRow]
+    training_url: str
+    held_out_url: str | None  # None: no evaluate section
+
+
+def read_pipeline_prompts(config: PipelineConfig) -> PipelinePrompts:
+    """Read the training and held-out prompts (limit `generate.max_prompt_chars` for both), writing inline ones under
+    `out`; ConfigError when a held-out prompt is a training prompt. Call before any cluster work."""
+    max_chars = config.generate.max_prompt_chars
+    training, training_url = materialise_prompts(config.prompts, storage.join(config.out, TRAINING_PROMPTS), max_chars)
+    if config.evaluate is None:
+        return PipelinePrompts(training, training_url, None)
+    held_out, held_out_url = materialise_prompts(
+        config.evaluate.prompts, storage.join(config.out, HELD_OUT_PROMPTS), max_chars
+    )
+    where = f"evaluate.prompts ({held_out_url}) vs prompts ({training_url})"
+    refuse_overlap(held_out, {row.prompt for row in training}, where)
+    return PipelinePrompts(training, training_url, held_out_url)
 
 
 def _as_plain(value: Any) -> Any:
@@ -295,13 +327,16 @@ def render_markdown(report: dict[str, Any]) -> str:
             loss, accuracy, margin, weight = (point.get(key, float("nan")) for key in CURVE_METRICS)
             lines.append(f"| {point['step']} | {loss:.5f} | {accuracy:.3f} | {margin:.4g} | {weight:.4f} |")
     if evaluated:
-        low, high = evaluated["win_rate_ci95"]
+        low, high = (format_number(bound, 3) for bound in evaluated["win_rate_ci95"])
         lines += [
             "", "## Evaluate (held-out prompts and seeds)", "",
-            f"Win rate {evaluated['win_rate']:.3f} (95% CI [{low:.3f}, {high:.3f}]) over {evaluated['num_prompts']} "
-            f"prompts; OmniScore {evaluated['omniscore_before']:.4f} -> {evaluated['omniscore_after']:.4f} (gain "
-            f"{evaluated['omniscore_gain_mean']:+.4f} +/- {evaluated['omniscore_gain_se']:.4f}). "
-            f"Report: `{evaluated['report']}`.",
+            f"Win rate {format_number(evaluated['win_rate'], 3)} (95% CI [{low}, {high}]) over "
+            f"{evaluated['num_prompts']} prompts"
+            + unscored_note(evaluated["num_prompts_unscored"])
+            + f"; OmniScore {format_number(evaluated['omniscore_before'])} -> "
+            f"{format_number(evaluated['omniscore_after'])} (gain "
+            f"{format_number(evaluated['omniscore_gain_mean'], sign=True)} +/- "
+            f"{format_number(evaluated['omniscore_gain_se'])}). Report: `{evaluated['report']}`.",
         ]
     return "\n".join(lines) + "\n"
 

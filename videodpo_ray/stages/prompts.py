@@ -111,11 +111,13 @@ def prompts_jsonl(prompts: Sequence[PromptRow]) -> bytes:
 
 
 def _lines(url: str, data: bytes) -> Iterator[tuple[int, str]]:
+    """The numbered lines of a text file, split at line feeds only (`str.splitlines` also splits at U+2028, U+0085
+    and other characters a prompt or a JSON string may hold), without a byte-order mark."""
     try:
-        text = data.decode("utf-8")
+        text = data.decode("utf-8-sig")
     except UnicodeDecodeError as error:
         raise PromptFileError(f"{url}: not UTF-8 text ({error})") from None
-    return enumerate(text.splitlines(), start=1)
+    return enumerate((line.removesuffix("\r") for line in text.split("\n")), start=1)
 
 
 def _json_object(url: str, number: int, line: str) -> dict[str, Any]:
@@ -164,6 +166,10 @@ def _csv_records(url: str, data: bytes) -> list[tuple[str, dict[str, Any]]]:
         id_column = next((name for name in ID_COLUMNS if name in columns), None)
         records = []
         for row in reader:
+            if None in row or None in row.values():  # DictReader's keys for cells beyond the header, and missing ones
+                more = "more" if None in row else "fewer"
+                raise PromptFileError(f"{url} line {reader.line_num}: {more} cells than the header's {len(columns)} "
+                                      "columns")
             record = {"prompt": row["prompt"]}
             if id_column is not None:
                 record["prompt_id"] = row[id_column]
@@ -183,16 +189,22 @@ def _prompt_row(url: str, where: str, index: int, record: dict[str, Any], max_ch
         raise PromptFileError(f"{url} {where}: empty prompt")
     if len(prompt) > max_chars:
         raise PromptFileError(f"{url} {where}: prompt of {len(prompt)} characters, over the limit of {max_chars}")
+    return PromptRow(prompt_id=checked_prompt_id(url, where, record, f"{index:06d}"), prompt=prompt.strip())
+
+
+def checked_prompt_id(url: str, where: str, record: dict[str, Any], default: str) -> str:
+    """The record's `prompt_id` as a string (an integer is written out), `default` when it has none; PromptFileError
+    naming the file and row for anything else (a blank string, a bool, a list, ...)."""
     prompt_id = record.get("prompt_id")
     if prompt_id is None:
-        prompt_id = f"{index:06d}"
-    elif isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
-        prompt_id = str(prompt_id)
-    elif not isinstance(prompt_id, str) or not prompt_id.strip():
+        return default
+    if isinstance(prompt_id, int) and not isinstance(prompt_id, bool):
+        return str(prompt_id)
+    if not isinstance(prompt_id, str) or not prompt_id.strip():
         raise PromptFileError(
             f"{url} {where}: field 'prompt_id' must be a non-empty string or an integer, got {prompt_id!r}"
         )
-    return PromptRow(prompt_id=prompt_id, prompt=prompt.strip())
+    return prompt_id
 
 
 def _check_unique_ids(url: str, prompts: Sequence[PromptRow], wheres: Sequence[str]) -> None:

@@ -2,9 +2,10 @@
 
 Sample k of prompt p uses seed `seed + k` (as the original sampling scripts: one seed for every prompt) and is
 written as `{out}/{prompt_id}-seed{seed + k}.mp4` (and `.gif` when asked); the prompt id is the prompt's index
-(`000003`) or its given name (`{"name.mp4": prompt}` files). `{out}/index.jsonl` lists every finished sample with its
-prompt, seed, files and the sampler settings, batch size included; `{out}/failures.jsonl` lists the samples the
-latest run could not make (empty when none), which are not written.
+(`000003`) or its given name (`{"name.mp4": prompt}` files), percent-encoded (`urllib.parse.quote`, nothing kept
+safe: `dir/clip` is `dir%2Fclip`), so every file lies directly under `out` whatever the id. `{out}/index.jsonl` lists
+every finished sample with its prompt id, prompt, seed, files and the sampler settings, batch size included;
+`{out}/failures.jsonl` lists the samples the latest run could not make (empty when none), which are not written.
 
 A video depends only on (model, prompt list, seed, batch composition): requests are cut into batches of
 `batch_size` in a fixed order, so the same seed and batch size give byte-identical files however many actors run
@@ -20,6 +21,7 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Sequence
+from urllib.parse import quote
 
 import pyarrow as pa
 from pydantic import Field
@@ -161,6 +163,7 @@ def sample_manifest(
         "sampling": config.sampling.model_dump(mode="json"),
         "batch_size": config.batch_size,
         "video_encoding": MP4_ENCODING,
+        "file_names": FILE_NAMES,  # an output named otherwise would be sampled again beside its old files
     }
 
 
@@ -169,8 +172,13 @@ def record_device(out: str, device: str) -> None:
     record_manifest(storage.join(out, DEVICE_MANIFEST), {"sampler_device": device})
 
 
+FILE_NAMES = "{percent-encoded prompt id}-seed{seed}.mp4"  # `sample_file`'s scheme, recorded in sample.json
+
+
 def sample_file(prompt_id: str, seed: int) -> str:
-    return f"{prompt_id}-seed{seed}.mp4"
+    """The mp4 of `prompt_id` at `seed`: a flat name directly under `out` (the id percent-encoded, `/` included:
+    one file name per id, never a path)."""
+    return f"{quote(prompt_id, safe='')}-seed{seed}.mp4"
 
 
 def gif_file(mp4: str) -> str:

@@ -7,7 +7,9 @@ A video is matched by its file name or its name without ".mp4". A missing prompt
 (the first 16 hex digits of its sha256), so videos of the same prompt share an id and can be paired.
 
 The sorted videos are cut into chunks of `videos_per_shard`; chunk c becomes `{out}/scores/shard-{c:05d}`. A rerun
-skips committed shards; `{out}/scoring.json` records the video list and chunking so a rerun cannot mix two layouts.
+skips committed shards; `{out}/scoring.json` records the video list, the chunking and the scorer's settings (and
+`scoring-device.json` its device type) so a rerun cannot mix two layouts or two scorers. An actor scores one shard's
+videos per call, in batches of `scorer_pool.batch_size`, so every run batches them alike.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ from videodpo_ray.config import StrictConfig
 from videodpo_ray.errors import VideoInputError
 from videodpo_ray.scoring import ScorerConfig
 from videodpo_ray.stages.common import ActorPoolConfig, incomplete_lines, record_manifest
+from videodpo_ray.stages.prompts import checked_prompt_id
 
 SCORING_MANIFEST = "scoring.json"
+DEVICE_MANIFEST = "scoring-device.json"  # the scorers' device type, known once the cluster is
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,7 @@ def read_prompt_map(url: str) -> dict[str, tuple[str, str]]:
     if extension not in (".json", ".csv"):
         raise VideoInputError(f"{url}: unknown prompts file type {extension!r}; use .json or .csv")
     try:
-        text = storage.read_bytes(url).decode("utf-8")
+        text = storage.read_bytes(url).decode("utf-8-sig")  # a byte-order mark (Excel's UTF-8 CSV) is dropped
     except FileNotFoundError:
         raise VideoInputError(f"{url}: prompts file not found") from None
     except UnicodeDecodeError as error:
@@ -67,25 +71,38 @@ def read_prompt_map(url: str) -> dict[str, tuple[str, str]]:
         records = _json_records(url, text)
     else:
         reader = csv.DictReader(io.StringIO(text))
-        records = [(f"row {number}", row) for number, row in enumerate(reader, start=2)]
+        records = [(f"row {number}", _blank_as_missing(row)) for number, row in enumerate(reader, start=2)]
     mapping: dict[str, tuple[str, str]] = {}
+    prompt_of: dict[str, tuple[str, str]] = {}  # prompt_id -> (prompt, where first given)
     for where, record in records:
         video, prompt = _text_field(url, where, record, "video"), _text_field(url, where, record, "prompt")
         if video in mapping:
             raise VideoInputError(f"{url} {where}: video {video!r} is listed twice")
-        prompt_id = record.get("prompt_id") or prompt_id_for(prompt)
-        mapping[video] = (str(prompt_id), prompt)
+        prompt_id = checked_prompt_id(url, where, record, prompt_id_for(prompt))
+        first_prompt, first_where = prompt_of.setdefault(prompt_id, (prompt, where))
+        if first_prompt != prompt:
+            raise VideoInputError(f"{url} {where}: prompt_id {prompt_id!r} is {prompt!r} here but {first_prompt!r} "
+                                  f"at {first_where}: videos of one prompt_id are paired with each other")
+        mapping[video] = (prompt_id, prompt)
     if not mapping:
         raise VideoInputError(f"{url}: no prompts")
     return mapping
 
 
+def _blank_as_missing(row: dict[str, Any]) -> dict[str, Any]:
+    """A CSV row with its empty cells as missing fields (an empty prompt_id cell: the id derived from the prompt)."""
+    return {key: value for key, value in row.items() if value != ""}
+
+
 def video_inputs(videos_url: str, prompts_url: str) -> list[VideoInput]:
     """Every .mp4 under `videos_url` with its prompt; VideoInputError lists the videos that have none."""
     prompts = read_prompt_map(prompts_url)
-    inputs, missing = [], []
+    inputs, missing, names = [], [], {}
     for name in list_videos(videos_url):
         stem = name[: -len(".mp4")]
+        if stem in names:  # `a.mp4` and `a.MP4`: one sample id, two videos
+            raise VideoInputError(f"{videos_url}: {names[stem]} and {name} would both be sample {stem!r}; rename one")
+        names[stem] = name
         entry = prompts.get(name) or prompts.get(stem)
         if entry is None:
             missing.append(name)
@@ -182,4 +199,12 @@ def scoring_manifest(config: ScoreFilesConfig, inputs: list[VideoInput]) -> dict
         "videos_sha256": hashlib.sha256(listing).hexdigest(),
         "videos_per_shard": config.videos_per_shard,
         "scorer": config.scorer.model_dump(mode="json", exclude={"device"}),
+        "scorer_batch_size": config.scorer_pool.batch_size,  # batch composition changes a score's rounding
     }
+
+
+def record_scorer_device(config: ScoreFilesConfig, cluster_gpus: float) -> None:
+    """Record (or check) the scorers' device type on this cluster (`scorer.device`, or "cuda" where the actors get
+    GPUs, else "cpu"): on a GPU some scorers run in float16, so a rerun on the other kind is refused."""
+    device = config.scorer_pool.device_type(cluster_gpus, config.scorer.device)
+    record_manifest(storage.join(config.out, DEVICE_MANIFEST), {"scorer_device": device})

@@ -1,8 +1,9 @@
 """What a run on storage has committed: `videodpo-ray status RUN` (pure reads, no Ray).
 
 RUN is a pipeline or stage output root (generation, pairing and evaluation under it; training runs under
-`{RUN}/train/`) or a training run directory itself. Only committed work counts: shards with their manifests,
-checkpoints with their train state.
+`{RUN}/train/`), a training run directory itself, or a standalone evaluate output (`summary.json`, `base/`,
+`tuned/`). Only committed work counts: shards with their manifests, checkpoints with their train state, an
+evaluation's summary (before it has one: each side's committed scores shards). A RUN that does not exist says so.
 """
 
 from __future__ import annotations
@@ -11,31 +12,53 @@ import json
 from typing import Any
 
 from videodpo_ray import shards, storage
+from videodpo_ray.stages.evaluate import MODELS, SUMMARY
+from videodpo_ray.stages.evaluate_report import format_number, unscored_note
 from videodpo_ray.training import checkpoint as ckpt
 
 SHARD_KINDS = ("samples", "scores", "pairs")
 LAST_STEP_METRICS = ("loss", "implicit_accuracy", "reward_margin", "mean_weight", "lr", "peak_memory_gib")
+SUMMARY_KEYS = ("num_prompts", "num_prompts_unscored", "win_rate", "omniscore_gain_mean")
 
 
 def run_status(url: str) -> dict[str, Any]:
-    """Committed shards by kind, training runs (checkpoints, export, last step's metrics) and the evaluation."""
-    status: dict[str, Any] = {"url": url}
+    """Committed shards by kind, training runs (checkpoints, export, last step's metrics) and the evaluations: `url`
+    itself (a standalone evaluate output) and the pipeline's `{url}/evaluate/{run_name}`."""
+    status: dict[str, Any] = {"url": url, "exists": storage.exists(url), "runs": {}, "evaluate": {}}
+    if not status["exists"]:
+        return status
+    status.update(shard_counts(url))
+    runs = [url] if _is_run(url) else [e.url for e in storage.list_entries(storage.join(url, "train")) if e.is_dir]
+    status["runs"] = {run: training_status(run) for run in runs if _is_run(run)}
+    evaluations = [url, *(e.url for e in storage.list_entries(storage.join(url, "evaluate")) if e.is_dir)]
+    for evaluation in evaluations:
+        evaluated = evaluation_status(evaluation)
+        if evaluated is not None:
+            status["evaluate"][evaluation] = evaluated
+    return status
+
+
+def shard_counts(url: str) -> dict[str, dict[str, int]]:
+    """{kind: {"shards", "rows"}} of the committed shards directly under `url`, for the kinds it has."""
+    counts = {}
     for kind in SHARD_KINDS:
         committed = shards.list_shards(url, kind)
         if committed:
-            status[kind] = {"shards": len(committed), "rows": sum(info.num_rows for info in committed)}
-    runs = [url] if _is_run(url) else [e.url for e in storage.list_entries(storage.join(url, "train")) if e.is_dir]
-    status["runs"] = {run: training_status(run) for run in runs if _is_run(run)}
-    evaluations = [e.url for e in storage.list_entries(storage.join(url, "evaluate")) if e.is_dir]
-    status["evaluate"] = {}
-    for evaluation in evaluations:  # the pipeline's {out}/evaluate/{run_name}
-        try:
-            summary = json.loads(storage.read_bytes(storage.join(evaluation, "summary.json")))
-        except FileNotFoundError:
-            continue
-        keys = ("num_prompts", "win_rate", "omniscore_gain_mean")
-        status["evaluate"][evaluation] = {key: summary[key] for key in keys}
-    return status
+            counts[kind] = {"shards": len(committed), "rows": sum(info.num_rows for info in committed)}
+    return counts
+
+
+def evaluation_status(url: str) -> dict[str, Any] | None:
+    """An evaluate output's summary headline (None before it is written) and each side's committed scores shards;
+    None when `url` is not an evaluate output (neither a summary nor a side's scores)."""
+    sides = {which: shard_counts(storage.join(url, which)).get("scores") for which in MODELS}
+    try:
+        summary = json.loads(storage.read_bytes(storage.join(url, SUMMARY)))
+    except FileNotFoundError:
+        summary = None
+    if summary is None and not any(sides.values()):
+        return None
+    return {"summary": {key: summary.get(key) for key in SUMMARY_KEYS} if summary else None, "sides": sides}
 
 
 def training_status(run_url: str) -> dict[str, Any]:
@@ -54,6 +77,8 @@ def training_status(run_url: str) -> dict[str, Any]:
 
 def render_status(status: dict[str, Any]) -> str:
     lines = [f"{status['url']}:"]
+    if not status["exists"]:
+        return "\n".join([*lines, "  nothing committed: no such file or directory (check the path)"])
     for kind in SHARD_KINDS:
         if kind in status:
             lines.append(f"  {kind}: {status[kind]['shards']} shard(s), {status[kind]['rows']} rows committed")
@@ -63,12 +88,22 @@ def render_status(status: dict[str, Any]) -> str:
         metrics = ", ".join(f"{key} {value:.4g}" for key, value in state["metrics"].items())
         lines.append(f"  run {run}: {done}{'; exported' if state['exported'] else ''}"
                      + (f"; step {state['last_step'] + 1}: {metrics}" if metrics else ""))
-    for evaluation, evaluated in status["evaluate"].items():
-        lines.append(f"  evaluate {evaluation}: win rate {evaluated['win_rate']:.3f} over {evaluated['num_prompts']} "
-                     f"prompts, OmniScore gain {evaluated['omniscore_gain_mean']:+.4f}")
+    lines += [f"  evaluate {evaluation}: {_evaluation_line(evaluated)}" for evaluation, evaluated in
+              status["evaluate"].items()]
     if len(lines) == 1:
         lines.append("  nothing committed")
     return "\n".join(lines)
+
+
+def _evaluation_line(evaluated: dict[str, Any]) -> str:
+    summary = evaluated["summary"]
+    if summary is None:
+        sides = ", ".join(f"{which} {counts['rows'] if counts else 0} scored sample(s)"
+                          for which, counts in evaluated["sides"].items())
+        return f"not summarised yet ({sides} committed)"
+    return (f"win rate {format_number(summary['win_rate'], 3)} over {summary['num_prompts']} prompts"
+            + unscored_note(summary["num_prompts_unscored"])
+            + f", OmniScore gain {format_number(summary['omniscore_gain_mean'], sign=True)}")
 
 
 def _is_run(url: str) -> bool:

@@ -6,7 +6,7 @@ A checkpoint directory (`{storage_path}/{run.name}/checkpoint-{step:08d}/`, merg
     latest                   DeepSpeed's tag file
     train_state.json         step, data position (+ rows consumed per shard), frozen shard list, world layout
     pair_log.jsonl           the pair ids of every step so far (all workers), one JSON line per step
-    config.yaml              the TrainConfig of the run
+    config.yaml              the TrainConfig of the run (a resume must match it: `check_resumable`)
     rank-{r:05d}.pt          per rank: RNG states and the fingerprint of the frozen weights
 
 The export (`{storage_path}/{run.name}/export/`): `trainable.safetensors` (model.trainable_state_dict(): the LoRA
@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-import yaml
+from pydantic import BaseModel
 
 from videodpo_ray import storage
-from videodpo_ray.config import build_config
+from videodpo_ray.config import build_config, dump_config, load_yaml
 from videodpo_ray.errors import CheckpointError, CheckpointMismatchError, ConfigError
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.training.config import TrainConfig
@@ -41,6 +41,7 @@ CHECKPOINT_PREFIX = "checkpoint-"
 DEEPSPEED_TAG = "deepspeed"
 TRAIN_STATE = "train_state.json"
 PAIR_LOG = "pair_log.jsonl"
+CONFIG_FILE = "config.yaml"
 EXPORT_DIR = "export"
 EXPORT_WEIGHTS = "trainable.safetensors"
 EXPORT_MODEL = "model.yaml"
@@ -86,9 +87,29 @@ class TrainState:
         return cls(**json.loads(text))
 
 
-def check_resumable(state: TrainState, config: TrainConfig, source: str) -> None:
-    """Refuse a resume whose layout differs from the checkpoint's (no resharding: ZeRO partitions and the exact data
-    position both depend on it)."""
+# Settings a resume may change (a section, "export", covers all its settings): they locate the run, set how long it
+# runs, how often it saves and what it exports, or choose memory and throughput; none changes a step's numbers. A
+# lower step count than the checkpoint's is refused by `training.inputs.completed_checkpoint`.
+RESUME_MAY_CHANGE = (
+    "data.epochs", "data.max_steps", "data.prefetch_batches", "data.prompt_cache_entries", "run.name",
+    "run.storage_path", "run.checkpoint_every", "run.num_to_keep", "run.max_failures", "export",
+    "scaling.cpus_per_worker", "model.gradient_checkpointing",
+)
+# Compared with the layout train_state.json records instead (`data.pairs_per_worker: auto` settles from it)
+LAYOUT_SETTINGS = (
+    "scaling.num_workers", "deepspeed.zero_stage", "data.shuffle_seed", "data.pairs_per_worker", "optim.grad_accum",
+)
+LAYOUT_WHY = ("Checkpoints are not resharded (ZeRO optimizer partitions and the exact data position depend on this "
+              "layout).")
+SETTINGS_WHY = ("A resume continues the checkpoint's numbers exactly: only the step count and the checkpointing, "
+                "export and memory settings may change.")
+
+
+def check_resumable(state: TrainState, config: TrainConfig, checkpoint_url: str) -> None:
+    """Refuse a resume that would not continue the checkpoint's numbers exactly: a layout other than the one
+    train_state.json records (no resharding: ZeRO partitions and the exact data position both depend on it), or a
+    setting outside `RESUME_MAY_CHANGE` whose value differs from the checkpoint's config.yaml. A checkpoint without
+    config.yaml (not written by the train worker: every worker checkpoint has one) is checked for its layout alone."""
     expected = {
         "scaling.num_workers": (state.world_size, config.scaling.num_workers),
         "deepspeed.zero_stage": (state.zero_stage, config.deepspeed.zero_stage),
@@ -100,17 +121,48 @@ def check_resumable(state: TrainState, config: TrainConfig, source: str) -> None
     else:
         expected["data.pairs_per_worker"] = (state.pairs_per_worker, config.data.pairs_per_worker)
         expected["optim.grad_accum"] = (state.grad_accum, config.optim.grad_accum)
-    problems = [
-        f"{key} is {now} but the checkpoint was saved with {then}"
-        for key, (then, now) in expected.items()
-        if then != now
-    ]
+    layout = {key: (then, now) for key, (then, now) in expected.items() if then != now}
+    settings = changed_settings(config, checkpoint_url)
+    problems = [f"{key} is {now} but the checkpoint was saved with {then}"
+                for key, (then, now) in {**layout, **settings}.items()]
     if problems:
+        why = " ".join(text for text, applies in ((LAYOUT_WHY, layout), (SETTINGS_WHY, settings)) if applies)
         raise CheckpointMismatchError(
-            f"cannot resume run {config.run.name!r} from {source}: " + "; ".join(problems) + ". Checkpoints are not "
-            "resharded (ZeRO optimizer partitions and the exact data position depend on this layout): resume with the "
-            "checkpoint's settings, or start a new run (another run.name)."
+            f"cannot resume run {config.run.name!r} from {checkpoint_url}: " + "; ".join(problems) + f". {why} "
+            "Resume with the checkpoint's settings, or start a new run (another run.name)."
         )
+
+
+def changed_settings(config: TrainConfig, checkpoint_url: str) -> dict[str, tuple[Any, Any]]:
+    """{setting: (checkpoint's value, `config`'s value)} for every setting outside `RESUME_MAY_CHANGE` and
+    `LAYOUT_SETTINGS` that differs from the checkpoint's config.yaml; {} when the checkpoint has none."""
+    url = storage.join(checkpoint_url, CONFIG_FILE)
+    try:
+        text = storage.read_bytes(url)
+    except FileNotFoundError:
+        return {}
+    saved = settled_settings(build_config(TrainConfig, load_yaml(text) or {}, url))
+    exempt = (*RESUME_MAY_CHANGE, *LAYOUT_SETTINGS)
+    return {
+        key: (saved[key], now)
+        for key, now in settled_settings(config).items()
+        if not any(key == name or key.startswith(f"{name}.") for name in exempt) and saved[key] != now
+    }
+
+
+def settled_settings(config: TrainConfig) -> dict[str, Any]:
+    """Every setting of `config` by its dotted name, with `deepspeed.bf16: auto` settled to what it means."""
+    def leaves(section: BaseModel, prefix: str) -> dict[str, Any]:
+        flat: dict[str, Any] = {}
+        for name, info in type(section).model_fields.items():
+            value = getattr(section, name)
+            if isinstance(value, BaseModel):
+                flat.update(leaves(value, f"{prefix}{name}."))
+            elif not info.exclude:  # e.g. model.build_text_encoder: never written out
+                flat[f"{prefix}{name}"] = value
+        return flat
+
+    return {**leaves(config, ""), "deepspeed.bf16": config.use_bf16}
 
 
 def committed_checkpoint_name(run_url: str) -> str | None:
@@ -194,7 +246,7 @@ def write_export(
     storage.write_bytes_atomic(weights_url, weights)
     storage.write_bytes_atomic(
         storage.join(export_url, EXPORT_MODEL),
-        yaml.safe_dump(model_config.model_dump(mode="json"), sort_keys=False).encode(),
+        dump_config(model_config).encode(),
     )
     info = {
         "step": step,
@@ -217,7 +269,7 @@ def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], 
     info = read_export_info(export_url)
     weights_url = storage.join(export_url, EXPORT_WEIGHTS)
     try:
-        model_config = build_config(ModelConfig, yaml.safe_load(storage.read_bytes(config_url)) or {}, config_url)
+        model_config = build_config(ModelConfig, load_yaml(storage.read_bytes(config_url)) or {}, config_url)
         data = storage.read_bytes(weights_url)
     except FileNotFoundError as error:
         raise ConfigError(f"{export_url}: not a training export ({error})") from None

@@ -23,7 +23,7 @@ class DataConfig(StrictConfig):
     cfg_dropout: float = Field(0.2, ge=0.0, le=1.0)  # fraction of pairs trained with the empty prompt
     epochs: int = Field(1, ge=1)
     max_steps: int | None = Field(None, ge=1)  # stop after this many optimizer steps (None: run all epochs)
-    shuffle_seed: int | None = None  # None -> run.seed
+    shuffle_seed: int | None = Field(None, ge=0)  # None -> run.seed
     prefetch_batches: int = Field(2, ge=0)  # micro-batches prepared ahead in a background thread
     swap_winner_loser: bool = False  # negative control: train on (loser, winner); the gain must vanish or reverse
     # prompts whose text embeddings a worker keeps (CPU, LRU) when shards store none; unused when every shard does
@@ -92,7 +92,7 @@ class RunConfig(StrictConfig):
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between checkpoints (plus one at the end)
     num_to_keep: int | None = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
 
 
 class ExportConfig(StrictConfig):

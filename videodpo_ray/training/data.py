@@ -177,20 +177,24 @@ def _prefetched(items: Iterator[Any], depth: int) -> Iterator[Any]:
     buffer: queue.Queue = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def hand_over(entry: tuple[Any, BaseException | None]) -> bool:
+        """Put `entry` in the buffer unless the consumer has stopped (then False: the thread ends, never blocks)."""
+        while not stop.is_set():
+            try:
+                buffer.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put((item, None), timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not hand_over((item, None)):
                     return
-            buffer.put((_DONE, None))
+            hand_over((_DONE, None))
         except BaseException as error:  # handed to the consumer, which raises it with its traceback
-            buffer.put((None, error))
+            hand_over((None, error))
 
     thread = threading.Thread(target=produce, name="pair-prefetch", daemon=True)
     thread.start()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from videodpo_ray import shards, storage
-from videodpo_ray.errors import ConfigError, ShardError
+from videodpo_ray.errors import CheckpointMismatchError, ConfigError, ShardError
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, lr_multiplier
 from videodpo_ray.training.plan import LATENT_COLUMNS, PairPlan
@@ -32,7 +32,8 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
       parquet footers, not the data); with ZeRO-3 every pair must carry latents made by this model family
       (the VAE would be partitioned across ranks), checked from the footers' column statistics;
     - enough pairs for one optimizer step (`pairs_per_worker: auto` keeps the step of pairs_per_worker 1);
-    - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout.
+    - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout and
+      settings (`ckpt.check_resumable`).
     """
     for key in MODEL_PATHS:
         url = getattr(config.model, key)
@@ -95,14 +96,23 @@ def completed_checkpoint(config: TrainConfig) -> str | None:
     """The URL of the run's final checkpoint when the run already finished, else None (storage reads only).
 
     Finished: the last committed checkpoint is at the step count this config asks for over the run's frozen shard
-    list, so a resubmission with more epochs or a higher data.max_steps continues instead. Call after
-    `validate_inputs` (which checks that the checkpoint's layout matches the config).
+    list, so a resubmission with more epochs or a higher data.max_steps continues instead. A checkpoint past that
+    count is refused (CheckpointMismatchError): its weights are from a later step than the run would end at. Call
+    after `validate_inputs` (which checks that the checkpoint's layout and settings match the config).
     """
     latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
     if latest is None:
         return None
     url, state = latest
-    return url if state.global_step >= total_steps_from(state, config) else None
+    total = total_steps_from(state, config)
+    if state.global_step > total:
+        raise CheckpointMismatchError(
+            f"cannot resume run {config.run.name!r} from {url}: data.max_steps {config.data.max_steps} and "
+            f"data.epochs {config.data.epochs} make {total} steps, but the checkpoint is at step {state.global_step} "
+            f"(trained towards {state.total_steps}). Raise data.max_steps or data.epochs to at least "
+            f"{state.global_step} steps, or start a new run (another run.name)."
+        )
+    return url if state.global_step == total else None
 
 
 def schedule_change(config: TrainConfig) -> str | None:
