@@ -7,8 +7,8 @@ of `batch_size` pairs itself (`stages.common.batch_slices`), so a latent's float
 videos it is encoded with, is the same in every run. Every input column is passed through and the pair-shard latent
 columns are added:
 `win_latents`, `lose_latents` (`latents_to_bytes`), `latent_shape` (one video, no batch dim), `latent_dtype`
-and `latent_model` (the family, which training checks), and the prompt's text embedding (`text_embedding`,
-`text_embedding_shape` (L, D), `text_embedding_dtype`), so training needs no text encoder. Column
+and `latent_model` (the model's `latent_space`, which training checks), and the prompt's text embedding
+(`text_embedding`, `text_embedding_shape` (L, D), `text_embedding_dtype`), so training needs no text encoder. Column
 `EMPTY_PROMPT_COLUMN` holds the empty prompt's embedding in the first row of each chunk of a call (null in the
 others; a table without a `chunk` column is one chunk), so every chunk carries it for the driver to store once
 (`empty_prompt_of`). Latents are the posterior mean, so encoding is deterministic; the model is built under
@@ -61,7 +61,6 @@ class LatentEncoderActor:
                  init_seed: int = 0, batch_size: int | None = None) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = build_model(model, seed=init_seed).to(self.device).eval()
-        self.family = model.family
         self.dtype = LATENT_DTYPES[dtype]
         self.text_dtype = LATENT_DTYPES[text_dtype or dtype]
         self.empty_prompt: bytes | None = None  # tensor_bytes.empty_prompt_bytes of "", made on first use
@@ -113,7 +112,7 @@ class LatentEncoderActor:
             "lose_latents": pa.array([data for data, _, _ in lose], pa.binary()),
             "latent_shape": pa.array([shape for _, shape, _ in win], pa.list_(pa.int64())),
             "latent_dtype": pa.array([dtype for _, _, dtype in win], pa.string()),
-            "latent_model": pa.array([self.family] * len(ids), pa.string()),
+            "latent_model": pa.array([self.model.latent_space] * len(ids), pa.string()),
         }
         prompts = batch.column("prompt").to_pylist()
         embedded = {prompt: latents_to_bytes(self.embed(prompt)) for prompt in dict.fromkeys(prompts)}

@@ -192,7 +192,7 @@ class DPOWorker:
                 epoch=epoch,
                 rank=self.rank,
                 start_step=self.step_in_epoch,
-                latent_family=config.model.family,
+                latent_space=self.model.latent_space,
                 prefetch=config.data.prefetch_batches,
                 swap_winner_loser=config.data.swap_winner_loser,
             )

@@ -224,6 +224,14 @@ def test_a_text_encoder_directory_without_its_tokenizer_is_refused_naming_it(fam
 
 
 @pytest.mark.parametrize("family", families())
+def test_the_latent_space_is_the_family_and_its_vae_settings_not_the_weights(family: str):
+    model, other_weights = build(family), build(family, seed=SEED + 1)
+    assert model.latent_space == other_weights.latent_space and model.latent_space.startswith(f"{family}:")
+    model.vae.register_to_config(scaling_factor=2 * getattr(model.vae.config, "scaling_factor", 1.0))
+    assert model.latent_space != other_weights.latent_space  # stored latents of the other scale are refused
+
+
+@pytest.mark.parametrize("family", families())
 def test_presets_are_listed_by_name(family: str):
     presets = model_class(family).presets()
     assert "tiny" in presets and len(set(presets)) == len(presets)

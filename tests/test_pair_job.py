@@ -175,7 +175,8 @@ def test_pair_job_on_s3_writes_shards_with_latents_and_rerun_skips(ray_cluster, 
     model = build_model(TINY_VC2, seed=0).eval()
     for row in rows:
         assert row["win_video"] == videos[row["win_sample_id"]] and row["lose_video"] == videos[row["lose_sample_id"]]
-        assert (row["latent_model"], row["latent_dtype"]) == ("vc2", "float32")
+        assert (row["latent_model"], row["latent_dtype"]) == (model.latent_space, "float32")
+        assert row["latent_model"].startswith("vc2:")
         for side in ("win", "lose"):
             frames, _ = decode_mp4(row[f"{side}_video"])
             with torch.no_grad():

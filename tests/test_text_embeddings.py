@@ -95,7 +95,7 @@ def test_training_on_stored_embeddings_builds_no_text_encoder_and_gives_the_enco
     plan = PairPlan(listed, seed=0, num_workers=1, pairs_per_worker=2, grad_accum=1)
     empty = tensor_bytes.read_empty_prompt_embedding(encoded_pairs)
     torch.testing.assert_close(empty, cache.encode(""), rtol=0, atol=0)
-    for batch in list(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_family="vc2", prefetch=0))[:1]:
+    for batch in list(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_space=full.latent_space, prefetch=0))[:1]:
         dropped = [False, True]  # one pair trained on its prompt, one on the empty prompt (CFG dropout)
         stored = batch_text_embeddings(batch.pairs, dropped, empty, {})
         bare_pairs = [replace(pair, text_embedding=None) for pair in batch.pairs]  # imported data: no embeddings

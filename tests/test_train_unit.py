@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import json
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -420,8 +422,9 @@ def test_train_cli_reports_bad_input_and_exits_2(tmp_path, capsys):
 def test_stored_latents_equal_vae_encoding_of_the_mp4s(tmp_path, tiny_cogvideox, pair_rows):
     shards.write_shard(shards.make_table("pairs", pair_rows), str(tmp_path), "pairs", 0)
     p = PairPlan(shards.list_shards(str(tmp_path), "pairs"), seed=0, num_workers=1, pairs_per_worker=2, grad_accum=1)
-    stored = list(PairLoader(p, epoch=0, rank=0, start_step=0, latent_family="cogvideox"))
-    decoded = list(PairLoader(p, epoch=0, rank=0, start_step=0, latent_family="cogvideox", use_stored_latents=False,
+    space = tiny_cogvideox.latent_space
+    stored = list(PairLoader(p, epoch=0, rank=0, start_step=0, latent_space=space))
+    decoded = list(PairLoader(p, epoch=0, rank=0, start_step=0, latent_space=space, use_stored_latents=False,
                               prefetch=0))
     assert [b.pair_ids for b in stored] == [b.pair_ids for b in decoded] and len(stored) == 2
     for with_latents, with_frames in zip(stored, decoded):
@@ -431,20 +434,28 @@ def test_stored_latents_equal_vae_encoding_of_the_mp4s(tmp_path, tiny_cogvideox,
             torch.testing.assert_close(encoded, torch.stack([a.win_latents, a.lose_latents]), rtol=1e-5, atol=1e-6)
 
 
-def test_latents_of_another_model_family_are_refused(tmp_path, pair_rows):
-    rows = [dict(row, latent_model="vc2") for row in pair_rows]
+@pytest.mark.parametrize("made_by", ["another family", "another VAE scale"])
+def test_latents_of_another_family_or_vae_are_refused(made_by, tmp_path, pair_rows, tiny_cogvideox):
+    if made_by == "another family":
+        other = build_model(ModelConfig(family="vc2", variant="tiny"))
+    else:
+        other = copy.deepcopy(tiny_cogvideox)  # CogVideoX 5B's VAE scale (0.7) against 2B's (1.15258426)
+        other.vae.register_to_config(scaling_factor=0.7)
+    assert other.latent_space != tiny_cogvideox.latent_space
+    rows = [dict(row, latent_model=other.latent_space) for row in pair_rows]
     shards.write_shard(shards.make_table("pairs", rows), str(tmp_path), "pairs", 0)
     p = PairPlan(shards.list_shards(str(tmp_path), "pairs"), seed=0, num_workers=1, pairs_per_worker=1, grad_accum=1)
-    with pytest.raises(ShardError, match=r"shard-00000\.parquet row \d: latents were made by 'vc2'"):
-        next(iter(PairLoader(p, epoch=0, rank=0, start_step=0, latent_family="cogvideox")))
+    made = re.escape(repr(other.latent_space))
+    with pytest.raises(ShardError, match=rf"shard-00000\.parquet row \d: latents were made by the VAE {made}"):
+        next(iter(PairLoader(p, epoch=0, rank=0, start_step=0, latent_space=tiny_cogvideox.latent_space)))
 
 
-def test_pair_without_latents_or_videos_is_refused(tmp_path, pair_rows):
+def test_pair_without_latents_or_videos_is_refused(tmp_path, pair_rows, tiny_cogvideox):
     rows = [dict(row, win_latents=None, win_video=None) for row in pair_rows]
     shards.write_shard(shards.make_table("pairs", rows), str(tmp_path), "pairs", 0)
     p = PairPlan(shards.list_shards(str(tmp_path), "pairs"), seed=0, num_workers=1, pairs_per_worker=1, grad_accum=1)
     with pytest.raises(ShardError, match="row .*has neither latents nor both videos"):
-        next(iter(PairLoader(p, epoch=0, rank=0, start_step=0, latent_family="cogvideox")))
+        next(iter(PairLoader(p, epoch=0, rank=0, start_step=0, latent_space=tiny_cogvideox.latent_space)))
 
 
 def test_synthetic_shards_and_export_round_trip(tmp_path, tiny_cogvideox):

@@ -74,7 +74,7 @@ PAIRS_SCHEMA = _schema(
     pa.field("lose_latents", pa.binary()),
     pa.field("latent_shape", pa.list_(pa.int64())),  # per video, no batch dim
     pa.field("latent_dtype", pa.string()),  # "float32" | "float16" | "bfloat16"
-    pa.field("latent_model", pa.string()),  # model family that produced the latents, e.g. "vc2"
+    pa.field("latent_model", pa.string()),  # the encoding model's latent_space, e.g. "vc2:3f1c0a9e2b7d"
     pa.field("fps", pa.int32()),
     pa.field("text_embedding", pa.binary()),  # the prompt's encode_prompts output (L, D), see latents_to_bytes
     pa.field("text_embedding_shape", pa.list_(pa.int64())),  # [L, D]

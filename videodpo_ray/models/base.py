@@ -19,6 +19,8 @@ denoiser's cross-attention takes, (B, L, D); timesteps are int64 (B,) on the 0..
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -64,6 +66,7 @@ class VideoDiffusionModel(nn.Module, ABC):
     latent_layout: ClassVar[str]  # the axes of the latents `predict` takes, e.g. "B, C, T, H, W"
     fixed_text_length: ClassVar[bool] = True  # False: the denoiser takes any number of text tokens
     denoiser: nn.Module  # the UNet or transformer that DPO trains
+    vae: nn.Module  # a diffusers autoencoder (its `config` defines the latent space)
     video_size: tuple[int, int, int]  # (frames, height, width) that `sample` produces by default
     default_num_inference_steps: int  # `sample`'s defaults (the family's reference sampler)
     default_guidance_scale: float
@@ -275,6 +278,18 @@ class VideoDiffusionModel(nn.Module, ABC):
     @abstractmethod
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents -> uint8 (B, T, H, W, 3)."""
+
+    def latent_settings(self) -> dict[str, Any]:
+        """What fixes the numbers `encode_videos` makes from the VAE weights: the VAE's config (layout, scaling
+        factor, latent mean and std)."""
+        return {key: value for key, value in self.vae.config.items() if not key.startswith("_")}
+
+    @property
+    def latent_space(self) -> str:
+        """`family:digest` of `latent_settings()`: recorded with stored latents (the pair shards' `latent_model`),
+        so training refuses latents another VAE made (CogVideoX 2B and 5B share the family, not the scale)."""
+        settings = json.dumps(self.latent_settings(), sort_keys=True, default=str).encode()
+        return f"{self.family}:{hashlib.sha256(settings).hexdigest()[:12]}"
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     @abstractmethod

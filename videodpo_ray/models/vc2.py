@@ -210,6 +210,9 @@ class VideoCrafter2(VideoDiffusionModel):
     def vae_scale(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def latent_settings(self) -> dict[str, Any]:
+        return {**super().latent_settings(), "scale_factor": self.scale_factor}  # the factor encode_videos applies
+
     @torch.no_grad()
     def encode_videos(self, videos: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         pixels = pixels_to_vae_input(videos.to(self.vae.device).permute(0, 1, 4, 2, 3), weight_dtype(self.vae))

@@ -60,15 +60,17 @@ def swapped(pair: PairRecord) -> PairRecord:
     )
 
 
-def decode_row(table: pa.Table, row: int, source: str, latent_family: str, use_stored_latents: bool) -> PairRecord:
-    """Decode one pair row. Stored latents are used when present (and made by `latent_family`), else the mp4s."""
+def decode_row(table: pa.Table, row: int, source: str, latent_space: str, use_stored_latents: bool) -> PairRecord:
+    """Decode one pair row. Stored latents are used when present (and made in `latent_space`, the training model's
+    `VideoDiffusionModel.latent_space`), else the mp4s."""
     values = {name: table.column(name)[row].as_py() for name in table.column_names}
     has_latents = values["win_latents"] is not None and values["lose_latents"] is not None
     win_latents = lose_latents = win_frames = lose_frames = None
     if has_latents and use_stored_latents:
-        if values["latent_model"] != latent_family:
+        if values["latent_model"] != latent_space:
             raise ShardError(
-                f"{source}: latents were made by {values['latent_model']!r} but this run trains {latent_family!r}; "
+                f"{source}: latents were made by the VAE {values['latent_model']!r} but this run's model encodes "
+                f"with {latent_space!r} (another family, or a VAE with another scale or layout); "
                 "re-encode the pairs with this model (or drop the latent columns to encode from the mp4s)"
             )
         shape, dtype = values["latent_shape"], values["latent_dtype"]
@@ -136,7 +138,7 @@ class PairLoader:
         epoch: int,
         rank: int,
         start_step: int,
-        latent_family: str,
+        latent_space: str,
         use_stored_latents: bool = True,
         prefetch: int = 2,
         swap_winner_loser: bool = False,
@@ -146,7 +148,7 @@ class PairLoader:
         self.epoch = epoch
         self.rank = rank
         self.start_step = start_step
-        self.latent_family = latent_family
+        self.latent_space = latent_space
         self.use_stored_latents = use_stored_latents
         self.cache = ShardCache(plan)
         self.prefetch = prefetch
@@ -156,7 +158,7 @@ class PairLoader:
         for ref in refs:
             table = self.cache.table(ref.shard)
             source = f"{self.plan.shards[ref.shard].url} row {ref.row}"
-            pair = decode_row(table, ref.row, source, self.latent_family, self.use_stored_latents)
+            pair = decode_row(table, ref.row, source, self.latent_space, self.use_stored_latents)
             pairs.append(swapped(pair) if self.swap_winner_loser else pair)
         return MicroBatch(step, micro, pairs)
 

@@ -171,7 +171,7 @@ def probe_micro_batch(
                             seed=config.run.seed).to(device)
     loaded = min(2, sum(info.num_rows for info in shard_list))
     plan = PairPlan(shard_list, seed=config.shuffle_seed, num_workers=1, pairs_per_worker=loaded, grad_accum=1)
-    batch = next(iter(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_family=config.model.family,
+    batch = next(iter(PairLoader(plan, epoch=0, rank=0, start_step=0, latent_space=model.latent_space,
                                  prefetch=0)))
     win, lose = pair_latents(model, batch, device)
     dropped = [False] * len(batch.pairs)  # no CFG dropout here: the empty prompt's embedding is never looked up

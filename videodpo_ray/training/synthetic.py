@@ -68,7 +68,7 @@ def synthetic_pair_rows(
                 latents = model.encode_videos(frames).to(latent_dtype)
             (win, shape, dtype), (lose, _, _) = (tensor_bytes.latents_to_bytes(latent) for latent in latents[:2])
             row.update(win_latents=win, lose_latents=lose, latent_shape=shape, latent_dtype=dtype,
-                       latent_model=model.family)
+                       latent_model=model.latent_space)
         if with_text_embeddings:  # as the pair stage stores them (also write the empty prompt's: empty_prompt_url)
             with torch.no_grad():
                 embedding = model.encode_prompts([row["prompt"]])[0].to(latent_dtype)
