@@ -5,6 +5,7 @@ storages (the job runs it on a GPU with the CUDA allocator's peak)."""
 
 from __future__ import annotations
 
+import dataclasses
 import weakref
 from pathlib import Path
 from typing import Callable, Iterable
@@ -168,9 +169,10 @@ def test_checkpointing_auto_trains_without_it_when_the_micro_batch_fits_and_with
 # --- settling auto in the job: CPU, nothing to pack, resume ----------------------------------------------------------
 
 
-def write_state(tmp_path: Path, pairs_per_worker: int, grad_accum: int) -> None:
+def write_state(pairs: Path, tmp_path: Path, pairs_per_worker: int, grad_accum: int) -> None:
+    frozen = [dataclasses.asdict(info) for info in shards.list_shards(str(pairs), "pairs")]
     state = ckpt.TrainState(global_step=1, epoch=0, step_in_epoch=1, total_steps=4, world_size=1, zero_stage=2,
-                            pairs_per_worker=pairs_per_worker, grad_accum=grad_accum, seed=0, shards=[])
+                            pairs_per_worker=pairs_per_worker, grad_accum=grad_accum, seed=0, shards=frozen)
     commit_checkpoint(tmp_path / "runs" / "auto", state.to_json(), 1)
 
 
@@ -210,7 +212,7 @@ def test_checkpointing_auto_is_settled_off_on_cpu_on_with_zero3_and_measured_on_
 
 
 def test_a_resumed_auto_run_keeps_the_micro_batch_its_checkpoint_recorded(vc2_pairs, tmp_path):
-    write_state(tmp_path, pairs_per_worker=2, grad_accum=2)
+    write_state(vc2_pairs, tmp_path, pairs_per_worker=2, grad_accum=2)
     resumed = settle_memory_layout(config_for(vc2_pairs, tmp_path, "optim.grad_accum=4", "scaling.use_gpu=true"))
     assert (resumed.data.pairs_per_worker, resumed.optim.grad_accum) == (2, 2)
     validate_inputs(resumed)

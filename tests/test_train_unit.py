@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import io
 import json
@@ -277,13 +278,40 @@ def test_validate_zero3_needs_stored_latents(tmp_path, tiny_cogvideox):
 def test_resume_with_another_world_size_is_refused_before_start(tmp_path, pair_rows):
     shards.write_shard(shards.make_table("pairs", pair_rows), str(tmp_path), "pairs", 0)
     config = train_config(tmp_path, tmp_path)
+    frozen = [dataclasses.asdict(info) for info in shards.list_shards(str(tmp_path), "pairs")]
     saved = ckpt.TrainState(global_step=2, epoch=0, step_in_epoch=2, total_steps=4, world_size=2, zero_stage=2,
-                            pairs_per_worker=1, grad_accum=1, seed=0, shards=[])
+                            pairs_per_worker=1, grad_accum=1, seed=0, shards=frozen)
     commit_checkpoint(tmp_path / "runs" / "unit", saved.to_json(), 2)
     validate_inputs(config)
     with pytest.raises(ckpt.CheckpointMismatchError,
                        match="scaling.num_workers is 1 but the checkpoint was saved with 2.*not resharded"):
         validate_inputs(train_config(tmp_path, tmp_path, "scaling.num_workers=1", "data.pairs_per_worker=2"))
+
+
+@pytest.mark.parametrize("change", ["rewritten", "gone", "added"])
+def test_a_resume_checks_the_frozen_shards_before_any_worker(change, tmp_path, pair_rows):
+    for index in (0, 1):
+        rows = pair_rows[2 * index:2 * index + 2]
+        shards.write_shard(shards.make_table("pairs", rows), str(tmp_path), "pairs", index)
+    config = train_config(tmp_path, tmp_path, "data.pairs_per_worker=1", "optim.grad_accum=1", "data.max_steps=null")
+    listed = shards.list_shards(str(tmp_path), "pairs")
+    frozen = PairPlan(listed, seed=0, num_workers=2, pairs_per_worker=1, grad_accum=1).to_json()
+    state = ckpt.TrainState(global_step=1, epoch=0, step_in_epoch=1, total_steps=2, world_size=2, zero_stage=2,
+                            pairs_per_worker=1, grad_accum=1, seed=0, shards=frozen)
+    checkpoint = commit_checkpoint(tmp_path / "runs" / "unit", state.to_json(), 1)
+    if change == "rewritten":  # other pairs under the same index
+        shards.write_shard(shards.make_table("pairs", pair_rows[:1]), str(tmp_path), "pairs", 1, overwrite=True)
+    elif change == "gone":
+        shards.uncommit_shard(str(tmp_path), "pairs", 1)
+    else:  # a shard committed after the run started: not in its plan, which stays the frozen one
+        shards.write_shard(shards.make_table("pairs", pair_rows), str(tmp_path), "pairs", 2)
+        plan = validate_inputs(config)
+        assert [info.url for info in plan.shards] == [info.url for info in listed] and plan.num_pairs == 4
+        return
+    what = r"was rewritten \(2 rows, sha256 .* then; 1 rows" if change == "rewritten" else "is gone"
+    with pytest.raises(ShardError, match=rf"cannot resume from {re.escape(str(checkpoint))}: .*"
+                                         rf"shard-00001\.parquet {what}"):
+        validate_inputs(config)
 
 
 def test_a_finished_run_is_recognised_from_storage_before_any_worker(tmp_path, pair_rows):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from videodpo_ray import shards, storage
 from videodpo_ray.errors import CheckpointMismatchError, ConfigError, ShardError
+from videodpo_ray.shards import ShardInfo
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig, lr_multiplier
 from videodpo_ray.training.plan import LATENT_COLUMNS, PairPlan
@@ -33,7 +34,8 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
       (the VAE would be partitioned across ranks), checked from the footers' column statistics;
     - enough pairs for one optimizer step (`pairs_per_worker: auto` keeps the step of pairs_per_worker 1);
     - an earlier checkpoint of this run (same run.name + storage_path) was saved with the same layout and
-      settings (`ckpt.check_resumable`).
+      settings (`ckpt.check_resumable`), and the shards it froze are all still there, unchanged
+      (`check_frozen_shards`); the plan is then the frozen one (shards committed since are not in it).
     """
     for key in MODEL_PATHS:
         url = getattr(config.model, key)
@@ -52,18 +54,40 @@ def validate_inputs(config: TrainConfig) -> PairPlan:
             non_null=LATENT_COLUMNS if zero3 else (),
             why="; ZeRO-3 training needs stored latents (encode the pairs first, or use zero_stage 2)",
         )
-    plan = PairPlan(
+    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
+    if latest is not None:
+        url, state = latest
+        ckpt.check_resumable(state, config, url)
+        shard_list = check_frozen_shards(state, shard_list, url)
+    return PairPlan(
         shard_list,
         seed=config.shuffle_seed,
         num_workers=config.scaling.num_workers,
         pairs_per_worker=config.micro_batch,
         grad_accum=config.optim.grad_accum,
     )
-    latest = ckpt.latest_checkpoint_state(ckpt.run_dir(config))
-    if latest is not None:
-        url, state = latest
-        ckpt.check_resumable(state, config, url)
-    return plan
+
+
+def check_frozen_shards(state: ckpt.TrainState, listed: list[ShardInfo], checkpoint_url: str) -> list[ShardInfo]:
+    """The shard list a checkpoint froze, after checking that every shard in it is still committed with the same
+    content; ShardError naming each one gone or rewritten (else the workers would fail at it, maybe hours in)."""
+    frozen = PairPlan.shards_from_json(state.shards)
+    current = {info.url: info for info in listed}
+    problems = []
+    for info in frozen:
+        now = current.get(info.url)
+        if now is None:
+            problems.append(f"{info.url} is gone")
+        elif (now.num_rows, now.num_bytes, now.sha256) != (info.num_rows, info.num_bytes, info.sha256):
+            problems.append(f"{info.url} was rewritten ({info.num_rows} rows, sha256 {info.sha256[:12]} then; "
+                            f"{now.num_rows} rows, sha256 {now.sha256[:12]} now)")
+    if problems:
+        raise ShardError(
+            f"cannot resume from {checkpoint_url}: a run trains on the pair shards it started with, and "
+            + "; ".join(problems)
+            + ". Restore them, or train on the shards as they are now in a new run (another run.name)."
+        )
+    return frozen
 
 
 def settle_memory_layout(config: TrainConfig) -> TrainConfig:
