@@ -63,7 +63,24 @@ def test_held_out_prompts_are_read_and_checked_before_any_stage(tmp_path, stages
     with pytest.raises(ConfigError, match=r"4 of 5 held-out prompt\(s\) are training prompts too \(000000 'a fox', "
                                           r"000001 'a corgi', 000003 'a boat', \.\.\.\)"):
         run_pipeline(overlapping)
-    assert stages_run == []
+    assert stages_run == [] and not (tmp_path / "c").exists()  # nothing written before every check passed
+
+
+def test_inline_prompts_an_earlier_run_recorded_are_never_overwritten(tmp_path, stages_run):
+    from jobs.pipeline import run_pipeline
+    from videodpo_ray.stages.pipeline import TRAINING_PROMPTS, load_pipeline_config, read_pipeline_prompts
+
+    def config(prompts: str):
+        return load_pipeline_config(TINY_CONFIG, [f"out={tmp_path}", f"prompts={prompts}", "evaluate.prompts=[a kite]"])
+
+    recorded = tmp_path / TRAINING_PROMPTS
+    read_pipeline_prompts(config("[a corgi, a fox]"))  # the first run wrote them
+    first = recorded.read_bytes()
+    assert read_pipeline_prompts(config("[a corgi, a fox]")).training_url == str(recorded)  # a rerun: the same file
+    with pytest.raises(ConfigError, match=rf"{recorded}: an earlier run of this output was given other inline "
+                                          "prompts"):
+        run_pipeline(config("[a corgi, a red car]"))
+    assert recorded.read_bytes() == first and stages_run == []
 
 
 def test_the_pipeline_gives_evaluate_its_prompt_limit():

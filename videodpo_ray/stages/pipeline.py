@@ -164,17 +164,23 @@ class PipelinePrompts:
 
 
 def read_pipeline_prompts(config: PipelineConfig) -> PipelinePrompts:
-    """Read the training and held-out prompts (limit `generate.max_prompt_chars` for both), writing inline ones under
-    `out`; ConfigError when a held-out prompt is a training prompt. Call before any cluster work."""
+    """Read the training and held-out prompts (limit `generate.max_prompt_chars` for both), then write inline ones
+    under `out`; ConfigError when a held-out prompt is a training prompt, or when an inline prompts file an earlier
+    run wrote holds other prompts. Call before any cluster work: nothing is written unless every check passes."""
     max_chars = config.generate.max_prompt_chars
-    training, training_url = materialise_prompts(config.prompts, storage.join(config.out, TRAINING_PROMPTS), max_chars)
-    if config.evaluate is None:
-        return PipelinePrompts(training, training_url, None)
-    held_out, held_out_url = materialise_prompts(
-        config.evaluate.prompts, storage.join(config.out, HELD_OUT_PROMPTS), max_chars
-    )
-    where = f"evaluate.prompts ({held_out_url}) vs prompts ({training_url})"
-    refuse_overlap(held_out, {row.prompt for row in training}, where)
+    training, training_url = read_prompt_setting(config.prompts, storage.join(config.out, TRAINING_PROMPTS), max_chars)
+    inline = [(config.prompts, training, training_url)]
+    held_out_url = None
+    if config.evaluate is not None:
+        held_out, held_out_url = read_prompt_setting(
+            config.evaluate.prompts, storage.join(config.out, HELD_OUT_PROMPTS), max_chars
+        )
+        where = f"evaluate.prompts ({held_out_url}) vs prompts ({training_url})"
+        refuse_overlap(held_out, {row.prompt for row in training}, where)
+        inline.append((config.evaluate.prompts, held_out, held_out_url))
+    for setting, rows, url in inline:
+        if not isinstance(setting, str):
+            record_inline_prompts(rows, url)
     return PipelinePrompts(training, training_url, held_out_url)
 
 
@@ -341,10 +347,23 @@ def render_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def materialise_prompts(prompts: str | list[str], url: str, max_chars: int) -> tuple[list[PromptRow], str]:
-    """Prompts and the URL a stage records: the prompts file itself, or (prompts given inline) `url`, written here."""
+def read_prompt_setting(prompts: str | list[str], url: str, max_chars: int) -> tuple[list[PromptRow], str]:
+    """Prompts and the URL a stage records: the prompts file itself, or (prompts given inline) `url`, where
+    `record_inline_prompts` writes them."""
     if isinstance(prompts, str):
         return read_prompts(prompts, max_chars), prompts
-    rows = prompt_rows(prompts, "config prompts", max_chars)
-    storage.write_bytes_atomic(url, prompts_jsonl(rows))
-    return rows, url
+    return prompt_rows(prompts, "config prompts", max_chars), url
+
+
+def record_inline_prompts(rows: list[PromptRow], url: str) -> None:
+    """Write inline prompts to `url` once; ConfigError when an earlier run of this output wrote other prompts there
+    (what it generated and evaluated was made from them)."""
+    data = prompts_jsonl(rows)
+    if storage.exists(url):
+        if storage.read_bytes(url) != data:
+            raise ConfigError(
+                f"{url}: an earlier run of this output was given other inline prompts, and its results were made from "
+                "these; write to another `out` (or delete the output to start over)"
+            )
+        return
+    storage.write_bytes_atomic(url, data)
