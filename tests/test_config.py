@@ -112,3 +112,14 @@ def test_missing_or_malformed_file(tmp_path):
 def test_dump_round_trips(tmp_path):
     config = Example(steps=3, optim=Optim(lr=0.5, schedule="cosine"), tags=["x"])
     assert load_config(Example, write(tmp_path, dump_config(config))) == config
+
+
+@pytest.mark.parametrize("storage_path", ["s3://bucket/exp#1", "s3://bucket/a%20b", "gs://bucket/my run", "s3://b/x?y"])
+def test_a_run_storage_url_ray_train_would_read_apart_from_fsspec_is_refused(storage_path: str):
+    from videodpo_ray.training.config import TrainConfig
+
+    base = ["data.pairs_url=/pairs", "run.name=dpo"]
+    with pytest.raises(ConfigError, match=r"run\.storage_path: .*Ray Train's URL parser reads a storage URL"):
+        load_config(TrainConfig, None, [*base, f"run.storage_path={storage_path}"])
+    local = load_config(TrainConfig, None, [*base, "run.storage_path=/tmp/exp#1 a%20b"])  # a local path is one path
+    assert local.run.storage_path == "/tmp/exp#1 a%20b"

@@ -307,7 +307,7 @@ def test_empty_shard_and_unknown_kind_are_errors(tmp_path) -> None:
 
 
 def test_ray_data_reads_only_committed_shards(s3_bucket: str, ray_cluster, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = s3_bucket + "/run"
+    root = s3_bucket + "/run #1 a%20b"  # pyarrow's URI parser would cut at # and decode %20: the keys are fsspec's
     for index in range(2):
         shards.write_shard(shards.make_table("pairs", pair_rows(2, start=10 * index)), root, "pairs", index)
     _crash_on_call(monkeypatch, "commit", 2)  # shard 2: parquet in place, no manifest

@@ -233,9 +233,20 @@ def pyarrow_filesystem(url: str) -> tuple[pafs.FileSystem, str]:
     fs, path = filesystem_for(url)
     if isinstance(fs, LocalFileSystem):
         return pafs.LocalFileSystem(), path
-    if url.startswith(("s3://", "s3a://")):
-        return pafs.FileSystem.from_uri(url)
+    if url.startswith("s3://"):  # the bucket's client (its region resolved); the key as fsspec reads it, not decoded
+        return pafs.FileSystem.from_uri(f"s3://{path.split('/', 1)[0]}")[0], path
     return PyFileSystem(FSSpecHandler(fs)), path
+
+
+def check_ray_storage_url(url: str) -> str:
+    """`url`, when Ray Train (which parses it with pyarrow's URI parser) and fsspec locate the same objects at it;
+    ValueError when a URL with a scheme holds %, #, ? or whitespace (pyarrow decodes or cuts there, fsspec does
+    not: checkpoints would land apart from where resumes and exports look)."""
+    unsafe = sorted({char for char in url if char in "%#?" or char.isspace()}) if "://" in url else []
+    if unsafe:
+        raise ValueError(f"{url!r} holds {', '.join(map(repr, unsafe))}: Ray Train's URL parser reads a storage URL "
+                         "with these otherwise than fsspec; use a name without them")
+    return url
 
 
 def upload_directory(local: Path, url: str) -> None:

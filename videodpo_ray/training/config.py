@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
+from videodpo_ray import storage
 from videodpo_ray.config import StrictConfig
 from videodpo_ray.dpo_options import BetaSchedule, DPOReduction
 from videodpo_ray.models import ModelConfig
@@ -88,7 +89,8 @@ class RunConfig(StrictConfig):
     """Run identity, storage and fault tolerance. Re-running the same name + storage_path resumes the run."""
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
-    storage_path: str  # URL (s3://, gs://, local path): checkpoints, TensorBoard files and the export
+    # URL (s3://, gs://, local path): checkpoints, TensorBoard files and the export
+    storage_path: Annotated[str, AfterValidator(storage.check_ray_storage_url)]
     checkpoint_every: int = Field(100, ge=1)  # optimizer steps between checkpoints (plus one at the end)
     num_to_keep: int | None = Field(2, ge=1)
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the last checkpoint (-1: unlimited)
