@@ -42,6 +42,7 @@ from videodpo_ray.training.data import (
 )
 from videodpo_ray.training.memory import peak_memory_gib
 from videodpo_ray.training.plan import DataPosition, PairPlan
+from videodpo_ray.training.runs import Heartbeat
 from videodpo_ray.training.step import DPOObjective
 
 LOG_METRICS = (  # averaged over the workers
@@ -56,7 +57,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> NonFiniteTrainingError | No
     # Quiet by default: Ray Train's worker logs each report with its whole metrics dict at INFO on the root logger;
     # the driver prints one progress line per step instead.
     logging.getLogger().setLevel(logging.WARNING)
-    return DPOWorker(TrainConfig.model_validate(config)).run()
+    worker = DPOWorker(TrainConfig.model_validate(config))
+    alive = Heartbeat(ckpt.run_dir(worker.config)) if worker.rank == 0 else contextlib.nullcontext()
+    with alive:  # `runs clean` keeps the folder of a run that has no checkpoint yet
+        return worker.run()
 
 
 class DPOWorker:
@@ -140,6 +144,8 @@ class DPOWorker:
         if self.rank == 0:
             self.curves = TrainingCurves(ckpt.run_dir(config))
         try:
+            if self.global_step == self.total_steps:  # a finished run resubmitted for another export (run_training)
+                ray.train.report(self._finish())
             self._train()
         except NonFiniteTrainingError as error:  # raised on every rank together (an all-reduced check)
             return error  # rank 0's return value: the driver raises it, so Ray Train does not replay the same steps

@@ -67,17 +67,16 @@ def progress_printer(name: str) -> Any:
     class ProgressPrinter(UserCallback):
         def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
             head = metrics[0] if metrics else {}
-            if "loss" not in head:
-                return
-            saved = " (checkpoint)" if checkpoint is not None else ""
-            print(
-                f"[train {name}] step {head['step'] + 1}/{head['total_steps']} epoch {head['epoch']} "
-                f"loss {head['loss']:.5f} "
-                f"acc {head['implicit_accuracy']:.3f} margin {head['reward_margin']:.4g} lr {head['lr']:.3g} "
-                f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s "
-                f"peak {head['peak_memory_gib']:.1f} GiB{saved}",
-                flush=True,
-            )
+            if "loss" in head:  # a step (a finished run exported again reports no step)
+                saved = " (checkpoint)" if checkpoint is not None else ""
+                print(
+                    f"[train {name}] step {head['step'] + 1}/{head['total_steps']} epoch {head['epoch']} "
+                    f"loss {head['loss']:.5f} "
+                    f"acc {head['implicit_accuracy']:.3f} margin {head['reward_margin']:.4g} lr {head['lr']:.3g} "
+                    f"grad_norm {head['grad_norm']:.4g} {head['pairs_per_s']:.2f} pairs/s "
+                    f"peak {head['peak_memory_gib']:.1f} GiB{saved}",
+                    flush=True,
+                )
             if head.get("done"):
                 print(f"[train {name}] finished; exported trainable weights to {head['export_url']}", flush=True)
 
@@ -94,11 +93,15 @@ def run_training(config: TrainConfig, train_fn: Callable[[dict], None] | None = 
     config = settle_memory_layout(with_absolute_paths(config))
     plan = validate_inputs(config)
     final = completed_checkpoint(config)
-    if final is not None:
+    outdated = ckpt.export_outdated(config) if final is not None else None
+    if final is not None and outdated is None:
         from ray.train import Result
 
         print(f"[train {config.run.name}] already complete: {final} is the final step; nothing to train", flush=True)
         return Result.from_path(ckpt.run_dir(config))
+    if outdated is not None:  # the workers restore the final step and only export it
+        print(f"[train {config.run.name}] already trained: {final} is the final step; exporting it again "
+              f"({outdated})", flush=True)
     note = schedule_change(config)
     if note is not None:
         print(f"[train {config.run.name}] note: {note}", flush=True)

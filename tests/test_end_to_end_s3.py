@@ -1,18 +1,21 @@
 """Generate -> pair -> train on S3 (the moto server) with the tiny model on the session's Ray cluster: 12 prompts x
 N = 4, exactly one best-worst pair per prompt, weights as configured, the model's latent and text-embedding shapes,
-and a trainer that builds no text encoder."""
+and a trainer that builds no text encoder; resubmitted for another export dtype, the finished run only exports again."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
 
-from videodpo_ray import shards, tensor_bytes
+from videodpo_ray import shards, storage, tensor_bytes
 from videodpo_ray.config import load_config
 from videodpo_ray.models import ModelConfig, build_model
 from videodpo_ray.stages.generate import GenerateConfig
 from videodpo_ray.stages.pair import PairConfig
 from videodpo_ray.stages.prompts import prompt_rows
+from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
@@ -69,3 +72,19 @@ def test_twelve_prompts_to_pair_shards_on_s3_then_training_without_a_text_encode
     bare = build_model(TINY_VC2.model_copy(update={"build_text_encoder": False}), seed=0)
     assert result.metrics["built_parameters"] == sum(parameter.numel() for parameter in bare.parameters())
     assert result.metrics["built_parameters"] < sum(parameter.numel() for parameter in model.parameters())
+
+    # resubmitted unchanged: recognised as finished before any worker; asking for another export dtype: the workers
+    # restore the final step and only write the export again (no step, no new checkpoint)
+    export_info = storage.join(ckpt.run_dir(config), ckpt.EXPORT_DIR, ckpt.EXPORT_INFO)
+    assert json.loads(storage.read_bytes(export_info))["dtype"] == "float32"
+    checkpoints = sorted(entry.url for entry in storage.list_entries(ckpt.run_dir(config)))
+    assert ckpt.export_outdated(config) is None
+    in_bf16 = config.model_copy(update={"export": config.export.model_copy(update={"dtype": "bfloat16"})})
+    assert "holds step 1 in float32, the config asks for step 1 in bfloat16" in ckpt.export_outdated(in_bf16)
+    again = run_training(in_bf16)
+    assert again.error is None and again.checkpoint.path == result.checkpoint.path  # no step, no new checkpoint
+    info = json.loads(storage.read_bytes(export_info))
+    assert (info["step"], info["dtype"]) == (1, "bfloat16") and ckpt.export_outdated(in_bf16) is None
+    assert sorted(entry.url for entry in storage.list_entries(ckpt.run_dir(config))) == checkpoints
+    model_config, weights, _ = ckpt.load_export(storage.join(ckpt.run_dir(config), ckpt.EXPORT_DIR))
+    assert all(tensor.dtype == torch.bfloat16 for tensor in weights.values() if tensor.is_floating_point())

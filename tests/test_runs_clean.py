@@ -3,6 +3,9 @@ with a checkpoint, shard data and anything recent stay. Local storage and S3 (mo
 
 from __future__ import annotations
 
+import json
+import socket
+import time
 from datetime import datetime, timedelta, timezone
 
 import fsspec
@@ -12,7 +15,7 @@ from typer.testing import CliRunner
 from videodpo_ray import storage
 from videodpo_ray.cli import app
 from videodpo_ray.training import checkpoint as ckpt
-from videodpo_ray.training.runs import apply_clean, plan_clean
+from videodpo_ray.training.runs import HEARTBEAT, Heartbeat, apply_clean, plan_clean
 
 STATE = ckpt.TrainState(2, 0, 2, 4, 1, 2, 1, 1, 0, []).to_json().encode()
 COMMITTED = b'{"latest_checkpoint_result": {"checkpoint_dir_name": "checkpoint-00000002", "metrics": {}}}'
@@ -100,3 +103,20 @@ def test_cli_is_a_dry_run_unless_told_yes(tmp_path):
     assert "run-kept/checkpoint-00000002/train_state.json" in remaining(root)
     assert not any(name.startswith(tuple(REMOVED_RUNS)) for name in remaining(root))
     assert fsspec.filesystem("file").exists(f"{root}/not-a-run/notes.txt")
+
+
+def test_a_live_run_without_a_checkpoint_is_kept_by_its_heartbeat(root):
+    """A run that has not committed its first checkpoint and wrote nothing since it started is still running while
+    its rank 0's heartbeat beats (here every 0.2 s, against a min age of 2 s; S3 times are whole seconds); once the
+    run ends, its folder can go."""
+    run = storage.join(root, "run-slow")
+    storage.write_bytes_atomic(storage.join(run, ".validate_storage_marker"), b"")  # Ray Train's, once at start
+    with Heartbeat(run, interval_s=0.2):
+        first = storage.read_bytes(storage.join(run, HEARTBEAT))
+        time.sleep(3)
+        assert json.loads(first)["host"] == socket.gethostname()
+        assert storage.read_bytes(storage.join(run, HEARTBEAT)) != first  # it beat again
+        plan = plan_clean(root, min_age_s=2)
+        assert plan.runs == [] and "may still be running" in plan.kept[run]
+    time.sleep(3)
+    assert plan_clean(root, min_age_s=2).runs == [run]  # no beat since the run ended

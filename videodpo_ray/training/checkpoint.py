@@ -261,6 +261,24 @@ def write_export(
     return weights_url
 
 
+def export_outdated(config: TrainConfig) -> str | None:
+    """Why the export of a finished run is not what `config.export` asks for (none there, another step or dtype),
+    or None: then there is nothing to write again (also when no export is asked for)."""
+    latest = latest_checkpoint_state(run_dir(config))
+    if not config.export.enabled or latest is None:
+        return None
+    export_url = storage.join(run_dir(config), EXPORT_DIR)
+    try:
+        info = json.loads(storage.read_bytes(storage.join(export_url, EXPORT_INFO)))
+    except FileNotFoundError:
+        return f"{export_url} holds no export"
+    recorded, asked = (info.get("step"), info.get("dtype")), (latest[1].global_step, config.export.dtype)
+    if recorded != asked:
+        return (f"{export_url} holds step {recorded[0]} in {recorded[1]}, "
+                f"the config asks for step {asked[0]} in {asked[1]}")
+    return None
+
+
 def load_export(export_url: str) -> tuple[ModelConfig, dict[str, torch.Tensor], dict[str, Any]]:
     """Read an export: its ModelConfig, the trainable state dict and export.json."""
     from safetensors.torch import load as load_safetensors

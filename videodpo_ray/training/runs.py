@@ -5,18 +5,26 @@ A run folder is a directory directly under the root that Ray Train made (it hold
 Ray Train recorded: what a resume starts from) and no export (`export/export.json`: trained weights, which a run
 whose last checkpoint upload failed may hold alone). A run with either is never touched. Temporary objects
 (`_tmp-*`, left by a crashed `storage.stage`) can go anywhere under the root.
-Nothing younger than `min_age_s` is touched: a run may still be starting, a write may still be under way.
+Nothing younger than `min_age_s` is touched: a run may still be starting, a write may still be under way. A live
+run's rank 0 rewrites `heartbeat.json` in its folder every `HEARTBEAT_INTERVAL_S` (`Heartbeat`), so a run that
+has not committed its first checkpoint yet stays as long as `min_age_s` is longer than that.
 """
 
 from __future__ import annotations
 
+import json
+import socket
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from types import TracebackType
 
 from videodpo_ray import storage
 from videodpo_ray.training import checkpoint as ckpt
 
 RAY_TRAIN_MARKERS = (".validate_storage_marker", "checkpoint_manager_snapshot.json")
+HEARTBEAT = "heartbeat.json"
+HEARTBEAT_INTERVAL_S = 300.0
 
 
 @dataclass
@@ -73,3 +81,35 @@ def apply_clean(plan: CleanPlan) -> None:
 def _is_run_folder(url: str) -> bool:
     names = {entry.url.rsplit("/", 1)[-1] for entry in storage.list_entries(url)}
     return bool(names & set(RAY_TRAIN_MARKERS)) or any(name.startswith(ckpt.CHECKPOINT_PREFIX) for name in names)
+
+
+class Heartbeat:
+    """A thread rewriting `{run_url}/heartbeat.json` (time and host) every `interval_s` while the context is open:
+    proof that the run is alive for `plan_clean`. A failed write is reported and tried again at the next beat (the
+    run's own checkpoint uploads fail loudly on a storage outage)."""
+
+    def __init__(self, run_url: str, interval_s: float = HEARTBEAT_INTERVAL_S) -> None:
+        self.url = storage.join(run_url, HEARTBEAT)
+        self.interval_s = interval_s
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="videodpo-heartbeat", daemon=True)
+
+    def __enter__(self) -> "Heartbeat":
+        self._write()  # the first beat before the run goes on
+        self._thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None):
+        self._stopped.set()
+        self._thread.join()
+
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.interval_s):
+            self._write()
+
+    def _write(self) -> None:
+        beat = {"time": datetime.now(timezone.utc).isoformat(), "host": socket.gethostname()}
+        try:
+            storage.write_bytes_atomic(self.url, json.dumps(beat).encode())
+        except OSError as error:
+            print(f"warning: could not write the run's heartbeat {self.url}: {error}", flush=True)
