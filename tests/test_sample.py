@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from videodpo_ray.cli import app
+from videodpo_ray.errors import CheckpointError
 from videodpo_ray.models import ModelConfig, build_model, families
 from videodpo_ray.training import checkpoint as ckpt
 from videodpo_ray.video import decode_mp4, encode_mp4
@@ -254,6 +255,30 @@ def test_bad_input_is_a_clear_error_with_exit_code_2(tmp_path):
         code, output = sample(*arguments)
         assert code == 2 and message in output, (arguments, output)
     assert not (tmp_path / "out").exists()
+
+
+def test_a_merged_export_replaces_only_an_earlier_one_and_an_unfinished_one_is_refused(tmp_path):
+    config = ModelConfig(family="vc2", variant="tiny", finetune="lora", lora={"rank": 4})
+    run = tmp_path / "run"
+    ckpt.write_export(build_model(config, seed=5).trainable_state_dict(), config, str(run / "export"), step=3,
+                      dtype="float32", init_seed=5)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    (merged / "notes.txt").write_text("mine")  # not a merged export: never replaced
+    refused = CliRunner().invoke(app, ["export", str(run), "--merged", "--out", str(merged)])
+    assert refused.exit_code == 2 and "not empty and not a merged export" in refused.output
+    assert (merged / "notes.txt").read_text() == "mine"
+
+    (merged / "notes.txt").unlink()
+    first = CliRunner().invoke(app, ["export", str(run), "--merged", "--out", str(merged)])
+    assert first.exit_code == 0, first.output
+    (merged / "stale.bin").write_bytes(b"left by an earlier layout")
+    again = CliRunner().invoke(app, ["export", str(run), "--merged", "--out", str(merged)])  # replaced as a whole
+    assert again.exit_code == 0, again.output
+    assert json.loads((merged / ckpt.MERGED_INFO).read_text())["step"] == 3 and not (merged / "stale.bin").exists()
+    (merged / "_WRITING").write_bytes(b"")  # as an interrupted upload leaves it
+    with pytest.raises(CheckpointError, match=r"merged: its writing did not finish \(_WRITING is there\)"):
+        build_model(ModelConfig(family="vc2", variant="tiny", path=str(merged)))
 
 
 @pytest.mark.parametrize("family", families())

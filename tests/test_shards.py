@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from videodpo_ray import shards, storage, tensor_bytes
-from videodpo_ray.errors import ShardError, ShardExistsError
+from videodpo_ray.errors import CheckpointError, ShardError, ShardExistsError
 from videodpo_ray.video import encode_mp4
 
 
@@ -361,3 +361,18 @@ def test_remote_weights_are_downloaded_again_when_rewritten_at_the_same_url(s3_b
     assert storage.local_file(f"{url}/unet/weights.bin").read_bytes() == b"second"
     storage.write_bytes_atomic(f"{url}/model_index.json", b"{}")  # a file added (an upload finishing)
     assert (storage.local_directory(url) / "model_index.json").read_bytes() == b"{}"
+
+
+def test_a_published_directory_replaces_the_old_one_and_an_unfinished_one_is_refused(root: str, tmp_path) -> None:
+    local = tmp_path / "model"
+    (local / "unet").mkdir(parents=True)
+    (local / "unet" / "weights.bin").write_bytes(b"new")
+    url = storage.join(root, "model")
+    storage.write_bytes_atomic(storage.join(url, "old-layout.bin"), b"stale")
+    storage.publish_directory(local, url)
+    assert storage.read_bytes(storage.join(url, "unet", "weights.bin")) == b"new"
+    assert not storage.exists(storage.join(url, "old-layout.bin"))
+    assert (storage.local_directory(url) / "unet" / "weights.bin").read_bytes() == b"new"
+    storage.write_bytes_atomic(storage.join(url, storage.WRITING_MARKER), b"")  # as an interrupted upload leaves it
+    with pytest.raises(CheckpointError, match=r"model: its writing did not finish \(_WRITING is there\)"):
+        storage.local_directory(url)

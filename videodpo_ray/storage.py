@@ -25,6 +25,7 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from videodpo_ray.errors import CheckpointError
 
 TEMP_PREFIX = "_tmp-"
+WRITING_MARKER = "_WRITING"  # in a directory `publish_directory` has not finished: `local_directory` refuses it
 
 
 def filesystem_for(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -255,6 +256,16 @@ def upload_directory(local: Path, url: str) -> None:
         write_bytes_atomic(join(url, path.relative_to(local).as_posix()), path.read_bytes())
 
 
+def publish_directory(local: Path, url: str) -> None:
+    """Put the local directory `local` at `url` in place of whatever was there (no stale file of it stays).
+    `WRITING_MARKER` is written first and removed last, so a reader of an unfinished upload (a crash, a rewrite
+    under way) is refused by `local_directory` instead of loading a mix of files."""
+    remove_tree(url)
+    write_bytes_atomic(join(url, WRITING_MARKER), b"")
+    upload_directory(local, url)
+    remove(join(url, WRITING_MARKER))
+
+
 def cache_directory() -> Path:
     """Where remote weight directories are downloaded: $VIDEODPO_RAY_CACHE or ~/.cache/videodpo-ray."""
     return Path(os.environ.get("VIDEODPO_RAY_CACHE", Path.home() / ".cache" / "videodpo-ray"))
@@ -266,18 +277,25 @@ def local_directory(url: str) -> Path:
     The one way remote weights reach a model: a remote directory is downloaded once into `cache_directory()`, keyed
     by URL and by the listing's names, sizes and versions (ETag), so weights rewritten at the same URL (a new export,
     a re-merged model) are downloaded again; into a temporary folder renamed into place only when complete, so an
-    interrupted download is never used. Raises CheckpointError when there is nothing at `url`.
+    interrupted download is never used. Raises CheckpointError when there is nothing at `url`, or when
+    `publish_directory` has not finished writing it.
     """
     fs, root = filesystem_for(url)
+    unfinished = CheckpointError(f"{url}: its writing did not finish ({WRITING_MARKER} is there): the run that wrote "
+                                 "it was interrupted or is still writing; write it again")
     if isinstance(fs, LocalFileSystem):
         directory = Path(root)
         if not directory.is_dir():
             raise CheckpointError(f"{url}: not a directory")
+        if (directory / WRITING_MARKER).exists():
+            raise unfinished
         return directory
     fs.invalidate_cache(root)
     listing = fs.find(root, detail=True)
     if not listing:
         raise CheckpointError(f"{url}: no files found")
+    if posixpath.join(root.rstrip("/"), WRITING_MARKER) in listing:
+        raise unfinished
     target = cache_directory() / _cache_key(url.rstrip("/"), listing)
     if target.is_dir():
         return target

@@ -47,6 +47,7 @@ EXPORT_WEIGHTS = "trainable.safetensors"
 EXPORT_MODEL = "model.yaml"
 EXPORT_INFO = "export.json"
 EXPORT_FILES = (EXPORT_WEIGHTS, EXPORT_MODEL, EXPORT_INFO)
+MERGED_INFO = "merged_export.json"  # in a merged model directory: which export it was made from
 RAY_CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the committed checkpoints
 
 
@@ -325,13 +326,23 @@ def load_exported_model(export_url: str, **overrides: Any) -> VideoDiffusionMode
 
 def write_merged_export(export_url: str, out: str) -> str:
     """The exported model with its trained weights folded in (LoRA merged into the base weights), written in the
-    model layer's format: `ModelConfig(family, variant, path=out)` loads it like any base model. Returns `out`."""
+    model layer's format: `ModelConfig(family, variant, path=out)` loads it like any base model. Returns `out`.
+
+    `out` is replaced as a whole (`storage.publish_directory`: an interrupted write is refused by the loaders), so
+    it must be new, empty, or an earlier merged export (it holds `MERGED_INFO`); anything else is a ConfigError.
+    """
+    names = {entry.url.rsplit("/", 1)[-1] for entry in storage.list_entries(out)}
+    if names and not names & {MERGED_INFO, storage.WRITING_MARKER}:
+        raise ConfigError(f"{out}: not empty and not a merged export (no {MERGED_INFO}): give a new or empty --out")
     model = load_exported_model(export_url, mixed_precision="no")  # base weights in float32, not bf16
     if model.config.finetune == "lora":
         model.merge_lora()
+    info = read_export_info(export_url)
+    merged = {"export": export_url, "step": info["step"], "weights_sha256": info.get("weights_sha256")}
     with tempfile.TemporaryDirectory(prefix="videodpo-merged-") as directory:
         model.save_pretrained(directory)
-        storage.upload_directory(Path(directory), out)
+        Path(directory, MERGED_INFO).write_text(json.dumps(merged, indent=2))
+        storage.publish_directory(Path(directory), out)
     return out
 
 
