@@ -161,7 +161,7 @@ class DPOWorker:
         return value[0]
 
     def _read_saved_state(self, directory: Path) -> ckpt.TrainState:
-        state = ckpt.TrainState.from_json((directory / ckpt.TRAIN_STATE).read_text())
+        state = ckpt.TrainState.from_json((directory / ckpt.TRAIN_STATE).read_text(), str(directory / ckpt.TRAIN_STATE))
         ckpt.check_resumable(state, self.config, str(directory))
         return state
 

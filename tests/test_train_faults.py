@@ -257,7 +257,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, ray_cluster
     run_dir = Path(ckpt.run_dir(config))
     checkpoints = sorted(p.name for p in run_dir.glob(f"{ckpt.CHECKPOINT_PREFIX}*"))
     assert checkpoints[-1] == ckpt.checkpoint_dir_name(last_good) == latest_committed(config)
-    state = ckpt.TrainState.from_json((run_dir / checkpoints[-1] / ckpt.TRAIN_STATE).read_text())
+    state_file = run_dir / checkpoints[-1] / ckpt.TRAIN_STATE
+    state = ckpt.TrainState.from_json(state_file.read_text(), str(state_file))
     assert state.global_step == last_good
     assert not (run_dir / ckpt.EXPORT_DIR).exists()
     assert yaml.safe_load((run_dir / checkpoints[-1] / "config.yaml").read_text())["run"]["name"] == "nan"

@@ -288,6 +288,14 @@ def test_resume_with_another_world_size_is_refused_before_start(tmp_path, pair_r
         validate_inputs(train_config(tmp_path, tmp_path, "scaling.num_workers=1", "data.pairs_per_worker=2"))
 
 
+@pytest.mark.parametrize("text", ["{not json", '{"global_step": 1}'])
+def test_a_train_state_this_version_cannot_read_is_named(text, tmp_path, pair_rows):
+    shards.write_shard(shards.make_table("pairs", pair_rows), str(tmp_path), "pairs", 0)
+    checkpoint = commit_checkpoint(tmp_path / "runs" / "unit", text, 1)
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(checkpoint / ckpt.TRAIN_STATE))}: not a train state"):
+        validate_inputs(train_config(tmp_path, tmp_path))
+
+
 @pytest.mark.parametrize("change", ["rewritten", "gone", "added"])
 def test_a_resume_checks_the_frozen_shards_before_any_worker(change, tmp_path, pair_rows):
     for index in (0, 1):

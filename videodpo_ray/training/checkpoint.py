@@ -84,8 +84,12 @@ class TrainState:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainState":
-        return cls(**json.loads(text))
+    def from_json(cls, text: str, source: str) -> "TrainState":
+        """Parse a train_state.json; CheckpointError naming `source` when it is not one this version writes."""
+        try:
+            return cls(**json.loads(text))
+        except (json.JSONDecodeError, TypeError) as error:
+            raise CheckpointError(f"{source}: not a train state this version reads ({error})") from None
 
 
 # Settings a resume may change (a section, "export", covers all its settings): they locate the run, set how long it
@@ -192,7 +196,8 @@ def latest_checkpoint_state(run_url: str) -> tuple[str, TrainState] | None:
         return None
     url = storage.join(run_url, name)
     try:
-        return url, TrainState.from_json(storage.read_bytes(storage.join(url, TRAIN_STATE)).decode())
+        state_url = storage.join(url, TRAIN_STATE)
+        return url, TrainState.from_json(storage.read_bytes(state_url).decode(), state_url)
     except FileNotFoundError:
         raise CheckpointError(f"{url}: committed by Ray Train but without {TRAIN_STATE}") from None
 
