@@ -8,8 +8,8 @@ the same way (configs: `models/config.py`; peft, dtype and compile helpers: `mod
   strictly), the preset registry (`PRESETS` / `presets()` / `preset()`) and `save_pretrained`;
 - `predict` (checked input shapes, policy or frozen reference) and `sample` (per-seed noise, the family's
   `denoise`, decode); the formulas the families share (pixel ranges, classifier-free guidance) are in `functional.py`;
-- the fast paths: frozen weights held in the compute dtype (`hold_frozen_in`, `freeze_for_sampling`), the one bf16
-  autocast (`autocast`), channels-last convolutions and `torch.compile` with an eager fallback (`compile_module`).
+- the fast paths: frozen weights in the compute dtype (`freeze_for_sampling`), the one bf16 `autocast`,
+  channels-last convolutions, `torch.compile` with an eager fallback.
 
 Conventions shared by every family: videos in and out of the model are uint8 tensors (B, T, H, W, 3); latents are
 the family's own layout (`latent_layout`), already multiplied by the VAE scale factor; text embeddings are what the
@@ -19,8 +19,6 @@ denoiser's cross-attention takes, (B, L, D); timesteps are int64 (B,) on the 0..
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import nn
 
 from videodpo_ray.errors import ConfigError
 from videodpo_ray.models.config import ModelConfig
+from videodpo_ray.models.functional import latent_space_name
 from videodpo_ray.models.loading import check_state_dict
 from videodpo_ray.models.modules import (
     AUTOCAST_LAYERS,
@@ -115,8 +114,7 @@ class VideoDiffusionModel(nn.Module, ABC):
         """Write the base weights in the layout `ModelConfig(family, variant, path=directory)` loads back."""
         if self.config.finetune == "lora":
             raise ConfigError("save_pretrained writes base weights only; export a LoRA with trainable_state_dict()")
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        (directory := Path(directory)).mkdir(parents=True, exist_ok=True)
         self.write_pretrained(directory)
         return directory
 
@@ -128,10 +126,9 @@ class VideoDiffusionModel(nn.Module, ABC):
     def configure_training(self) -> None:
         """Freeze all but what `config.finetune` trains and set up the DPO reference (call once, after the
         denoiser exists): "lora" injects a fresh adapter (`inject_lora`), reference = adapters off; "full" and
-        "temporal" keep a frozen copy. With mixed_precision "bf16" frozen denoiser weights are stored in bf16:
-        LoRA's base weights all of them (the reference is the same module, adapters off); the copy and the layers
-        "temporal" leaves alone those of AUTOCAST_LAYERS only, so that at step 0 the reference predicts exactly
-        what the float32 policy does under autocast. Trained weights stay float32."""
+        "temporal" keep a frozen copy. With mixed_precision "bf16" frozen denoiser weights are held in bf16: all of
+        LoRA's base weights; in the copy and the layers "temporal" leaves alone, AUTOCAST_LAYERS only (at step 0
+        the reference predicts exactly what the float32 policy does under autocast). Trained weights stay float32."""
         denoiser, finetune = self.denoiser, self.config.finetune
         denoiser.requires_grad_(False)
         if finetune == "temporal" and not self.temporal_modules:
@@ -280,16 +277,13 @@ class VideoDiffusionModel(nn.Module, ABC):
         """Scaled latents -> uint8 (B, T, H, W, 3)."""
 
     def latent_settings(self) -> dict[str, Any]:
-        """What fixes the numbers `encode_videos` makes from the VAE weights: the VAE's config (layout, scaling
-        factor, latent mean and std)."""
+        """What fixes the latents `encode_videos` makes: the VAE's config (layout, scale, latent mean and std)."""
         return {key: value for key, value in self.vae.config.items() if not key.startswith("_")}
 
     @property
     def latent_space(self) -> str:
-        """`family:digest` of `latent_settings()`: recorded with stored latents (the pair shards' `latent_model`),
-        so training refuses latents another VAE made (CogVideoX 2B and 5B share the family, not the scale)."""
-        settings = json.dumps(self.latent_settings(), sort_keys=True, default=str).encode()
-        return f"{self.family}:{hashlib.sha256(settings).hexdigest()[:12]}"
+        """The pair shards' `latent_model`: `family:` + a digest of `latent_settings()` (CogVideoX 2B != 5B)."""
+        return latent_space_name(self.family, self.latent_settings())
 
     # --- diffusion ----------------------------------------------------------------------------------------------
     @abstractmethod

@@ -1,9 +1,12 @@
 """The formulas every family applies the same way, as plain functions (the families and the toy world call them):
-uint8 pixels <-> the VAE's [-1, 1] range, and classifier-free guidance with both halves in one denoiser call."""
+uint8 pixels <-> the VAE's [-1, 1] range, classifier-free guidance with both halves in one denoiser call, and the
+name of a VAE's latent space."""
 
 from __future__ import annotations
 
-from typing import Callable
+import hashlib
+import json
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -41,3 +44,9 @@ def classifier_free_guidance(
     out = denoise(torch.cat([latents, latents]), torch.cat([timesteps, timesteps]), embeddings)
     conditional, unconditional = out.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def latent_space_name(family: str, settings: Mapping[str, Any]) -> str:
+    """`family:` + the first 12 hex digits of the sha256 of `settings` as sorted JSON."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+    return f"{family}:{digest[:12]}"

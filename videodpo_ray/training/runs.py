@@ -13,6 +13,7 @@ has not committed its first checkpoint yet stays as long as `min_age_s` is longe
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from videodpo_ray.training import checkpoint as ckpt
 RAY_TRAIN_MARKERS = (".validate_storage_marker", "checkpoint_manager_snapshot.json")
 HEARTBEAT = "heartbeat.json"
 HEARTBEAT_INTERVAL_S = 300.0
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -112,4 +114,4 @@ class Heartbeat:
         try:
             storage.write_bytes_atomic(self.url, json.dumps(beat).encode())
         except OSError as error:
-            print(f"warning: could not write the run's heartbeat {self.url}: {error}", flush=True)
+            logger.warning("could not write the run's heartbeat %s: %s", self.url, error)
