@@ -6,6 +6,7 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -84,9 +85,44 @@ def test_ddim_grid_is_lvdms_and_any_step_count_samples():
     schedule = VC2NoiseSchedule()
     assert schedule.ddim_timesteps(50) == list(range(1, 1000, 20))  # lvdm: 1, 21, ..., 981
     assert schedule.ddim_timesteps(3) == [1, 334, 667]  # lvdm's grid would be 1, 334, 667, 1000: out of range
-    assert all(len(schedule.ddim_timesteps(n)) == n for n in (1, 3, 7, 25, 30, 999, 1000))
+    # every point of lvdm's grid: it starts near 1000 (cutting it to num_steps points would start at 853 for 7)
+    assert schedule.ddim_timesteps(7) == [1, 143, 285, 427, 569, 711, 853, 995]
+    assert [schedule.ddim_timesteps(n)[-1] for n in (25, 30, 60, 999, 1000)] == [961, 991, 993, 999, 999]
     video = tiny().sample(["a cat"], [1], num_inference_steps=3)
     assert video.shape == (1, 4, 16, 16, 3)
+
+
+@pytest.mark.parametrize("num_steps", [50, 7])
+def test_ddim_sampling_is_lvdms_sampler_step_for_step(num_steps: int):
+    """An independent port of lvdm's DDIMSampler (make_ddim_timesteps "uniform", eta 1, scale_arr divided out of
+    pred_x0 and the previous step's multiplied in, alphas_prev[0] = abar[0]) on a fixed linear noise predictor."""
+    from videodpo_ray.models.vc2_schedule import VC2NoiseSchedule
+
+    schedule = VC2NoiseSchedule()
+    weight = 0.1 * torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+
+    def predict_noise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("ij,bj...->bi...", weight, x) * (1 + t.float().view(-1, 1, 1, 1, 1) / 1000)
+
+    start = torch.randn(2, 4, 3, 5, 6, generator=torch.Generator().manual_seed(1))
+    ours = schedule.ddim_sample(predict_noise, start.clone(), num_steps, 1.0,
+                                [torch.Generator().manual_seed(seed) for seed in (1, 2)])
+
+    abar = np.cumprod(1 - np.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=np.float64) ** 2).astype(np.float32)
+    scale = np.concatenate([np.linspace(1.0, 0.7, 400), np.full(600, 0.7)]).astype(np.float32)
+    steps = np.asarray(list(range(0, 1000, 1000 // num_steps))) + 1
+    alphas, alphas_prev = abar[steps], np.asarray([abar[0], *abar[steps[:-1]]])
+    sigmas = np.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
+    scales, scales_prev = scale[steps], np.asarray([scale[0], *scale[steps[:-1]]])
+    generators = [torch.Generator().manual_seed(seed) for seed in (1, 2)]
+    x = start.clone()
+    for index in reversed(range(len(steps))):
+        eps = predict_noise(x, torch.full((2,), int(steps[index]), dtype=torch.long))
+        a_t, a_prev, sigma = float(alphas[index]), float(alphas_prev[index]), float(sigmas[index])
+        pred_x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t) / float(scales[index])
+        noise = sigma * torch.stack([torch.randn(x.shape[1:], generator=g) for g in generators])
+        x = np.sqrt(a_prev) * float(scales_prev[index]) * pred_x0 + np.sqrt(1 - a_prev - sigma**2) * eps + noise
+    torch.testing.assert_close(ours, x.float(), rtol=1e-4, atol=1e-4)
 
 
 def test_videos_are_encoded_frame_by_frame_and_decoded_to_uint8():

@@ -60,11 +60,12 @@ class VC2NoiseSchedule:
         return abar.sqrt() * x0 * _gather(self.scale_arr, timesteps, x0) + (1.0 - abar).sqrt() * noise
 
     def ddim_timesteps(self, num_steps: int) -> list[int]:
-        """lvdm's "uniform" DDIM grid: 0, c, 2c, ... shifted by one (1, 21, ..., 981 for 50 steps), its first
-        `num_steps` points (lvdm's own grid has one step too many, ending at the out-of-range 1000, when `num_steps`
-        does not divide 1000: 3 steps give 1, 334, 667 here)."""
-        stride = self.config.num_train_timesteps // num_steps
-        return [t + 1 for t in range(0, self.config.num_train_timesteps, stride)][:num_steps]
+        """lvdm's "uniform" DDIM grid: 0, c, 2c, ... (c = 1000 // num_steps) shifted by one (1, 21, ..., 981 for 50
+        steps). Every point of it, as lvdm, so the sampler starts near t = 1000 whatever the count: where c does not
+        divide 1000 there are more points than `num_steps` (7 steps: 8, from 1 to 995); only a point past the last
+        timestep is left out (3 steps: 1, 334, 667; lvdm would index 1000)."""
+        total = self.config.num_train_timesteps
+        return [t + 1 for t in range(0, total, total // num_steps) if t + 1 < total]
 
     @torch.no_grad()
     def ddim_sample(
