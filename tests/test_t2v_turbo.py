@@ -99,6 +99,15 @@ def test_a_merged_run_records_that_the_released_lora_is_in_its_weights(vc2_tiny_
         T2VTurbo.from_config(fixture_config(vc2_tiny_dir, path=str(tmp_path / "merged"), turbo_lora_mode=mode))
 
 
+def test_vc2_weights_without_the_released_lora_are_refused(vc2_tiny_dir: Path, tmp_path: Path):
+    """4-step LCM sampling on the undistilled VC2 weights draws noise: the LoRA (or a directory with it) is needed."""
+    with pytest.raises(ConfigError, match=r"turbo_base_model\.ckpt: VideoCrafter2 weights without the T2V-Turbo LoRA"):
+        T2VTurbo.from_config(fixture_config(vc2_tiny_dir, turbo_lora_path=None))
+    T2VTurbo.tiny().save_pretrained(tmp_path / "turbo")  # a T2V-Turbo directory loads as it is
+    T2VTurbo.from_config(fixture_config(vc2_tiny_dir, path=str(tmp_path / "turbo"), variant="tiny",
+                                        turbo_lora_path=None))
+
+
 def test_wrong_lora_lists_are_refused(vc2_tiny_dir: Path, tmp_path: Path):
     lora = torch.load(vc2_tiny_dir / "unet_lora.pt", weights_only=True)
     torch.save(lora[:-2], tmp_path / "short.pt")

@@ -64,6 +64,7 @@ class VC2Components:
     schedule: VC2ScheduleConfig
     scale_factor: float = DEFAULT_SCALE_FACTOR
     turbo_lora_merged: bool = False
+    family: str = "vc2"  # whose weights: model_index.json's family ("vc2" for an original checkpoint)
 
 
 # --- reading -----------------------------------------------------------------------------------------------------
@@ -330,6 +331,7 @@ def components_from_directory(
         schedule=VC2ScheduleConfig(**_read_json(directory / "scheduler" / SCHEDULE_FILE)),
         scale_factor=float(index["scale_factor"]),
         turbo_lora_merged=bool(index.get("turbo_lora_merged", False)),
+        family=str(index.get("family", "vc2")),
     )
 
 

@@ -94,6 +94,10 @@ class T2VTurbo(VideoCrafter2):
         """Base weights as for VC2 (time_cond_proj added with a zero base), the released LoRA from `turbo_lora_path`."""
         components = cls.load_components(config)
         lora = None
+        if config.path is not None and config.turbo_lora_path is None and components.family != cls.family:
+            raise ConfigError(f"{config.path}: VideoCrafter2 weights without the T2V-Turbo LoRA (4-step sampling needs "
+                              "it): set model.turbo_lora_path to the released unet_lora.pt, or load a directory "
+                              "converted with it merged (convert vc2 --lora)")
         if config.turbo_lora_path is not None:
             if components.turbo_lora_merged:
                 raise ConfigError(f"{config.path}: the T2V-Turbo LoRA is already merged; drop model.turbo_lora_path")
