@@ -264,6 +264,18 @@ def test_a_too_short_video_fails_only_its_row(local_scorer):
     assert reasons["one"].startswith("temporal_flickering: VideoTooShortError: need at least 2 frames, got 1")
 
 
+def test_frames_too_small_for_the_flow_model_fail_only_their_row():
+    """RAFT (here the tiny one: 2 pyramid levels, sides >= 32 px once padded to multiples of 8) refuses small frames:
+    that video's row fails, the batch's other videos are scored."""
+    scorer = OmniScorer(ScorerConfig(tiny=True, dimensions=["dynamic_degree"]))
+    out = scorer(scorer_batch({"large": encode_mp4(moving_video(4, 32, 32), fps=8),
+                               "small": encode_mp4(moving_video(4, 16, 24), fps=8)}))
+    reasons = dict(zip(out["sample_id"], out["failed_reason"]))
+    assert reasons["large"] is None and math.isfinite(dict(zip(out["sample_id"], out["dynamic_degree"]))["large"])
+    assert reasons["small"] == ("dynamic_degree: VideoTooShortError: frames of 16x24 pixels: RAFT takes sides of at "
+                                "least 32 px (padded to multiples of 8)")
+
+
 def caused_by(error: Exception, cause: BaseException) -> Exception:
     error.__cause__ = cause
     return error

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from videodpo_ray.errors import WeightsError
+from videodpo_ray.errors import VideoTooShortError, WeightsError
 from videodpo_ray.scoring import ModelSpec, load_scorer_model
 from videodpo_ray.scoring import motion_smoothness as ms
 from videodpo_ray.scoring.amt import AMTS, pad_to_multiple
@@ -161,5 +161,5 @@ def test_real_size_amt_s_runs_at_its_smallest_resolution_and_rejects_smaller() -
     with torch.no_grad():
         middle = model(frames[:1], frames[2:], torch.full((1, 1, 1, 1), 0.5))
     assert middle.shape == (1, 3, 128, 128) and torch.isfinite(middle).all()
-    with pytest.raises(ValueError, match="at least 128 px"):
-        ms.score(moving_square_video(3, 100, 140), model)  # pads to 112 x 144
+    with pytest.raises(VideoTooShortError, match="frames of 100x140 pixels: AMT-S takes sides of at least 128 px"):
+        ms.score(moving_square_video(3, 100, 140), model)  # pads to 112 x 144: that video's row fails, not its batch

@@ -23,7 +23,7 @@ from torchvision.models.optical_flow.raft import MaskPredictor, ResidualBlock, _
 from videodpo_ray.dimensions import VBENCH_OUTPUTS
 from videodpo_ray.errors import VideoTooShortError
 from videodpo_ray.scoring import ModelSpec
-from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches, frames_to_tensor
+from videodpo_ray.scoring.preprocessing import check_frames, check_padded_size, encode_in_batches, frames_to_tensor
 from videodpo_ray.scoring.weights import ModelInfo, device_dtype, load_filtered, load_state_dict, seeded
 
 NAME = "dynamic_degree"
@@ -70,6 +70,12 @@ def motion_outputs(magnitudes: Sequence[float], height: int, width: int) -> dict
     moving = sum(float(m) > threshold for m in magnitudes)
     sampled_frames = len(magnitudes) + 1
     return {NAME: moving / len(magnitudes), VBENCH_NAME: float(moving >= round(4 * sampled_frames / 16))}
+
+
+def min_raft_side(model: RAFT) -> int:
+    """Smallest padded side torchvision's RAFT takes: its 1/8-resolution features pooled num_levels - 1 times must
+    keep 2 px (the original RAFT, which VBench runs, takes half of that: 64 px for raft-things)."""
+    return 8 * 2 * 2 ** (model.corr_block.num_levels - 1)
 
 
 def pad_to_multiple_of_8(images: torch.Tensor) -> torch.Tensor:
@@ -122,6 +128,7 @@ def score_outputs_batch(
         raise ValueError(f"{NAME} needs the frame rate of every video, got {fps}")
     for frames in videos:
         check_frames(frames, min_frames=2)
+        check_padded_size(frames, 8, min_raft_side(model), "RAFT")
     device, _ = device_dtype(model)
     pairs = (sampled_pairs(frames, rate, device) for frames, rate in zip(videos, fps))
     with torch.inference_mode():

@@ -17,7 +17,7 @@ import torch
 
 from videodpo_ray.scoring import ModelSpec
 from videodpo_ray.scoring.amt import AMT_LICENSE, AMTS, TINY_AMT_CONFIG, interpolate_midpoints, load_amt
-from videodpo_ray.scoring.preprocessing import check_frames, encode_in_batches
+from videodpo_ray.scoring.preprocessing import check_frames, check_padded_size, encode_in_batches
 from videodpo_ray.scoring.weights import ModelInfo, seeded
 
 NAME = "motion_smoothness"
@@ -66,6 +66,7 @@ def midpoints_batch(videos: Sequence[np.ndarray], model: AMTS) -> list[np.ndarra
     """AMT midpoints (N_i, H, W, 3) uint8 of every even pair of every video (videos of equal size batched)."""
     for frames in videos:
         check_frames(frames, min_frames=3)
+        check_padded_size(frames, 16, model.min_size, "AMT-S")
 
     def interpolate(pairs: torch.Tensor) -> torch.Tensor:
         return interpolate_midpoints(model, pairs[:, 0], pairs[:, 1])

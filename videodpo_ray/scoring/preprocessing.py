@@ -33,6 +33,15 @@ def check_frames(frames: np.ndarray, min_frames: int = 1) -> None:
         raise VideoTooShortError(f"need at least {min_frames} frames, got {frames.shape[0]}")
 
 
+def check_padded_size(frames: np.ndarray, multiple: int, min_side: int, model: str) -> None:
+    """VideoTooShortError (the video's row fails, not its batch) when a frame side padded up to a multiple of
+    `multiple` is below `min_side` pixels, the smallest input `model` takes."""
+    height, width = frames.shape[1:3]
+    if min(-(-side // multiple) * multiple for side in (height, width)) < min_side:
+        raise VideoTooShortError(f"frames of {height}x{width} pixels: {model} takes sides of at least {min_side} px "
+                                 f"(padded to multiples of {multiple})")
+
+
 def frames_to_tensor(frames: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 (T, H, W, 3) -> float32 (T, 3, H, W) in 0..255 on `device` (copied as uint8, converted there)."""
     check_frames(frames)
