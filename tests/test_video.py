@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import random
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -140,3 +142,22 @@ def test_stride_indices() -> None:
     assert stride_indices(5, 8) == [0]
     with pytest.raises(ValueError, match="stride must be positive"):
         stride_indices(16, 0)
+
+
+@pytest.mark.parametrize("rate,interval", [(Fraction(60000, 1001), 7), (Fraction(12000, 1001), 1), (Fraction(30), 4)])
+def test_decode_gives_the_exact_frame_rate_that_dynamic_degree_samples_from(rate: Fraction, interval: int) -> None:
+    """A foreign mp4 at 59.94 fps: VBench keeps every round(59.94 / 8) = 7th frame (round(60 / 8) would be 8)."""
+    import av
+
+    from videodpo_ray.scoring.dynamic_degree import frame_interval
+
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=rate)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for frame in smooth_clip():
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+    frames, fps = decode_mp4(buffer.getvalue())
+    assert len(frames) == 16 and fps == pytest.approx(float(rate), rel=1e-6)
+    assert frame_interval(fps) == interval

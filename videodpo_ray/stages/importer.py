@@ -315,7 +315,7 @@ def _load_video(src: str, entry: Any, index: int, folder: str) -> tuple[bytes, t
         frames, fps = decode_mp4(data, name=relative)
     except VideoDecodeError as error:
         raise _Rejected(str(error)) from error
-    return data, tuple(frames.shape), fps
+    return data, tuple(frames.shape), round(fps)  # the pairs schema's int fps
 
 
 def _scores(score: Any) -> tuple[float | None, float | None]:
