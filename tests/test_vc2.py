@@ -201,3 +201,16 @@ def test_build_model_and_from_config(vc2_tiny_dir: Path):
         generator=torch.Generator().manual_seed(0),
     )
     assert math.isclose(out.loss.item(), math.log(2), abs_tol=1e-3)
+
+
+def test_sampler_defaults_are_the_official_scripts():
+    """models.md: VC2 samples with DDIM 50 steps, eta 1.0, CFG 12 on the empty prompt, fps 28; T2V-Turbo v1 with 4
+    LCM steps, w 7.5, fps 16 (which VideoDPO also trains VC2 at)."""
+    from videodpo_ray.models.t2v_turbo import T2VTurbo
+
+    vc2 = (VideoCrafter2.default_num_inference_steps, VideoCrafter2.ddim_eta, VideoCrafter2.default_guidance_scale,
+           VideoCrafter2.sample_fps)
+    assert vc2 == (50, 1.0, 12.0, 28)
+    turbo = (T2VTurbo.default_num_inference_steps, T2VTurbo.default_guidance_scale, T2VTurbo.sample_fps)
+    assert turbo == (4, 7.5, 16)
+    assert ModelConfig(family="vc2").fps == 16
