@@ -14,4 +14,5 @@ COPY videodpo_ray videodpo_ray
 COPY actors actors
 COPY jobs jobs
 COPY configs configs
-RUN pip install --no-cache-dir .
+# editable: the installed jobs, actors and configs/ are the checkout (`videodpo-ray demo` finds its config there)
+RUN pip install --no-cache-dir -e .
