@@ -68,7 +68,12 @@ def test_held_out_prompts_are_read_and_checked_before_any_stage(tmp_path, stages
 
 def test_inline_prompts_an_earlier_run_recorded_are_never_overwritten(tmp_path, stages_run):
     from jobs.pipeline import run_pipeline
-    from videodpo_ray.stages.pipeline import TRAINING_PROMPTS, load_pipeline_config, read_pipeline_prompts
+    from videodpo_ray.stages.pipeline import (
+        HELD_OUT_PROMPTS,
+        TRAINING_PROMPTS,
+        load_pipeline_config,
+        read_pipeline_prompts,
+    )
 
     def config(prompts: str):
         return load_pipeline_config(TINY_CONFIG, [f"out={tmp_path}", f"prompts={prompts}", "evaluate.prompts=[a kite]"])
@@ -81,6 +86,12 @@ def test_inline_prompts_an_earlier_run_recorded_are_never_overwritten(tmp_path, 
                                           "prompts"):
         run_pipeline(config("[a corgi, a red car]"))
     assert recorded.read_bytes() == first and stages_run == []
+    recorded.unlink()  # the held-out prompts differ: the training ones are not written either
+    held_out = load_pipeline_config(TINY_CONFIG, [f"out={tmp_path}", "prompts=[a corgi, a fox]",
+                                                  "evaluate.prompts=[a lamp]"])
+    with pytest.raises(ConfigError, match=rf"{tmp_path / HELD_OUT_PROMPTS}: an earlier run"):
+        read_pipeline_prompts(held_out)
+    assert not recorded.exists()
 
 
 def test_the_pipeline_gives_evaluate_its_prompt_limit():

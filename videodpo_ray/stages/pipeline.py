@@ -178,9 +178,12 @@ def read_pipeline_prompts(config: PipelineConfig) -> PipelinePrompts:
         where = f"evaluate.prompts ({held_out_url}) vs prompts ({training_url})"
         refuse_overlap(held_out, {row.prompt for row in training}, where)
         inline.append((config.evaluate.prompts, held_out, held_out_url))
-    for setting, rows, url in inline:
-        if not isinstance(setting, str):
-            record_inline_prompts(rows, url)
+    recorded = [(url, prompts_jsonl(rows)) for setting, rows, url in inline if not isinstance(setting, str)]
+    for url, data in recorded:  # both checked before either is written
+        refuse_other_recorded_prompts(url, data)
+    for url, data in recorded:
+        if not storage.exists(url):
+            storage.write_bytes_atomic(url, data)
     return PipelinePrompts(training, training_url, held_out_url)
 
 
@@ -349,21 +352,17 @@ def render_markdown(report: dict[str, Any]) -> str:
 
 def read_prompt_setting(prompts: str | list[str], url: str, max_chars: int) -> tuple[list[PromptRow], str]:
     """Prompts and the URL a stage records: the prompts file itself, or (prompts given inline) `url`, where
-    `record_inline_prompts` writes them."""
+    `read_pipeline_prompts` writes them."""
     if isinstance(prompts, str):
         return read_prompts(prompts, max_chars), prompts
     return prompt_rows(prompts, "config prompts", max_chars), url
 
 
-def record_inline_prompts(rows: list[PromptRow], url: str) -> None:
-    """Write inline prompts to `url` once; ConfigError when an earlier run of this output wrote other prompts there
-    (what it generated and evaluated was made from them)."""
-    data = prompts_jsonl(rows)
-    if storage.exists(url):
-        if storage.read_bytes(url) != data:
-            raise ConfigError(
-                f"{url}: an earlier run of this output was given other inline prompts, and its results were made from "
-                "these; write to another `out` (or delete the output to start over)"
-            )
-        return
-    storage.write_bytes_atomic(url, data)
+def refuse_other_recorded_prompts(url: str, data: bytes) -> None:
+    """ConfigError when an earlier run of this output recorded other inline prompts at `url` than `data` (what it
+    generated and evaluated was made from them)."""
+    if storage.exists(url) and storage.read_bytes(url) != data:
+        raise ConfigError(
+            f"{url}: an earlier run of this output was given other inline prompts, and its results were made from "
+            "these; write to another `out` (or delete the output to start over)"
+        )
